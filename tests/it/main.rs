@@ -1,0 +1,5 @@
+//! The one integration test binary: every test talks to real things (RabbitMQ at 127.0.0.1:5672, the sandbox over
+//! HTTP on 127.0.0.1:0, SQLite files in temporary directories). Each test uses its own AMQP prefix, so tests run
+//! in parallel on one broker.
+
+mod support;

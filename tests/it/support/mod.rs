@@ -1,0 +1,34 @@
+//! Helpers shared by the integration tests: unique names, the broker URL, and waiting for a condition with a
+//! deadline instead of sleeping.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// The broker every test uses (override with `PB_TEST_AMQP_URL`).
+pub fn amqp_url() -> String {
+    std::env::var("PB_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+/// A prefix no other test (or earlier run) uses: `pbt-<name>-<random>`.
+pub fn unique_prefix(name: &str) -> String {
+    format!("pbt-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// Polls `check` until it returns `Some`, failing the test with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
