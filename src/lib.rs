@@ -8,9 +8,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod didit;
 pub mod envelope;
 pub mod health;
 pub mod metrics;
 pub mod secret;
+pub mod shutdown;
+pub mod telemetry;

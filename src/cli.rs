@@ -1,0 +1,130 @@
+//! The command line (DESIGN.md §8): `run`, `sandbox`, `demo`, `check-config`, `topology declare|show`,
+//! `dead-letters list|replay`, `keygen`, `healthcheck`. Parsing only; each command's work lives in its module.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// partner-bridge: share verified identities between partner businesses through Didit's B2B Reusable KYC API.
+#[derive(Debug, Parser)]
+#[command(name = "partner-bridge", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the bridge (issuer role, receiver role, or both) until SIGTERM.
+    Run {
+        /// The TOML configuration file.
+        #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Serve the Didit-compatible sandbox (an emulator of Didit's API) for tests and demos.
+    Sandbox {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: SocketAddr,
+        /// A JSON file of applications and sessions to start with (instead of two default applications).
+        #[arg(long)]
+        fixture: Option<PathBuf>,
+        /// Switch off Didit's per-key rate limit (300 writes per minute).
+        #[arg(long)]
+        no_rate_limit: bool,
+    },
+    /// Run the whole product on one machine: the sandbox, an issuer and a receiver on a local RabbitMQ.
+    Demo {
+        /// The broker to use.
+        #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        amqp_url: String,
+        /// Number of verifications to share (a mix of KYC and KYB).
+        #[arg(long, default_value_t = 12)]
+        sessions: usize,
+        /// Keep the bridge and its admin endpoints up after the run (for Prometheus and Grafana).
+        #[arg(long)]
+        keep_running: bool,
+        /// Admin address of the demo bridge.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin_listen: SocketAddr,
+    },
+    /// Validate a configuration and print it with every secret redacted.
+    CheckConfig {
+        /// The TOML configuration file.
+        #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Declare or show the AMQP topology of the configured roles.
+    Topology {
+        /// declare or show.
+        #[command(subcommand)]
+        action: TopologyAction,
+    },
+    /// Inspect dead-lettered messages or move them back for another try.
+    DeadLetters {
+        /// list or replay.
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+    /// Create an Ed25519 key pair for signing share-token envelopes.
+    Keygen {
+        /// Directory to write signing.key (mode 0600) and signing.pub into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Exit 0 when the URL answers 200 (a HEALTHCHECK for images without curl).
+    Healthcheck {
+        /// The URL to check.
+        #[arg(long, default_value = "http://127.0.0.1:9464/readyz")]
+        url: String,
+    },
+}
+
+/// `topology` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TopologyAction {
+    /// Declare every exchange, queue and binding of the enabled roles (idempotent).
+    Declare {
+        /// The TOML configuration file.
+        #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print what `declare` would declare, without connecting.
+    Show {
+        /// The TOML configuration file.
+        #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+/// `dead-letters` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// Show dead-lettered messages of a queue with their reasons (messages stay where they are).
+    List {
+        /// The TOML configuration file.
+        #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
+        config: PathBuf,
+        /// The source queue (e.g. partner-bridge.receiver.tokens); its `.dead` queue is read.
+        #[arg(long)]
+        queue: String,
+        /// At most this many messages.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Move dead-lettered messages back into their queue for another try.
+    Replay {
+        /// The TOML configuration file.
+        #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
+        config: PathBuf,
+        /// The source queue; messages move from `<queue>.dead` back to it.
+        #[arg(long)]
+        queue: String,
+        /// At most this many messages.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
