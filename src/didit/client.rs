@@ -89,7 +89,7 @@ impl DiditClient {
             .tcp_keepalive(Duration::from_secs(60))
             .build()
             .map_err(|e| {
-                DiditError::Config(format!("cannot build the HTTP client: {}", describe(&e)))
+                DiditError::Config(format!("cannot build the HTTP client: {}", describe(e)))
             })?;
         Ok(DiditClient {
             inner: Arc::new(Inner {
@@ -386,19 +386,17 @@ fn transport_error(error: reqwest::Error) -> DiditError {
     if error.is_timeout() {
         DiditError::Timeout
     } else if error.is_builder() {
-        DiditError::Config(describe(&error))
+        DiditError::Config(describe(error))
     } else {
-        DiditError::Connect(describe(&error))
+        DiditError::Connect(describe(error))
     }
 }
 
 /// The error and its causes on one line, without the URL.
-fn describe(error: &reqwest::Error) -> String {
+fn describe(error: reqwest::Error) -> String {
     use std::error::Error as _;
-    let mut text = match error.url() {
-        Some(url) => error.to_string().replace(&format!(" ({url})"), ""),
-        None => error.to_string(),
-    };
+    let error = error.without_url();
+    let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
         let cause_text = cause.to_string();

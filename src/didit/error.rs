@@ -627,7 +627,9 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     };
     let from_retry_after = header(RETRY_AFTER.as_str()).and_then(|v| {
         if let Ok(secs) = v.parse::<f64>() {
-            return (secs.is_finite()).then(|| Duration::from_secs_f64(secs.max(0.0).min(1e9)));
+            return secs
+                .is_finite()
+                .then(|| Duration::from_secs_f64(secs.clamp(0.0, 1e9)));
         }
         let at = parse_http_date(v)?;
         Some(at.duration_since(now).unwrap_or(Duration::ZERO))
