@@ -126,7 +126,27 @@ impl DiditClient {
         let request = self.inner.http.post(url).json(&body);
         let raw = self.exchange(Operation::Share, request).await?;
         match self.classify(Operation::Share, &raw, None, None) {
-            Verdict::Success => parse(Operation::Share, &raw, &self.secrets(None)),
+            Verdict::Success => {
+                let answer: ShareResponse = parse(Operation::Share, &raw, &self.secrets(None))?;
+                // A token we cannot use, or one for another partner, must never be published.
+                let problem = if answer.share_token.expose().trim().is_empty() {
+                    Some("share succeeded but the answer holds no share token".to_string())
+                } else if answer.for_application_id != for_application_id {
+                    Some(format!(
+                        "share succeeded but the token is for application {}, not {for_application_id}",
+                        answer.for_application_id
+                    ))
+                } else {
+                    None
+                };
+                match problem {
+                    Some(detail) => Err(DiditError::Unexpected {
+                        status: raw.status,
+                        detail: Some(detail),
+                    }),
+                    None => Ok(answer),
+                }
+            }
             Verdict::Failed(e) => Err(e),
             // Only an import's 401 is ever ambiguous; should the table change, a share 401 is about the key.
             Verdict::AskProbe { detail } => Err(DiditError::ApiKeyRejected {

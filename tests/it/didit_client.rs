@@ -271,6 +271,23 @@ async fn share_failures_follow_the_share_table() {
     );
     assert_eq!(e.disposition(), Disposition::Retry { after: None });
 
+    // A token that is empty or names another partner is never handed over.
+    let e = share_err(&stub, &client, share_ok(201, "")).await;
+    assert!(
+        matches!(e, DiditError::Unexpected { status: 201, .. }),
+        "{e:?}"
+    );
+    let wrong = Reply::json(
+        201,
+        json!({"share_token": token(APP, 3600), "for_application_id": APP}),
+    );
+    let e = share_err(&stub, &client, wrong).await;
+    assert!(
+        matches!(e, DiditError::Unexpected { status: 201, .. }),
+        "{e:?}"
+    );
+    assert_eq!(e.disposition(), Disposition::Retry { after: None });
+
     // Redirects are not followed (the key would travel with them).
     let e = share_err(
         &stub,
