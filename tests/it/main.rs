@@ -3,4 +3,5 @@
 //! in parallel on one broker.
 
 mod config;
+mod didit_client;
 mod support;

@@ -1,0 +1,585 @@
+//! The typed Didit client: one pooled HTTPS client per Didit application, whose every call ends in either the
+//! parsed answer or one [`DiditError`] with its [`Disposition`] (the tables of DESIGN.md §4, implemented in
+//! [`super::error`]).
+//!
+//! It owns the HTTP side only: the API key (held behind a lock, re-read from its file by [`DiditClient::reload_key`]
+//! so a rotated key needs no restart), timeouts, the `didit_requests_total` / `didit_request_duration_seconds`
+//! metrics and a debug line per call. It never retries and never sleeps: whether and when to try again is the
+//! pipelines' decision, made from the disposition. Redirects are not followed, because reqwest would carry the
+//! custom `x-api-key` header to whatever host a redirect names.
+
+use std::fmt;
+use std::io;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use reqwest::header::{ACCEPT, HeaderMap, HeaderValue};
+use reqwest::{RequestBuilder, Url};
+use serde::de::DeserializeOwned;
+
+use super::error::{Answer, Context, Verdict, classify, resolve_probe, scrub};
+pub use super::error::{DiditError, Disposition, Operation};
+use super::wire::{ImportRequest, SessionDecision, ShareRequest, ShareResponse, ShareTokenClaims};
+use crate::config::DiditAccess;
+use crate::metrics::Metrics;
+use crate::secret::{Secret, SecretSource, redact_url};
+
+/// The `User-Agent` of every call.
+pub const USER_AGENT: &str = concat!("partner-bridge/", env!("CARGO_PKG_VERSION"));
+
+/// The header Didit reads the API key from.
+pub const API_KEY_HEADER: &str = "x-api-key";
+
+/// Answers larger than this are refused rather than buffered (a decision with every feature is tens of KiB).
+const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// A client for one Didit application. Cheap to clone (an `Arc` inside); clones share the connection pool and the
+/// current API key. `Debug` shows where the key comes from, never the key.
+#[derive(Clone)]
+pub struct DiditClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    base: Url,
+    application_id: String,
+    key_source: SecretSource,
+    key: RwLock<CurrentKey>,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+    connect_timeout: Duration,
+}
+
+/// The key as loaded, and the header value made from it (marked sensitive, so HTTP/2 never indexes it).
+struct CurrentKey {
+    secret: Secret,
+    header: HeaderValue,
+}
+
+/// A complete HTTP answer.
+struct Raw {
+    status: u16,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl DiditClient {
+    /// Builds the client: loads the API key, installs rustls' ring provider (once per process) and sets up one
+    /// connection pool with `access`'s connect and request timeouts. Fails with [`DiditError::Config`] when the
+    /// base URL is unusable or the key cannot be read.
+    pub fn new(access: &DiditAccess, metrics: Arc<Metrics>) -> Result<DiditClient, DiditError> {
+        // reqwest is built with `rustls-no-provider`; without a process default it would panic on the first
+        // client. Whoever installs first wins, and any provider will do, so the result is ignored.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let base = Url::parse(access.base_url.trim_end_matches('/'))
+            .map_err(|e| DiditError::Config(format!("didit.base_url is not a URL: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(DiditError::Config(format!(
+                "didit.base_url must be an http:// or https:// URL (got {})",
+                redact_url(base.as_str())
+            )));
+        }
+        let key = load_key(&access.api_key).map_err(|e| DiditError::Config(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .connect_timeout(access.connect_timeout)
+            .timeout(access.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .tcp_keepalive(Duration::from_secs(60))
+            .build()
+            .map_err(|e| {
+                DiditError::Config(format!("cannot build the HTTP client: {}", describe(e)))
+            })?;
+        Ok(DiditClient {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                application_id: access.application_id.clone(),
+                key_source: access.api_key.clone(),
+                key: RwLock::new(key),
+                metrics,
+                timeout: access.timeout,
+                connect_timeout: access.connect_timeout,
+            }),
+        })
+    }
+
+    /// This side's Didit application id.
+    pub fn application_id(&self) -> &str {
+        &self.inner.application_id
+    }
+
+    /// Mints a share token for `session_id`, usable only by `for_application_id`, valid `ttl_seconds`
+    /// (`POST /v3/session/{id}/share/`). 200, 201 and any other 2xx with a readable body are success.
+    pub async fn share(
+        &self,
+        session_id: &str,
+        for_application_id: &str,
+        ttl_seconds: u32,
+    ) -> Result<ShareResponse, DiditError> {
+        let url = self.session_url(session_id, "share")?;
+        let body = ShareRequest {
+            for_application_id: for_application_id.to_string(),
+            ttl_in_seconds: Some(i64::from(ttl_seconds)),
+        };
+        let request = self.inner.http.post(url).json(&body);
+        let raw = self.exchange(Operation::Share, request).await?;
+        match self.classify(Operation::Share, &raw, None, None) {
+            Verdict::Success => {
+                let answer: ShareResponse = parse(Operation::Share, &raw, &self.secrets(None))?;
+                // A token we cannot use, or one for another partner, must never be published.
+                let problem = if answer.share_token.expose().trim().is_empty() {
+                    Some("share succeeded but the answer holds no share token".to_string())
+                } else if answer.for_application_id != for_application_id {
+                    Some(format!(
+                        "share succeeded but the token is for application {}, not {for_application_id}",
+                        answer.for_application_id
+                    ))
+                } else {
+                    None
+                };
+                match problem {
+                    Some(detail) => Err(DiditError::Unexpected {
+                        status: raw.status,
+                        detail: Some(detail),
+                    }),
+                    None => Ok(answer),
+                }
+            }
+            Verdict::Failed(e) => Err(e),
+            // Only an import's 401 is ever ambiguous; should the table change, a share 401 is about the key.
+            Verdict::AskProbe { detail } => Err(DiditError::ApiKeyRejected {
+                status: raw.status,
+                detail,
+            }),
+        }
+    }
+
+    /// Imports a shared session into this application (`POST /v3/session/import-shared/`). An ambiguous 401 (no
+    /// code, no telling detail) costs one extra call, [`DiditClient::probe`], to learn whether the key or the token
+    /// was refused.
+    pub async fn import(&self, req: &ImportRequest) -> Result<SessionDecision, DiditError> {
+        let url = self.url(&["v3", "session", "import-shared", ""]);
+        let token = req.share_token.expose();
+        let claims = ShareTokenClaims::peek(token);
+        let request = self.inner.http.post(url).json(req);
+        let raw = self.exchange(Operation::Import, request).await?;
+        match self.classify(Operation::Import, &raw, claims.as_ref(), Some(token)) {
+            Verdict::Success => parse(Operation::Import, &raw, &self.secrets(Some(token))),
+            Verdict::Failed(e) => Err(e),
+            Verdict::AskProbe { detail } => {
+                tracing::debug!(
+                    operation = "import",
+                    "Didit's 401 names neither the key nor the token; probing the key"
+                );
+                let probe = self.probe().await;
+                Err(resolve_probe(
+                    probe,
+                    detail,
+                    claims.as_ref(),
+                    SystemTime::now(),
+                ))
+            }
+        }
+    }
+
+    /// Reads a session's decision (`GET /v3/session/{id}/decision/`).
+    pub async fn decision(&self, session_id: &str) -> Result<SessionDecision, DiditError> {
+        let url = self.session_url(session_id, "decision")?;
+        let raw = self
+            .exchange(Operation::Decision, self.inner.http.get(url))
+            .await?;
+        match self.classify(Operation::Decision, &raw, None, None) {
+            Verdict::Success => parse(Operation::Decision, &raw, &self.secrets(None)),
+            Verdict::Failed(e) => Err(e),
+            Verdict::AskProbe { detail } => Err(DiditError::ApiKeyRejected {
+                status: raw.status,
+                detail,
+            }),
+        }
+    }
+
+    /// Is the API key accepted? (`GET /v3/sessions/?limit=1`, body ignored.) `Ok` on any 2xx; a refused key is
+    /// [`DiditError::ApiKeyRejected`]; anything else (timeout, 5xx, …) means the question could not be answered.
+    pub async fn probe(&self) -> Result<(), DiditError> {
+        let mut url = self.url(&["v3", "sessions", ""]);
+        url.set_query(Some("limit=1"));
+        let raw = self
+            .exchange(Operation::Probe, self.inner.http.get(url))
+            .await?;
+        match self.classify(Operation::Probe, &raw, None, None) {
+            Verdict::Success => Ok(()),
+            Verdict::Failed(e) => Err(e),
+            Verdict::AskProbe { detail } => Err(DiditError::ApiKeyRejected {
+                status: raw.status,
+                detail,
+            }),
+        }
+    }
+
+    /// Re-reads the API key from its file (a rotated secret). `Ok(true)` when the key changed, `Ok(false)` when it
+    /// is the same or was given inline; an unreadable, empty or unsendable file is an error and the current key
+    /// stays in use.
+    pub fn reload_key(&self) -> io::Result<bool> {
+        if !matches!(self.inner.key_source, SecretSource::File(_)) {
+            return Ok(false);
+        }
+        let fresh = load_key(&self.inner.key_source)?;
+        let mut current = self
+            .inner
+            .key
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if current.secret == fresh.secret {
+            return Ok(false);
+        }
+        *current = fresh;
+        tracing::info!("Didit API key reloaded from its file");
+        Ok(true)
+    }
+
+    /// `base` + segments, each percent-encoded (a session id can never change the path's shape).
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.inner.base.clone();
+        url.path_segments_mut()
+            .expect("checked in new(): the base URL can be a base")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    /// `/v3/session/{id}/{action}/`. `.` and `..` would be dropped from the path by URL normalisation and aim the
+    /// call at another endpoint, so they (and an empty id) are refused without calling Didit.
+    fn session_url(&self, session_id: &str, action: &str) -> Result<Url, DiditError> {
+        if matches!(session_id.trim(), "" | "." | "..") {
+            return Err(DiditError::SessionNotFound {
+                detail: Some(format!("{session_id:?} is not a session id")),
+            });
+        }
+        Ok(self.url(&["v3", "session", session_id, action, ""]))
+    }
+
+    fn current_key(&self) -> (Secret, HeaderValue) {
+        let key = self
+            .inner
+            .key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        (key.secret.clone(), key.header.clone())
+    }
+
+    /// The strings scrubbed from anything Didit sends back: the key in use and, on import, the token.
+    fn secrets(&self, token: Option<&str>) -> Vec<String> {
+        let mut secrets = vec![self.current_key().0.expose().to_string()];
+        secrets.extend(token.map(str::to_string));
+        secrets
+    }
+
+    fn classify(
+        &self,
+        op: Operation,
+        raw: &Raw,
+        claims: Option<&ShareTokenClaims>,
+        token: Option<&str>,
+    ) -> Verdict {
+        let secrets = self.secrets(token);
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let ctx = Context {
+            application_id: &self.inner.application_id,
+            claims,
+            secrets: &secrets,
+            now: SystemTime::now(),
+        };
+        let answer = Answer {
+            status: raw.status,
+            headers: &raw.headers,
+            body: &raw.body,
+        };
+        classify(op, &answer, &ctx)
+    }
+
+    /// Sends one request with the current key, reads the whole answer, and records the call's metric and debug
+    /// line. Transport failures come back typed; HTTP statuses are left to [`classify`].
+    async fn exchange(&self, op: Operation, request: RequestBuilder) -> Result<Raw, DiditError> {
+        let (_, key) = self.current_key();
+        let started = Instant::now();
+        let result = async {
+            let mut response = request
+                .header(API_KEY_HEADER, key)
+                .header(ACCEPT, "application/json")
+                .send()
+                .await
+                .map_err(transport_error)?;
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
+                if body.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(DiditError::Unexpected {
+                        status,
+                        detail: Some(format!(
+                            "the answer is larger than {} MiB",
+                            MAX_BODY_BYTES >> 20
+                        )),
+                    });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Raw {
+                status,
+                headers,
+                body,
+            })
+        }
+        .await;
+        let elapsed = started.elapsed();
+        let label = match &result {
+            Ok(raw) => raw.status.to_string(),
+            Err(e) => e.status_label(),
+        };
+        self.inner
+            .metrics
+            .didit_request(op.as_str(), &label, elapsed);
+        tracing::debug!(
+            operation = op.as_str(),
+            status = %label,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "didit call"
+        );
+        if let Ok(raw) = &result {
+            if (200..300).contains(&raw.status) && !matches!(raw.status, 200 | 201) {
+                tracing::info!(
+                    operation = op.as_str(),
+                    status = raw.status,
+                    "Didit answered with an unusual success status; treated as success"
+                );
+            }
+        }
+        result
+    }
+}
+
+impl fmt::Debug for DiditClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key = match &self.inner.key_source {
+            SecretSource::Inline(_) => "<redacted> (inline)".to_string(),
+            SecretSource::File(path) => format!("<redacted> (from {})", path.display()),
+        };
+        f.debug_struct("DiditClient")
+            .field("base_url", &redact_url(self.inner.base.as_str()))
+            .field("application_id", &self.inner.application_id)
+            .field("api_key", &key)
+            .field("timeout", &self.inner.timeout)
+            .field("connect_timeout", &self.inner.connect_timeout)
+            .finish()
+    }
+}
+
+/// Loads the key and makes its header value; errors say what is wrong without the key itself.
+fn load_key(source: &SecretSource) -> io::Result<CurrentKey> {
+    let secret = source.load().map_err(|e| match source {
+        SecretSource::File(path) => io::Error::new(
+            e.kind(),
+            format!("cannot read the API key file {}: {e}", path.display()),
+        ),
+        SecretSource::Inline(_) => e,
+    })?;
+    if secret.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the API key is empty",
+        ));
+    }
+    let mut header = HeaderValue::from_str(secret.expose()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the API key holds characters that cannot be sent in an HTTP header",
+        )
+    })?;
+    header.set_sensitive(true);
+    Ok(CurrentKey { secret, header })
+}
+
+/// A transport failure, typed. The URL (which holds a session id and the base URL) is stripped; the causes are kept.
+fn transport_error(error: reqwest::Error) -> DiditError {
+    if error.is_timeout() {
+        DiditError::Timeout
+    } else if error.is_builder() {
+        DiditError::Config(describe(error))
+    } else {
+        DiditError::Connect(describe(error))
+    }
+}
+
+/// The error and its causes on one line, without the URL.
+fn describe(error: reqwest::Error) -> String {
+    use std::error::Error as _;
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Reads a 2xx body as `T`; a body that does not fit is [`DiditError::Unexpected`] with the status and what is
+/// wrong (field names kept, values dropped: a value could be a token).
+fn parse<T: DeserializeOwned>(
+    op: Operation,
+    raw: &Raw,
+    secrets: &[String],
+) -> Result<T, DiditError> {
+    serde_json::from_slice(&raw.body).map_err(|e| {
+        use serde_json::error::Category;
+        let what = if raw.body.iter().all(u8::is_ascii_whitespace) {
+            "the answer has no body".to_string()
+        } else {
+            match e.classify() {
+                Category::Syntax | Category::Eof => {
+                    format!(
+                        "the answer is not JSON (line {}, column {})",
+                        e.line(),
+                        e.column()
+                    )
+                }
+                Category::Data => format!(
+                    "the answer does not have the expected shape: {}",
+                    drop_quoted(&e.to_string())
+                ),
+                Category::Io => "the answer could not be read".to_string(),
+            }
+        };
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        DiditError::Unexpected {
+            status: raw.status,
+            detail: Some(scrub(&format!("{op} succeeded but {what}"), &secrets)),
+        }
+    })
+}
+
+/// `invalid type: string "abc", expected u32` → `invalid type: string "…", expected u32`.
+fn drop_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut inside = false;
+    for c in text.chars() {
+        if c == '"' {
+            if inside {
+                out.push_str("…\"");
+            } else {
+                out.push('"');
+            }
+            inside = !inside;
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn access(base_url: &str, key: SecretSource) -> DiditAccess {
+        DiditAccess {
+            base_url: base_url.into(),
+            application_id: "11111111-1111-4111-8111-111111111111".into(),
+            api_key: key,
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn inline(key: &str) -> SecretSource {
+        SecretSource::Inline(Secret::new(key))
+    }
+
+    #[test]
+    fn urls_keep_a_base_path_and_encode_segments() {
+        let client = DiditClient::new(
+            &access("https://gw.example/didit/", inline("sk_x")),
+            Arc::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            client.session_url("a/b?c", "share").unwrap().as_str(),
+            "https://gw.example/didit/v3/session/a%2Fb%3Fc/share/"
+        );
+        assert_eq!(
+            client.url(&["v3", "session", "import-shared", ""]).as_str(),
+            "https://gw.example/didit/v3/session/import-shared/"
+        );
+        assert!(matches!(
+            client.session_url("..", "share"),
+            Err(DiditError::SessionNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_configuration_is_a_config_error_without_the_key() {
+        let e = DiditClient::new(&access("not a url", inline("sk_x")), Arc::default()).unwrap_err();
+        assert!(matches!(e, DiditError::Config(_)));
+        assert_eq!(
+            e.disposition(),
+            Disposition::Pause {
+                reason: "credentials"
+            }
+        );
+        let e = DiditClient::new(&access("ftp://x", inline("sk_x")), Arc::default()).unwrap_err();
+        assert!(matches!(e, DiditError::Config(_)));
+        let e = DiditClient::new(&access("https://x", inline("  ")), Arc::default()).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+        let e = DiditClient::new(&access("https://x", inline("sk_bad\nkey")), Arc::default())
+            .unwrap_err();
+        assert!(!e.to_string().contains("sk_bad"), "{e}");
+        let missing = SecretSource::File(PathBuf::from("/nonexistent/partner-bridge/key"));
+        let e = DiditClient::new(&access("https://x", missing), Arc::default()).unwrap_err();
+        assert!(
+            e.to_string().contains("/nonexistent/partner-bridge/key"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let client = DiditClient::new(
+            &access("https://u:pw@x.example", inline("sk_live_secret")),
+            Arc::default(),
+        )
+        .unwrap();
+        let text = format!("{client:?}");
+        assert!(!text.contains("sk_live_secret"), "{text}");
+        assert!(!text.contains("pw@"), "{text}");
+        assert!(text.contains("application_id"), "{text}");
+    }
+
+    #[test]
+    fn parse_errors_drop_values() {
+        let raw = Raw {
+            status: 201,
+            headers: HeaderMap::new(),
+            body: br#"{"share_token": 5, "for_application_id": "eyJsecret.x.y"}"#.to_vec(),
+        };
+        let e = parse::<ShareResponse>(Operation::Share, &raw, &[]).unwrap_err();
+        assert!(matches!(e, DiditError::Unexpected { status: 201, .. }));
+        assert_eq!(e.disposition(), Disposition::Retry { after: None });
+        let empty = Raw {
+            body: Vec::new(),
+            ..raw
+        };
+        let e = parse::<ShareResponse>(Operation::Share, &empty, &[]).unwrap_err();
+        assert!(e.to_string().contains("no body"), "{e}");
+        assert_eq!(
+            drop_quoted(r#"invalid type: string "abc", expected u32"#),
+            r#"invalid type: string "…", expected u32"#
+        );
+    }
+}
