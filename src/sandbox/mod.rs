@@ -22,12 +22,13 @@
 //!   `validation_error`) → `ttl_in_seconds` an integer in 60..=86400, `null` or absent meaning 3600 (400
 //!   `invalid_ttl`) → `for_application_id` present, live and not the caller (400 `invalid_application`) →
 //!   status finished (400 `session_not_finished`) → 201.
-//! - Import checks: body (400 `validation_error`) → token format and signature (401 `invalid_share_token`) →
+//! - Import checks: `write:sessions` (403) → body (400 `validation_error`) → token format and signature (401 `invalid_share_token`) →
 //!   expiry on the virtual clock (401 `share_token_expired`) → token's application (403
 //!   `token_not_for_application`) → workflow in the caller's application (404 `workflow_not_found`) → its kind
 //!   (400 `workflow_kind_mismatch`) → (token, application) already imported (403 `already_imported`) → source
 //!   session still there (404 `session_not_found`, "Original session no longer exists.") → 201 with the clone.
-//!   Import needs no privilege beyond a valid key (Didit's backend has no privilege check there).
+//!   Like share, import needs the `write:sessions` privilege (Didit's import page says so; a key without it
+//!   gets 403 `permission_denied` before its body is read).
 //! - Two tokens with identical claims (same session, partner, second and TTL) are the same string, hence the
 //!   same token for the duplicate check; Didit's tokens carry no `jti` either.
 //! - KYC statuses are Title Case, KYB statuses UPPER_SNAKE, everywhere (create answers `NOT_STARTED` for a KYB

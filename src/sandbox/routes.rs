@@ -362,6 +362,7 @@ async fn import_shared(
     Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    caller.require(WRITE_SESSIONS)?;
     let body = json_object(body)?;
     let token = required_string(&body, "share_token")?;
     let workflow_id = required_string(&body, "workflow_id")?;
