@@ -3,7 +3,7 @@
 //! integration tests and the benchmark. It shares `crate::didit::wire` (and `crate::didit::signature` for
 //! webhooks) and nothing else of the bridge; no production path calls it.
 //!
-//! Read in this order: [`state`](self) (the rules: share, import, sessions, entities), `token` (HS256 share
+//! Read in this order: `state` (the rules: share, import, sessions, entities), `token` (HS256 share
 //! tokens), `routes` (the `/v3` surface and its gate: write limit, key, faults), `limits`, `webhooks`
 //! (signed deliveries), `control` and [`Control`] (the `/sandbox` routes and their client), `payload` (fake but
 //! realistic decisions), `fixture`, `openapi`.
