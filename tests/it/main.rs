@@ -4,4 +4,5 @@
 
 mod config;
 mod didit_client;
+mod sandbox;
 mod support;

@@ -1,0 +1,282 @@
+//! What stands between a request and Didit's rules: the per-key write limit (Didit's `generic-write` scope,
+//! 300 per 60 s sliding window by default, on real time) and the fault settings of `POST /sandbox/faults`.
+//!
+//! Both are pure: they decide, the route middleware acts (sleeps, answers 429 or 5xx). Neither touches the
+//! sessions, so a faulted or throttled request changes nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+
+use super::error::ApiError;
+use super::model::{FaultEndpoint, FaultSettings, FaultState};
+
+/// The window of the write limit.
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// The outcome of one write against the limit, with what the `X-RateLimit-*` headers say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateDecision {
+    /// False: answer 429.
+    pub allowed: bool,
+    /// `X-RateLimit-Limit`.
+    pub limit: u32,
+    /// `X-RateLimit-Remaining`.
+    pub remaining: u32,
+    /// `X-RateLimit-Reset`: unix seconds when the oldest write leaves the window.
+    pub reset_epoch: u64,
+    /// `Retry-After` seconds (meaningful on 429).
+    pub retry_after: u64,
+}
+
+impl RateDecision {
+    /// Writes the `X-RateLimit-*` headers (and `Retry-After` when refused).
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        headers.insert("x-ratelimit-limit", HeaderValue::from(self.limit));
+        headers.insert("x-ratelimit-remaining", HeaderValue::from(self.remaining));
+        headers.insert("x-ratelimit-reset", HeaderValue::from(self.reset_epoch));
+        if !self.allowed {
+            headers.insert("retry-after", HeaderValue::from(self.retry_after));
+        }
+    }
+}
+
+fn epoch_after(wait: Duration) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (now + wait).as_secs_f64().ceil() as u64
+}
+
+/// Per-key sliding-window counter of writes.
+#[derive(Debug)]
+pub struct RateLimiter {
+    enabled: bool,
+    per_minute: u32,
+    windows: HashMap<String, VecDeque<Instant>>,
+}
+
+impl RateLimiter {
+    /// A limiter, on or off.
+    pub fn new(enabled: bool, per_minute: u32) -> RateLimiter {
+        RateLimiter {
+            enabled,
+            per_minute: per_minute.max(1),
+            windows: HashMap::new(),
+        }
+    }
+
+    /// Whether it is on, and the limit.
+    pub fn settings(&self) -> (bool, u32) {
+        (self.enabled, self.per_minute)
+    }
+
+    /// Switches it on or off and sets the limit; windows start afresh.
+    pub fn configure(&mut self, enabled: bool, per_minute: u32) {
+        self.enabled = enabled;
+        self.per_minute = per_minute.max(1);
+        self.windows.clear();
+    }
+
+    /// Counts one write by `key` at `now`; `None` when the limit is off.
+    pub fn check(&mut self, key: &str, now: Instant) -> Option<RateDecision> {
+        if !self.enabled {
+            return None;
+        }
+        if self.windows.len() > 10_000 {
+            // Keys that wrote nothing for a minute cost nothing to forget.
+            self.windows
+                .retain(|_, w| w.back().is_some_and(|t| now.duration_since(*t) < WINDOW));
+        }
+        let window = self.windows.entry(key.to_string()).or_default();
+        while window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+        {
+            window.pop_front();
+        }
+        let limit = self.per_minute;
+        let allowed = (window.len() as u32) < limit;
+        if allowed {
+            window.push_back(now);
+        }
+        let oldest = window.front().copied().unwrap_or(now);
+        let wait = WINDOW.saturating_sub(now.duration_since(oldest));
+        Some(RateDecision {
+            allowed,
+            limit,
+            remaining: limit.saturating_sub(window.len() as u32),
+            reset_epoch: epoch_after(wait),
+            retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
+        })
+    }
+}
+
+/// What the fault settings decided for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FaultAction {
+    /// Carry on.
+    Pass,
+    /// Never answer (until shutdown or the hang limit).
+    Hang,
+    /// Answer this 5xx.
+    Fail(ApiError),
+    /// Answer 429 with `Retry-After: 1`.
+    Throttle,
+}
+
+/// The fault settings in force, per endpoint.
+#[derive(Debug, Default)]
+pub struct Faults {
+    by_endpoint: HashMap<FaultEndpoint, FaultSettings>,
+}
+
+impl Faults {
+    /// Sets (or, when they do nothing, removes) one endpoint's settings after checking the rates.
+    pub fn set(&mut self, settings: FaultSettings) -> Result<(), ApiError> {
+        for (name, rate) in [
+            ("error_rate", settings.error_rate),
+            ("rate_limit_rate", settings.rate_limit_rate),
+            ("hang_rate", settings.hang_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(ApiError::Validation(format!(
+                    "{name} must be between 0 and 1"
+                )));
+            }
+        }
+        if settings.is_noop() {
+            self.by_endpoint.remove(&settings.endpoint);
+        } else {
+            self.by_endpoint.insert(settings.endpoint, settings);
+        }
+        Ok(())
+    }
+
+    /// Removes every setting.
+    pub fn clear(&mut self) {
+        self.by_endpoint.clear();
+    }
+
+    /// The settings in force.
+    pub fn state(&self) -> FaultState {
+        let mut faults: Vec<FaultSettings> = self.by_endpoint.values().cloned().collect();
+        faults.sort_by_key(|f| match f.endpoint {
+            FaultEndpoint::Share => 0,
+            FaultEndpoint::Import => 1,
+            FaultEndpoint::All => 2,
+        });
+        FaultState { faults }
+    }
+
+    /// The latency and action for a request to `endpoint` (`None`: a route that is neither share nor import),
+    /// given a uniform draw `roll` in 0..1 and another, `pick`, choosing the kind of 5xx.
+    pub fn plan(
+        &self,
+        endpoint: Option<FaultEndpoint>,
+        roll: f64,
+        pick: f64,
+    ) -> (Duration, FaultAction) {
+        let settings = endpoint
+            .and_then(|e| self.by_endpoint.get(&e))
+            .or_else(|| self.by_endpoint.get(&FaultEndpoint::All));
+        let Some(s) = settings else {
+            return (Duration::ZERO, FaultAction::Pass);
+        };
+        let latency = Duration::from_millis(s.latency_ms);
+        let action = if roll < s.hang_rate {
+            FaultAction::Hang
+        } else if roll < s.hang_rate + s.error_rate {
+            let (status, with_body) = if pick < 0.34 {
+                (StatusCode::INTERNAL_SERVER_ERROR, true)
+            } else if pick < 0.67 {
+                (StatusCode::BAD_GATEWAY, true)
+            } else if pick < 0.84 {
+                (StatusCode::SERVICE_UNAVAILABLE, true)
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, false)
+            };
+            FaultAction::Fail(ApiError::Internal {
+                status,
+                detail: "Injected fault: the service is temporarily unavailable.".to_string(),
+                with_body,
+            })
+        } else if roll < s.hang_rate + s.error_rate + s.rate_limit_rate {
+            FaultAction::Throttle
+        } else {
+            FaultAction::Pass
+        };
+        (latency, action)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sliding_window_counts_per_key() {
+        let mut limiter = RateLimiter::new(true, 2);
+        let t0 = Instant::now();
+        let a = limiter.check("k", t0).unwrap();
+        assert!(a.allowed);
+        assert_eq!(a.remaining, 1);
+        assert!(limiter.check("k", t0).unwrap().allowed);
+        let refused = limiter.check("k", t0 + Duration::from_secs(10)).unwrap();
+        assert!(!refused.allowed);
+        assert_eq!(refused.remaining, 0);
+        assert_eq!(refused.retry_after, 50);
+        assert!(limiter.check("other", t0).unwrap().allowed);
+        assert!(
+            limiter
+                .check("k", t0 + Duration::from_secs(60))
+                .unwrap()
+                .allowed
+        );
+        limiter.configure(false, 2);
+        assert!(limiter.check("k", t0).is_none());
+    }
+
+    #[test]
+    fn faults_pick_the_endpoint_then_the_wildcard() {
+        let mut faults = Faults::default();
+        faults
+            .set(FaultSettings {
+                endpoint: FaultEndpoint::Share,
+                error_rate: 1.0,
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(matches!(
+            faults.plan(Some(FaultEndpoint::Share), 0.5, 0.9).1,
+            FaultAction::Fail(_)
+        ));
+        assert_eq!(
+            faults.plan(Some(FaultEndpoint::Import), 0.5, 0.0).1,
+            FaultAction::Pass
+        );
+        faults
+            .set(FaultSettings {
+                rate_limit_rate: 1.0,
+                latency_ms: 5,
+                ..Default::default()
+            })
+            .unwrap();
+        let (latency, action) = faults.plan(None, 0.99, 0.0);
+        assert_eq!(
+            (latency, action),
+            (Duration::from_millis(5), FaultAction::Throttle)
+        );
+        assert!(
+            faults
+                .set(FaultSettings {
+                    hang_rate: 1.5,
+                    ..Default::default()
+                })
+                .is_err()
+        );
+        faults.clear();
+        assert!(faults.state().faults.is_empty());
+    }
+}

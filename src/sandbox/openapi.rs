@@ -1,0 +1,469 @@
+//! `/openapi.json`: an OpenAPI 3.0 description of the Didit routes the sandbox serves, kept honest to what the
+//! handlers in [`super::routes`] do (statuses, bodies, error codes, the `x-api-key` scheme, the rate-limit
+//! headers), so contract tools can be pointed at it. The control routes are not described: they are not Didit's.
+
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+
+use crate::didit::wire::codes;
+
+fn error_response(description: &str, codes: &[&str]) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/json": {"schema": {
+            "allOf": [{"$ref": "#/components/schemas/Error"}],
+            "properties": {"code": {"type": "string", "enum": codes}}
+        }}}
+    })
+}
+
+/// Answers every Didit route can give: a bad key, and the injected 429 and 5xx faults.
+fn common_errors() -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "401",
+            json!({"$ref": "#/components/responses/Unauthorized"}),
+        ),
+        (
+            "429",
+            json!({"$ref": "#/components/responses/TooManyRequests"}),
+        ),
+        ("500", json!({"$ref": "#/components/responses/ServerError"})),
+        ("502", json!({"$ref": "#/components/responses/ServerError"})),
+        (
+            "503",
+            json!({"$ref": "#/components/responses/ServiceUnavailable"}),
+        ),
+        ("504", json!({"$ref": "#/components/responses/ServerError"})),
+    ]
+}
+
+fn operation(
+    id: &str,
+    summary: &str,
+    body: Option<&str>,
+    success: (&str, Value),
+    errors: Vec<(&str, Value)>,
+    write: bool,
+    path_param: Option<&str>,
+) -> Value {
+    let mut responses = serde_json::Map::new();
+    let (status, mut ok) = success;
+    if write {
+        ok["headers"] = json!({
+            "X-RateLimit-Limit": {"$ref": "#/components/headers/X-RateLimit-Limit"},
+            "X-RateLimit-Remaining": {"$ref": "#/components/headers/X-RateLimit-Remaining"},
+            "X-RateLimit-Reset": {"$ref": "#/components/headers/X-RateLimit-Reset"}
+        });
+    }
+    responses.insert(status.to_string(), ok);
+    // Route-specific answers come last so they replace the common ones (import's 401 has more codes).
+    for (code, value) in common_errors().into_iter().chain(errors) {
+        responses.insert(code.to_string(), value);
+    }
+    let mut op = json!({
+        "operationId": id,
+        "summary": summary,
+        "security": [{"ApiKeyAuth": []}],
+        "responses": responses,
+    });
+    if let Some(schema) = body {
+        op["requestBody"] = json!({
+            "required": true,
+            "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}
+        });
+    }
+    if let Some(name) = path_param {
+        op["parameters"] = json!([{
+            "name": name, "in": "path", "required": true,
+            "schema": {"type": "string", "format": "uuid"}
+        }]);
+    }
+    op
+}
+
+fn json_ok(description: &str, schema: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}
+    })
+}
+
+fn feature_array() -> Value {
+    json!({"type": "array", "nullable": true, "items": {"$ref": "#/components/schemas/FeatureReport"}})
+}
+
+/// The document (built once).
+pub fn document() -> Value {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    DOC.get_or_init(build).clone()
+}
+
+fn build() -> Value {
+    let not_found_session = error_response(
+        "No such session in your application.",
+        &[codes::SESSION_NOT_FOUND],
+    );
+    let forbidden = error_response(
+        "The API key lacks the write:sessions privilege.",
+        &[codes::PERMISSION_DENIED],
+    );
+    let read_forbidden = error_response(
+        "The API key lacks the read:sessions privilege.",
+        &[codes::PERMISSION_DENIED],
+    );
+    let validation = error_response("Malformed body.", &[codes::VALIDATION_ERROR]);
+
+    let mut decision_props = serde_json::Map::new();
+    for (name, schema) in [
+        ("session_id", json!({"type": "string", "format": "uuid"})),
+        ("session_number", json!({"type": "integer"})),
+        (
+            "session_kind",
+            json!({"$ref": "#/components/schemas/SessionKind"}),
+        ),
+        ("session_url", json!({"type": "string", "nullable": true})),
+        (
+            "status",
+            json!({"$ref": "#/components/schemas/SessionStatus"}),
+        ),
+        ("environment", json!({"type": "string"})),
+        ("workflow_id", json!({"type": "string", "format": "uuid"})),
+        (
+            "features",
+            json!({"type": "array", "nullable": true, "items": {"type": "string"}}),
+        ),
+        ("vendor_data", json!({"type": "string", "nullable": true})),
+        ("metadata", json!({"type": "object", "nullable": true})),
+        ("callback", json!({"type": "string", "nullable": true})),
+        (
+            "shared_from_session",
+            json!({"type": "string", "format": "uuid", "nullable": true,
+                   "description": "Set on imported sessions: the original session in the issuing application."}),
+        ),
+        (
+            "created_at",
+            json!({"type": "string", "format": "date-time"}),
+        ),
+        (
+            "business_session_id",
+            json!({"type": "string", "format": "uuid"}),
+        ),
+    ] {
+        decision_props.insert(name.to_string(), schema);
+    }
+    for name in [
+        "id_verifications",
+        "nfc_verifications",
+        "liveness_checks",
+        "face_matches",
+        "poa_verifications",
+        "proof_of_address",
+        "database_validations",
+        "phone_verifications",
+        "email_verifications",
+        "aml_screenings",
+        "ip_analyses",
+        "registry_checks",
+        "key_people_checks",
+        "document_verifications",
+        "questionnaire_responses",
+        "questionnaires",
+    ] {
+        decision_props.insert(name.to_string(), feature_array());
+    }
+
+    let paths = json!({
+        "/v3/session/": {"post": operation(
+            "createSession", "Create a verification session", Some("CreateSessionRequest"),
+            ("201", json_ok("The new session, or the caller's unfinished session for the same workflow and \
+                             vendor_data.", "CreateSessionResponse")),
+            vec![("400", validation.clone()), ("403", forbidden.clone()),
+                 ("404", error_response("Unknown workflow.", &[codes::WORKFLOW_NOT_FOUND]))],
+            true, None)},
+        "/v3/session/{sessionId}/decision/": {"get": operation(
+            "getDecision", "Retrieve a session's decision", None,
+            ("200", json_ok("The full decision.", "Decision")),
+            vec![("403", read_forbidden.clone()), ("404", not_found_session.clone())],
+            false, Some("sessionId"))},
+        "/v3/session/{sessionId}/update-status/": {"patch": operation(
+            "updateStatus", "Approve, decline or request resubmission", Some("UpdateStatusRequest"),
+            ("200", json_ok("Updated (or already in that status: no change, no webhook).", "UpdateStatusResponse")),
+            vec![("400", validation.clone()), ("403", forbidden.clone()), ("404", not_found_session.clone())],
+            true, Some("sessionId"))},
+        "/v3/session/{sessionId}/delete/": {"delete": operation(
+            "deleteSession", "Delete a session", None,
+            ("204", json!({"description": "Deleted."})),
+            vec![("403", forbidden.clone()), ("404", not_found_session.clone())],
+            true, Some("sessionId"))},
+        "/v3/session/{sessionId}/share/": {"post": operation(
+            "shareSession", "Mint a share token for a finished session", Some("ShareRequest"),
+            ("201", json_ok("The share token.", "ShareResponse")),
+            vec![
+                ("400", error_response(
+                    "Bad TTL, bad for_application_id, unfinished session (detail starts \"Only finished sessions \
+                     (Approved, Declined, In Review) can be shared.\") or malformed body.",
+                    &[codes::INVALID_TTL, codes::INVALID_APPLICATION, codes::SESSION_NOT_FINISHED,
+                      codes::VALIDATION_ERROR])),
+                ("403", forbidden.clone()),
+                ("404", not_found_session.clone()),
+            ],
+            true, Some("sessionId"))},
+        "/v3/session/import-shared/": {"post": operation(
+            "importSharedSession", "Import a shared session into the caller's application", Some("ImportRequest"),
+            ("201", json_ok("The new session: a full clone of the source.", "Decision")),
+            vec![
+                ("400", error_response("Malformed body, or a workflow of the other kind.",
+                    &[codes::VALIDATION_ERROR, codes::WORKFLOW_KIND_MISMATCH])),
+                ("401", error_response("Invalid API key, or share token invalid or expired.",
+                    &[codes::INVALID_API_KEY, codes::INVALID_SHARE_TOKEN, codes::SHARE_TOKEN_EXPIRED])),
+                ("403", error_response("Token not intended for your application, or already imported into it.",
+                    &[codes::TOKEN_NOT_FOR_APPLICATION, codes::ALREADY_IMPORTED])),
+                ("404", error_response("workflow_id not found in your application, or the original session no \
+                                        longer exists.", &[codes::WORKFLOW_NOT_FOUND, codes::SESSION_NOT_FOUND])),
+            ],
+            true, None)},
+        "/v3/sessions/": {"get": {
+            "operationId": "listSessions",
+            "summary": "List the caller's sessions, newest first",
+            "security": [{"ApiKeyAuth": []}],
+            "parameters": [
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}}
+            ],
+            "responses": {
+                "200": json_ok("One page.", "SessionList"),
+                "400": validation.clone(),
+                "401": {"$ref": "#/components/responses/Unauthorized"},
+                "403": read_forbidden.clone(),
+                "429": {"$ref": "#/components/responses/TooManyRequests"},
+                "500": {"$ref": "#/components/responses/ServerError"},
+                "502": {"$ref": "#/components/responses/ServerError"},
+                "503": {"$ref": "#/components/responses/ServiceUnavailable"},
+                "504": {"$ref": "#/components/responses/ServerError"}
+            }
+        }},
+        "/v3/webhook/destinations/": {
+            "post": operation(
+                "createWebhookDestination", "Create a webhook destination", Some("WebhookDestinationRequest"),
+                ("201", json_ok("The destination, with its secret.", "WebhookDestination")),
+                vec![("400", validation.clone())], true, None),
+            "get": {
+                "operationId": "listWebhookDestinations",
+                "summary": "List webhook destinations (oldest first, without secrets)",
+                "security": [{"ApiKeyAuth": []}],
+                "responses": {
+                    "200": {"description": "Every destination.", "content": {"application/json": {"schema": {
+                        "type": "array", "items": {"$ref": "#/components/schemas/WebhookDestination"}}}}},
+                    "401": {"$ref": "#/components/responses/Unauthorized"},
+                    "429": {"$ref": "#/components/responses/TooManyRequests"},
+                    "500": {"$ref": "#/components/responses/ServerError"},
+                    "502": {"$ref": "#/components/responses/ServerError"},
+                    "503": {"$ref": "#/components/responses/ServiceUnavailable"},
+                    "504": {"$ref": "#/components/responses/ServerError"}
+                }
+            }
+        },
+        "/v3/webhook/destinations/{destinationUuid}/": {"get": operation(
+            "getWebhookDestination", "Get one webhook destination with its secret", None,
+            ("200", json_ok("The destination.", "WebhookDestination")),
+            vec![("404", error_response("No such destination.", &["not_found"]))],
+            false, Some("destinationUuid"))}
+    });
+    let schemas = json!({
+        "Error": {
+            "type": "object",
+            "required": ["detail", "code"],
+            "properties": {"detail": {"type": "string"}, "code": {"type": "string"}}
+        },
+        "SessionKind": {"type": "string", "enum": ["user", "business"]},
+        "SessionStatus": {
+            "type": "string",
+            "description": "KYC sessions use Title Case, KYB sessions UPPER_SNAKE.",
+            "enum": ["Not Started", "In Progress", "Approved", "Declined", "In Review", "Awaiting User",
+                     "Resubmitted", "Expired", "Abandoned", "Kyc Expired",
+                     "NOT_STARTED", "IN_PROGRESS", "APPROVED", "DECLINED", "IN_REVIEW", "AWAITING_USER",
+                     "RESUBMITTED", "EXPIRED", "ABANDONED", "KYC_EXPIRED"]
+        },
+        "FeatureReport": {
+            "type": "object",
+            "required": ["node_id", "status"],
+            "properties": {"node_id": {"type": "string"}, "status": {"type": "string"}},
+            "additionalProperties": true
+        },
+        "Decision": {
+            "type": "object",
+            "required": ["session_id", "session_number", "session_kind", "status", "workflow_id"],
+            "properties": decision_props,
+            "additionalProperties": true
+        },
+        "CreateSessionRequest": {
+            "type": "object",
+            "required": ["workflow_id"],
+            "properties": {
+                "workflow_id": {"type": "string", "format": "uuid"},
+                "vendor_data": {"type": "string"},
+                "callback": {"type": "string"},
+                "metadata": {"type": "object"}
+            }
+        },
+        "CreateSessionResponse": {
+            "type": "object",
+            "required": ["session_id", "session_number", "session_token", "status", "workflow_id", "url",
+                         "session_kind"],
+            "properties": {
+                "session_id": {"type": "string", "format": "uuid"},
+                "session_number": {"type": "integer"},
+                "session_token": {"type": "string"},
+                "session_kind": {"$ref": "#/components/schemas/SessionKind"},
+                "vendor_data": {"type": "string", "nullable": true},
+                "metadata": {"type": "object", "nullable": true},
+                "status": {"$ref": "#/components/schemas/SessionStatus"},
+                "workflow_id": {"type": "string", "format": "uuid"},
+                "callback": {"type": "string", "nullable": true},
+                "url": {"type": "string"},
+                "created_at": {"type": "string", "format": "date-time"}
+            }
+        },
+        "UpdateStatusRequest": {
+            "type": "object",
+            "required": ["new_status"],
+            "properties": {
+                "new_status": {"type": "string", "enum": ["Approved", "Declined", "Resubmitted"]},
+                "comment": {"type": "string"}
+            }
+        },
+        "UpdateStatusResponse": {
+            "type": "object",
+            "required": ["session_id"],
+            "properties": {"session_id": {"type": "string", "format": "uuid"}}
+        },
+        "ShareRequest": {
+            "type": "object",
+            "required": ["for_application_id"],
+            "properties": {
+                "for_application_id": {"type": "string", "format": "uuid",
+                    "description": "Must exist, must not be deleted, must differ from the caller."},
+                "ttl_in_seconds": {"type": "integer", "minimum": 60, "maximum": 86400, "default": 3600}
+            }
+        },
+        "ShareResponse": {
+            "type": "object",
+            "required": ["share_token", "for_application_id", "session_kind"],
+            "properties": {
+                "share_token": {"type": "string", "description": "HS256 JWT with claims session_id, \
+                    session_kind, from_application_id, for_application_id, iat, exp."},
+                "for_application_id": {"type": "string", "format": "uuid"},
+                "session_kind": {"$ref": "#/components/schemas/SessionKind"}
+            }
+        },
+        "ImportRequest": {
+            "type": "object",
+            "required": ["share_token", "workflow_id"],
+            "properties": {
+                "share_token": {"type": "string"},
+                "workflow_id": {"type": "string", "format": "uuid",
+                    "description": "A workflow of the token's kind in the caller's application."},
+                "vendor_data": {"type": "string"},
+                "trust_review": {"type": "boolean", "default": false,
+                    "description": "true keeps the source status; false lands In Review (KYB: IN_REVIEW)."}
+            }
+        },
+        "SessionList": {
+            "type": "object",
+            "required": ["count", "next", "previous", "results"],
+            "properties": {
+                "count": {"type": "integer"},
+                "next": {"type": "string", "nullable": true},
+                "previous": {"type": "string", "nullable": true},
+                "results": {"type": "array", "items": {"type": "object", "properties": {
+                    "session_id": {"type": "string", "format": "uuid"},
+                    "session_number": {"type": "integer"},
+                    "session_kind": {"$ref": "#/components/schemas/SessionKind"},
+                    "status": {"$ref": "#/components/schemas/SessionStatus"},
+                    "workflow_id": {"type": "string", "format": "uuid"},
+                    "vendor_data": {"type": "string", "nullable": true},
+                    "session_url": {"type": "string", "nullable": true},
+                    "shared_from_session": {"type": "string", "nullable": true},
+                    "created_at": {"type": "string", "format": "date-time"}
+                }}}
+            }
+        },
+        "WebhookDestinationRequest": {
+            "type": "object",
+            "required": ["url"],
+            "properties": {
+                "url": {"type": "string", "format": "uri"},
+                "label": {"type": "string"},
+                "enabled": {"type": "boolean", "default": true},
+                "webhook_version": {"type": "string", "enum": ["v1", "v2", "v3"], "default": "v3"},
+                "secret_shared_key": {"type": "string", "description": "Generated when not given."},
+                "subscribed_events": {"type": "array", "items": {"type": "string", "enum": super::state::WEBHOOK_EVENTS},
+                                      "default": ["status.updated"]}
+            }
+        },
+        "WebhookDestination": {
+            "type": "object",
+            "required": ["uuid", "label", "url", "enabled", "webhook_version", "subscribed_events",
+                         "created_at", "updated_at"],
+            "properties": {
+                "uuid": {"type": "string", "format": "uuid"},
+                "label": {"type": "string"},
+                "url": {"type": "string"},
+                "enabled": {"type": "boolean"},
+                "webhook_version": {"type": "string"},
+                "secret_shared_key": {"type": "string", "description": "Only in create and get-one answers."},
+                "secret_last4": {"type": "string"},
+                "subscribed_events": {"type": "array", "items": {"type": "string"}},
+                "created_at": {"type": "string", "format": "date-time"},
+                "updated_at": {"type": "string", "format": "date-time"},
+                "deliveries_count": {"type": "integer"},
+                "failed_deliveries_count": {"type": "integer"},
+                "last_delivery_at": {"type": "string", "format": "date-time", "nullable": true}
+            }
+        }
+    });
+    let mut components = json!({
+    "securitySchemes": {"ApiKeyAuth": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+    "headers": {
+        "X-RateLimit-Limit": {"schema": {"type": "integer"}, "description": "Writes allowed per 60 s window."},
+        "X-RateLimit-Remaining": {"schema": {"type": "integer"}, "description": "Writes left in the window."},
+        "X-RateLimit-Reset": {"schema": {"type": "integer"}, "description": "Unix seconds when the window frees a slot."},
+        "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}
+    },
+    "responses": {
+        "Unauthorized": error_response("Missing, unknown or revoked API key.", &[codes::INVALID_API_KEY]),
+        "TooManyRequests": {
+            "description": "Over the per-key write limit (or an injected 429).",
+            "headers": {
+                "Retry-After": {"$ref": "#/components/headers/Retry-After"},
+                "X-RateLimit-Limit": {"$ref": "#/components/headers/X-RateLimit-Limit"},
+                "X-RateLimit-Remaining": {"$ref": "#/components/headers/X-RateLimit-Remaining"},
+                "X-RateLimit-Reset": {"$ref": "#/components/headers/X-RateLimit-Reset"}
+            },
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        },
+        "ServerError": error_response("Injected fault.", &[codes::INTERNAL_ERROR]),
+        "ServiceUnavailable": {
+            "description": "Injected fault; the body may be empty.",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        }
+    }});
+    components["schemas"] = schemas;
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Didit verification API (partner-bridge sandbox)",
+            "version": "3",
+            "description": "The Didit routes served by the partner-bridge sandbox, with Didit's B2B Reusable KYC \
+                semantics. Every error answer is {\"detail\", \"code\"}. Writes (POST, PATCH, DELETE) are limited \
+                per API key (default 300 per 60 s sliding window) and carry X-RateLimit-* headers. 5xx answers only \
+                occur when faults are injected; a 503 may have no body."
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"ApiKeyAuth": []}],
+        "paths": paths,
+        "components": components
+    })
+}
