@@ -425,6 +425,9 @@ pub struct ReceiverConfig {
     pub allow_unknown_issuers: bool,
     /// Messages handled at once (default: `amqp.prefetch`).
     pub concurrency: Option<usize>,
+    /// Declare `<prefix>.receiver.results`, bound to the imports exchange with `import.#`, so every
+    /// `import.result` is kept until the backend reads it. Set false when the backend binds its own queue.
+    pub results_queue: bool,
     /// The issuers whose tokens are accepted.
     pub issuers: Vec<IssuerPeerConfig>,
 }
@@ -443,6 +446,7 @@ impl Default for ReceiverConfig {
             allow_unsigned: false,
             allow_unknown_issuers: false,
             concurrency: None,
+            results_queue: true,
             issuers: Vec::new(),
         }
     }

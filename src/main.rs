@@ -65,6 +65,14 @@ async fn dispatch(command: Command) -> ExitCode {
             );
         })),
         Command::Healthcheck { url } => report(commands::healthcheck(&url).await),
+        Command::Sandbox {
+            listen,
+            fixture,
+            no_rate_limit,
+        } => {
+            telemetry::init(LogFormat::Pretty, "info");
+            report(partner_bridge::sandbox::run_cli(listen, fixture, !no_rate_limit).await)
+        }
         other => {
             telemetry::init(LogFormat::Pretty, "info");
             eprintln!("error: {other:?} is not available in this build yet");
