@@ -964,7 +964,7 @@ fn positive(value: u64, key: &str) -> Result<(), ConfigError> {
 }
 
 fn check_url(url: &str, key: &str, schemes: &[&str]) -> Result<(), ConfigError> {
-    let scheme = url.split_once("://").map(|(s, rest)| (s, rest));
+    let scheme = url.split_once("://");
     match scheme {
         Some((s, rest)) if schemes.contains(&s) && !rest.is_empty() => Ok(()),
         _ => Err(ConfigError::new(
