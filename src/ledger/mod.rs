@@ -15,6 +15,10 @@
 //! and completes anyway still writes its record — the Didit call has happened and its result is the truth — but never
 //! clears another holder's lease; a release by a non-holder changes nothing.
 //!
+//! A `holder` names one attempt at the work, not a process: use a fresh id per handling (a UUID, or the replica's
+//! name plus the delivery's message id and attempt). A holder may re-claim its own lease — that is what makes a
+//! retried claim harmless — so two concurrent handlers sharing a holder would both be let in.
+//!
 //! Two backends with the same schema and the same rules: embedded SQLite in WAL mode ([`sqlite`], the default, under
 //! `state_dir`) and PostgreSQL ([`postgres`], for several replicas sharing one ledger). Times are stored as unix
 //! milliseconds, so records read back carry millisecond precision. "Now" for leases and validity comes from the

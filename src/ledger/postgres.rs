@@ -2,16 +2,26 @@
 //!
 //! Same tables, columns and rules as [`super::sqlite`]. Claims are single `INSERT … ON CONFLICT … DO UPDATE … WHERE`
 //! statements: PostgreSQL locks the conflicting row and re-checks the `WHERE` against its latest version, so two
-//! replicas claiming one key at once cannot both win. The rule in that `WHERE` is [`super::decide_share`] /
-//! [`super::decide_import`] written as SQL; when a claim is refused, the row is read and the same Rust rule says
-//! whether it was Done or Busy.
+//! replicas claiming one key at once cannot both win. The rule in that `WHERE` is the parent module's
+//! `decide_share` / `decide_import` written as SQL; when a claim is refused, the row is read and the same Rust rule
+//! says whether it was Done or Busy.
 //!
-//! One connection per process: tokio-postgres pipelines concurrent queries on it, so it is not a bottleneck; it is
-//! re-established on the next call after it is lost (the failed call reports [`LedgerError::Io`] and is not retried
-//! here, because a claim or a webhook key might have been written before the answer was lost — the caller's retry
-//! is safe where a silent one might not be). The tables live in the connection's `search_path` (set one with
-//! `?options=-c%20search_path%3Dmy_schema` in the URL). TLS is not supported yet (`NoTls`): use a local socket or a
-//! trusted network until rustls is wired in.
+//! Durability, the same trade as SQLite's: everything except import completions runs on a connection with
+//! `synchronous_commit = off`. Its commits are visible to every replica at once and can never corrupt anything, but
+//! a server crash can lose the last fraction of a second of them — at worst one extra mint or one repeated
+//! action, which the receiver side absorbs. Without it each claim and completion waits for its own WAL flush and one
+//! connection manages about a thousand claim+complete pairs per second; with it, ten times that. Import completions
+//! use a second connection with the server's own `synchronous_commit`, so [`PostgresLedger::complete_import`]
+//! returns only once the import is as durable as the server is configured to make it (its flush also covers every
+//! earlier commit).
+//!
+//! Each connection is pipelined (tokio-postgres sends concurrent queries without waiting), so one of each is
+//! enough. A lost connection is re-established on the next call (the failed call reports [`LedgerError::Io`] and is
+//! not retried here, because a claim or a webhook key might have been written before the answer was lost — the
+//! caller's retry is safe where a silent one might not be).
+//!
+//! The tables live in the connection's `search_path` (choose a schema with `?options=-c%20search_path%3Dmy_schema`
+//! in the URL). TLS is not supported yet (`NoTls`): use a Unix socket or a trusted network until rustls is wired in.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +30,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
-use super::sqlite::{lease_of, required};
+use super::sqlite::{PRUNE_CHUNK, lease_of, required};
 use super::{
     Claim, ImportRecord, Lease, LedgerError, ShareRecord, after, decide_import, decide_share,
     from_millis, millis, parse_kind, to_u32,
@@ -225,13 +235,24 @@ impl Statements {
                 .prepare("INSERT INTO webhook_deliveries (key, seen_at) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
                 .await?,
             prune_shares: client
-                .prepare("DELETE FROM shares WHERE touched_at < $1 AND (lease_holder IS NULL OR lease_until <= $2)")
+                .prepare(
+                    "DELETE FROM shares WHERE (source_session_id, partner_application_id) IN (
+                         SELECT source_session_id, partner_application_id FROM shares
+                         WHERE touched_at < $1 AND (lease_holder IS NULL OR lease_until <= $2) LIMIT $3)",
+                )
                 .await?,
             prune_imports: client
-                .prepare("DELETE FROM imports WHERE touched_at < $1 AND (lease_holder IS NULL OR lease_until <= $2)")
+                .prepare(
+                    "DELETE FROM imports WHERE (issuer_application_id, source_session_id) IN (
+                         SELECT issuer_application_id, source_session_id FROM imports
+                         WHERE touched_at < $1 AND (lease_holder IS NULL OR lease_until <= $2) LIMIT $3)",
+                )
                 .await?,
             prune_webhooks: client
-                .prepare("DELETE FROM webhook_deliveries WHERE seen_at < $1")
+                .prepare(
+                    "DELETE FROM webhook_deliveries WHERE key IN (
+                         SELECT key FROM webhook_deliveries WHERE seen_at < $1 LIMIT $2)",
+                )
                 .await?,
         })
     }
@@ -243,15 +264,48 @@ struct Connection {
     st: Statements,
 }
 
+/// One of the two connections, replaced when lost.
+struct Slot {
+    /// Whether commits on it wait for the WAL flush (the server's `synchronous_commit`) or not (`off`).
+    synced: bool,
+    current: Mutex<Option<Arc<Connection>>>,
+    /// Serialises reconnection, so that a lost connection is replaced once, not once per waiting call.
+    reconnecting: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn new(synced: bool) -> Slot {
+        Slot {
+            synced,
+            current: Mutex::new(None),
+            reconnecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn live(&self) -> Option<Arc<Connection>> {
+        self.current
+            .lock()
+            .expect("ledger connection lock")
+            .as_ref()
+            .filter(|c| !c.client.is_closed())
+            .cloned()
+    }
+
+    fn set(&self, conn: Arc<Connection>) {
+        *self.current.lock().expect("ledger connection lock") = Some(conn);
+    }
+}
+
 struct Inner {
     config: tokio_postgres::Config,
     /// The URL as it may be shown (password masked, query dropped).
     shown: String,
     /// The password, only to scrub it from error texts should a driver ever echo it.
     password: Option<String>,
-    current: Mutex<Option<Arc<Connection>>>,
-    /// Serialises reconnection, so that a lost connection is replaced once, not once per waiting call.
-    reconnecting: tokio::sync::Mutex<()>,
+    /// Everything but import completions: asynchronous commit.
+    fast: Slot,
+    /// Import completions: commits wait for the WAL flush. Opened on first use.
+    durable: Slot,
 }
 
 /// The PostgreSQL backend. Clones share one connection.
@@ -313,32 +367,38 @@ impl Inner {
         Ok(client)
     }
 
-    /// The live connection, reconnecting when the last one was lost.
-    async fn connection(&self) -> Result<Arc<Connection>, LedgerError> {
-        if let Some(conn) = self.live() {
+    /// Makes `client` ready to serve `slot`: its commit mode, then its statements.
+    async fn prepare(
+        &self,
+        client: Client,
+        slot: &Slot,
+    ) -> Result<Arc<Connection>, tokio_postgres::Error> {
+        if !slot.synced {
+            client
+                .batch_execute("SET synchronous_commit TO off")
+                .await?;
+        }
+        let st = Statements::prepare(&client).await?;
+        Ok(Arc::new(Connection { client, st }))
+    }
+
+    /// The slot's live connection, reconnecting when the last one was lost.
+    async fn connection(&self, slot: &Slot) -> Result<Arc<Connection>, LedgerError> {
+        if let Some(conn) = slot.live() {
             return Ok(conn);
         }
-        let _guard = self.reconnecting.lock().await;
-        if let Some(conn) = self.live() {
+        let _guard = slot.reconnecting.lock().await;
+        if let Some(conn) = slot.live() {
             return Ok(conn);
         }
         let client = self.connect().await?;
-        let st = Statements::prepare(&client)
+        let conn = self
+            .prepare(client, slot)
             .await
             .map_err(|e| self.error(e))?;
-        let conn = Arc::new(Connection { client, st });
-        *self.current.lock().expect("ledger connection lock") = Some(conn.clone());
-        tracing::info!(ledger = %self.shown, "ledger connected to postgres");
+        slot.set(conn.clone());
+        tracing::info!(ledger = %self.shown, synced = slot.synced, "ledger connected to postgres");
         Ok(conn)
-    }
-
-    fn live(&self) -> Option<Arc<Connection>> {
-        self.current
-            .lock()
-            .expect("ledger connection lock")
-            .as_ref()
-            .filter(|c| !c.client.is_closed())
-            .cloned()
     }
 }
 
@@ -364,29 +424,32 @@ impl PostgresLedger {
             config,
             shown,
             password,
-            current: Mutex::new(None),
-            reconnecting: tokio::sync::Mutex::new(()),
+            fast: Slot::new(false),
+            durable: Slot::new(true),
         };
-        let open = |e: LedgerError| LedgerError::Open(e.to_string());
-        let mut client = inner.connect().await.map_err(open)?;
-        migrate(&mut client).await.map_err(|e| match e {
-            MigrateError::Db(e) => {
-                LedgerError::Open(format!("{}: {}", inner.shown, inner.text(&e)))
+        let open = |e: LedgerError| match e {
+            LedgerError::Open(text) | LedgerError::Io(text) | LedgerError::Corrupt(text) => {
+                LedgerError::Open(text)
             }
+        };
+        let mut client = inner.connect().await.map_err(open)?;
+        let db_open = |e: tokio_postgres::Error| {
+            LedgerError::Open(format!("{}: {}", inner.shown, inner.text(&e)))
+        };
+        migrate(&mut client).await.map_err(|e| match e {
+            MigrateError::Db(e) => db_open(e),
             MigrateError::Ledger(e) => open(e),
         })?;
-        let st = Statements::prepare(&client)
-            .await
-            .map_err(|e| LedgerError::Open(inner.text(&e)))?;
-        *inner.current.lock().expect("ledger connection lock") =
-            Some(Arc::new(Connection { client, st }));
+        let conn = inner.prepare(client, &inner.fast).await.map_err(db_open)?;
+        inner.fast.set(conn);
         Ok(PostgresLedger {
             inner: Arc::new(inner),
         })
     }
 
+    /// The connection for everything but import completions.
     async fn conn(&self) -> Result<Arc<Connection>, LedgerError> {
-        self.inner.connection().await
+        self.inner.connection(&self.inner.fast).await
     }
 
     fn err(&self, e: tokio_postgres::Error) -> LedgerError {
@@ -607,14 +670,14 @@ impl PostgresLedger {
         Ok((record, current))
     }
 
-    /// See [`super::Ledger::complete_import`]. PostgreSQL commits are durable (with the server's default
-    /// `synchronous_commit`) before they are acknowledged.
+    /// See [`super::Ledger::complete_import`]. Committed on the synced connection: durable (as far as the server's
+    /// `synchronous_commit` makes it) before it returns.
     pub async fn complete_import(
         &self,
         record: &ImportRecord,
         holder: &str,
     ) -> Result<(), LedgerError> {
-        let c = self.conn().await?;
+        let c = self.inner.connection(&self.inner.durable).await?;
         let r = record;
         c.client
             .execute(
@@ -734,24 +797,32 @@ impl PostgresLedger {
         Ok(inserted == 1)
     }
 
-    /// See [`super::Ledger::prune`].
+    /// See [`super::Ledger::prune`]. Deletes in chunks of [`super::sqlite::PRUNE_CHUNK`] rows, so that no
+    /// statement locks a large part of a table for long.
     pub async fn prune(&self, older_than: DateTime<Utc>) -> Result<u64, LedgerError> {
         let c = self.conn().await?;
         let cutoff = millis(older_than);
         let live_from = cutoff.min(millis(Utc::now()));
+        let chunk = PRUNE_CHUNK;
         let mut deleted = 0;
-        for st in [&c.st.prune_shares, &c.st.prune_imports] {
-            deleted += c
-                .client
-                .execute(st, &[&cutoff, &live_from])
-                .await
+        for (st, live) in [
+            (&c.st.prune_shares, true),
+            (&c.st.prune_imports, true),
+            (&c.st.prune_webhooks, false),
+        ] {
+            loop {
+                let n = if live {
+                    c.client.execute(st, &[&cutoff, &live_from, &chunk]).await
+                } else {
+                    c.client.execute(st, &[&cutoff, &chunk]).await
+                }
                 .map_err(|e| self.err(e))?;
+                deleted += n;
+                if n < chunk as u64 {
+                    break;
+                }
+            }
         }
-        deleted += c
-            .client
-            .execute(&c.st.prune_webhooks, &[&cutoff])
-            .await
-            .map_err(|e| self.err(e))?;
         Ok(deleted)
     }
 }

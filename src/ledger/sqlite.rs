@@ -564,31 +564,48 @@ impl SqliteLedger {
         .await
     }
 
-    /// See [`super::Ledger::prune`].
+    /// See [`super::Ledger::prune`]. Deletes in chunks of [`PRUNE_CHUNK`] rows, one transaction each, so that
+    /// claims keep flowing between them however much there is to prune.
     pub async fn prune(&self, older_than: DateTime<Utc>) -> Result<u64, LedgerError> {
         let cutoff = millis(older_than);
         let live_from = cutoff.min(millis(Utc::now()));
-        self.call(false, move |conn| {
-            let mut deleted = 0u64;
-            for sql in [
-                "DELETE FROM shares WHERE touched_at < ?1 AND (lease_holder IS NULL OR lease_until <= ?2)",
-                "DELETE FROM imports WHERE touched_at < ?1 AND (lease_holder IS NULL OR lease_until <= ?2)",
-            ] {
-                let n = conn
-                    .prepare_cached(sql)
-                    .and_then(|mut st| st.execute(params![cutoff, live_from]))
-                    .map_err(db_error)?;
+        let mut deleted = 0u64;
+        for sql in [PRUNE_SHARES, PRUNE_IMPORTS, PRUNE_WEBHOOKS] {
+            loop {
+                let n = self
+                    .call(false, move |conn| {
+                        let mut st = conn.prepare_cached(sql).map_err(db_error)?;
+                        let n = if sql == PRUNE_WEBHOOKS {
+                            st.execute(params![cutoff, PRUNE_CHUNK])
+                        } else {
+                            st.execute(params![cutoff, live_from, PRUNE_CHUNK])
+                        };
+                        n.map_err(db_error)
+                    })
+                    .await?;
                 deleted += n as u64;
+                if (n as i64) < PRUNE_CHUNK {
+                    break;
+                }
             }
-            let n = conn
-                .prepare_cached("DELETE FROM webhook_deliveries WHERE seen_at < ?1")
-                .and_then(|mut st| st.execute(params![cutoff]))
-                .map_err(db_error)?;
-            Ok(deleted + n as u64)
-        })
-        .await
+        }
+        Ok(deleted)
     }
 }
+
+/// Rows deleted per transaction while pruning.
+pub const PRUNE_CHUNK: i64 = 2000;
+
+const PRUNE_SHARES: &str =
+    "DELETE FROM shares WHERE (source_session_id, partner_application_id) IN (
+    SELECT source_session_id, partner_application_id FROM shares
+    WHERE touched_at < ?1 AND (lease_holder IS NULL OR lease_until <= ?2) LIMIT ?3)";
+const PRUNE_IMPORTS: &str =
+    "DELETE FROM imports WHERE (issuer_application_id, source_session_id) IN (
+    SELECT issuer_application_id, source_session_id FROM imports
+    WHERE touched_at < ?1 AND (lease_holder IS NULL OR lease_until <= ?2) LIMIT ?3)";
+const PRUNE_WEBHOOKS: &str = "DELETE FROM webhook_deliveries WHERE key IN (
+    SELECT key FROM webhook_deliveries WHERE seen_at < ?1 LIMIT ?2)";
 
 /// Opens the file with the pragmas this module's doc argues for, and creates or migrates the schema.
 fn open_connection(path: &Path) -> Result<Connection, LedgerError> {

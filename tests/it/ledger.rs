@@ -698,6 +698,31 @@ async fn prune_keeps_live_leases(f: Fixture) {
     );
 }
 
+async fn prune_works_through_large_backlogs(f: Fixture) {
+    use futures_util::StreamExt;
+    // More than two chunks' worth, so that pruning has to come back for more.
+    let total = 2 * partner_bridge::ledger::sqlite::PRUNE_CHUNK as usize + 500;
+    let t = now() - TimeDelta::days(60);
+    let claimed: Vec<bool> = futures_util::stream::iter(0..total)
+        .map(|n| {
+            let l = f.ledger.clone();
+            async move { l.claim_webhook(&format!("delivery-{n}"), t).await.unwrap() }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert!(claimed.iter().all(|&fresh| fresh));
+    assert_eq!(
+        f.ledger.prune(now() - TimeDelta::days(30)).await.unwrap(),
+        total as u64
+    );
+    assert_eq!(
+        f.ledger.prune(now() - TimeDelta::days(30)).await.unwrap(),
+        0
+    );
+    assert!(f.ledger.claim_webhook("delivery-0", now()).await.unwrap());
+}
+
 async fn data_survives_reopening(f: Fixture) {
     let t = now();
     let rec = share("s1", "m1", t, secs(3600));
@@ -854,6 +879,7 @@ on_both_backends!(
     reshares_count_per_session,
     webhook_keys_are_claimed_once,
     prune_keeps_live_leases,
+    prune_works_through_large_backlogs,
     data_survives_reopening,
     concurrent_claims_have_one_winner,
     writable_ledger_passes_the_probe,
@@ -1026,6 +1052,21 @@ async fn open_refuses_unknown_urls_and_keeps_passwords_out_of_errors() {
     .await
     .unwrap_err();
     assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+}
+
+#[tokio::test]
+async fn postgres_ledger_never_shows_its_password() {
+    let f = fixture(Backend::Postgres).await;
+    // The test server trusts every local user, so any password connects; it must still never be shown.
+    let with_password =
+        f.url
+            .expose()
+            .replacen("postgres://postgres@", "postgres://postgres:hunter2@", 1);
+    let l = Ledger::open(&SecretUrl::new(with_password)).await.unwrap();
+    l.check_writable().await.unwrap();
+    let shown = format!("{l:?}");
+    assert!(shown.contains("127.0.0.1:5432"), "{shown}");
+    assert!(!shown.contains("hunter2"), "{shown}");
 }
 
 #[tokio::test]
