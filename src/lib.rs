@@ -4,6 +4,8 @@
 //! - [`config`] and [`secret`]: what an operator writes, and how secrets stay out of logs;
 //! - [`didit`]: Didit's API (wire types, webhook signatures, the client and its outcome table);
 //! - [`envelope`]: our own messages and their Ed25519 signatures;
+//! - [`ledger`]: what was already minted, imported or seen, so that duplicates have no second effect;
+//! - [`metrics`] and [`health`]: what the process reports.
 //! - [`metrics`] and [`health`]: what the process reports;
 //! - [`sandbox`]: a Didit emulator for tests, demos and the benchmark (no production path uses it).
 #![forbid(unsafe_code)]
@@ -16,6 +18,7 @@ pub mod config;
 pub mod didit;
 pub mod envelope;
 pub mod health;
+pub mod ledger;
 pub mod metrics;
 pub mod sandbox;
 pub mod secret;

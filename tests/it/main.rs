@@ -4,5 +4,6 @@
 
 mod config;
 mod didit_client;
+mod ledger;
 mod sandbox;
 mod support;

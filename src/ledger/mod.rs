@@ -1,0 +1,560 @@
+//! The idempotency ledger: what each side has already done, so that at-least-once delivery has exactly-once effect
+//! (DESIGN.md §5).
+//!
+//! - Issuer side, key (source session, partner application): the last share token minted for that partner — its
+//!   envelope's message id and expiry. A duplicate or redelivered onboarding event within the token's lifetime is
+//!   acked without minting again.
+//! - Receiver side, key (issuer application, source session): the import Didit made, forever (until pruned), plus
+//!   the count of reshare requests sent for that session.
+//! - Webhook delivery keys, for replay protection.
+//!
+//! Duplicates can be handled concurrently (prefetch, several replicas), so a read-then-write is not enough: a key is
+//! first *claimed* with a lease ([`Ledger::claim_share`], [`Ledger::claim_import`]), the Didit call happens, and the
+//! key is then *completed* (the record is written and the lease cleared) or *released* (the lease is cleared, the
+//! work was not done). A lease that expired (its holder crashed) can be taken by anyone. A holder that lost its lease
+//! and completes anyway still writes its record — the Didit call has happened and its result is the truth — but never
+//! clears another holder's lease; a release by a non-holder changes nothing.
+//!
+//! A `holder` names one attempt at the work, not a process: use a fresh id per handling (a UUID, or the replica's
+//! name plus the delivery's message id and attempt). A holder may re-claim its own lease — that is what makes a
+//! retried claim harmless — so two concurrent handlers sharing a holder would both be let in.
+//!
+//! Two backends with the same schema and the same rules: embedded SQLite in WAL mode ([`sqlite`], the default, under
+//! `state_dir`) and PostgreSQL ([`postgres`], for several replicas sharing one ledger). Times are stored as unix
+//! milliseconds, so records read back carry millisecond precision. "Now" for leases and validity comes from the
+//! caller (`now` arguments) so that the rules are testable; "last touched" times written by completions, releases and
+//! counters come from the wall clock.
+//!
+//! This module knows nothing of queues, Didit or pipelines: it remembers, and the pipelines decide.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use crate::didit::wire::SessionKind;
+use crate::secret::SecretUrl;
+
+pub use postgres::PostgresLedger;
+pub use sqlite::SqliteLedger;
+
+/// Why a ledger operation failed. Texts carry ids and paths at most, never a password or a token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// The ledger could not be opened or its schema prepared (bad URL, unreachable server, unwritable directory,
+    /// a schema newer than this binary). Fatal at startup: the process cannot guarantee idempotency without it.
+    #[error("cannot open the ledger: {0}")]
+    Open(String),
+    /// A read or write failed (disk full, read-only file, database locked too long, connection lost). Transient:
+    /// the message that needed the ledger must not be acked; retry it later.
+    #[error("ledger I/O failed: {0}")]
+    Io(String),
+    /// A stored row could not be understood (unknown session kind, a time out of range, a damaged file). An operator
+    /// must look: retrying will not help.
+    #[error("ledger data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl LedgerError {
+    /// What a pipeline should do with the message that hit this error: `true` when retrying later can succeed (keep
+    /// the message, retry with backoff), `false` when it cannot (stop and tell an operator: `/readyz` fails).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, LedgerError::Io(_))
+    }
+}
+
+/// Issuer side: the last share token minted for a partner, key (`source_session_id`, `partner_application_id`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShareRecord {
+    /// The issuer's Didit session.
+    pub source_session_id: String,
+    /// The partner's Didit application.
+    pub partner_application_id: String,
+    /// The `share_token` envelope's message id.
+    pub message_id: String,
+    /// The onboarding event that caused the mint.
+    pub event_id: String,
+    /// `user` or `business`.
+    pub session_kind: SessionKind,
+    /// The source session's status when shared.
+    pub status: String,
+    /// The issuer's `vendor_data`, when known.
+    pub vendor_data: Option<String>,
+    /// When the verification finished.
+    pub occurred_at: DateTime<Utc>,
+    /// When the token was minted.
+    pub minted_at: DateTime<Utc>,
+    /// When the token stops working.
+    pub expires_at: DateTime<Utc>,
+    /// How many times the token was re-minted at the receiver's request.
+    pub reshares: u32,
+}
+
+/// Receiver side: an import Didit made, key (`issuer_application_id`, `source_session_id`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportRecord {
+    /// The issuer's Didit application.
+    pub issuer_application_id: String,
+    /// The issuer's session.
+    pub source_session_id: String,
+    /// The new session in this application (unknown when Didit only said "already imported").
+    pub imported_session_id: Option<String>,
+    /// Its session number.
+    pub session_number: Option<i64>,
+    /// Its status.
+    pub status: Option<String>,
+    /// `user` or `business`.
+    pub session_kind: SessionKind,
+    /// The `vendor_data` the import used.
+    pub vendor_data: Option<String>,
+    /// Whether the issuer's decision was kept.
+    pub trust_review: bool,
+    /// When the import was recorded.
+    pub imported_at: DateTime<Utc>,
+    /// Whether the `import.result` for it was confirmed by the broker. Once set it stays set.
+    pub result_published: bool,
+}
+
+/// The answer to a claim.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim<R> {
+    /// The caller holds the lease now and must do the work, then complete or release. `previous` is the last
+    /// completed record for the key, if any (on the issuer side: the token being replaced).
+    Acquired {
+        /// The last completed record, if any.
+        previous: Option<R>,
+    },
+    /// The work is already done and still valid: do nothing (ack).
+    Done(R),
+    /// Another holder's lease is live: try again after `until` (or a little later), without doing the work.
+    Busy {
+        /// When that lease expires if not completed or released before.
+        until: DateTime<Utc>,
+    },
+}
+
+/// A lease on a key: who holds it, and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub(crate) holder: String,
+    pub(crate) until: DateTime<Utc>,
+}
+
+/// The issuer's claim rule, shared by both backends (the PostgreSQL backend writes the same rule as SQL and uses
+/// this to interpret a refused claim).
+///
+/// Done when a completed record outlives `now + min_validity` and is not the token the caller knows to be stale;
+/// else Busy when someone else's lease is live; else the caller may take the lease (a holder may re-claim its own
+/// lease, which makes a retried claim harmless).
+pub(crate) fn decide_share(
+    record: Option<ShareRecord>,
+    lease: Option<&Lease>,
+    holder: &str,
+    now: DateTime<Utc>,
+    min_validity: Duration,
+    stale_message_id: Option<&str>,
+) -> Claim<ShareRecord> {
+    if let Some(r) = &record {
+        let fresh_enough = millis(r.expires_at) > millis(after(now, min_validity));
+        if fresh_enough && stale_message_id != Some(r.message_id.as_str()) {
+            return Claim::Done(record.expect("checked above"));
+        }
+    }
+    match busy(lease, holder, now) {
+        Some(until) => Claim::Busy { until },
+        None => Claim::Acquired { previous: record },
+    }
+}
+
+/// The receiver's claim rule: an import, once recorded, is done forever.
+pub(crate) fn decide_import(
+    record: Option<ImportRecord>,
+    lease: Option<&Lease>,
+    holder: &str,
+    now: DateTime<Utc>,
+) -> Claim<ImportRecord> {
+    if let Some(r) = record {
+        return Claim::Done(r);
+    }
+    match busy(lease, holder, now) {
+        Some(until) => Claim::Busy { until },
+        None => Claim::Acquired { previous: None },
+    }
+}
+
+/// `Some(until)` when a lease other than `holder`'s is live at `now`.
+fn busy(lease: Option<&Lease>, holder: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    lease
+        .filter(|l| l.holder != holder && millis(l.until) > millis(now))
+        .map(|l| l.until)
+}
+
+/// Unix milliseconds, the stored form of every time.
+pub(crate) fn millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+/// Reads a stored time back.
+pub(crate) fn from_millis(ms: i64, column: &str) -> Result<DateTime<Utc>, LedgerError> {
+    DateTime::from_timestamp_millis(ms)
+        .ok_or_else(|| LedgerError::Corrupt(format!("`{column}` out of range: {ms}")))
+}
+
+/// `t + d`, saturating instead of overflowing (a lease of `Duration::MAX` means "forever").
+pub(crate) fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    TimeDelta::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// Reads a stored session kind back.
+pub(crate) fn parse_kind(s: &str) -> Result<SessionKind, LedgerError> {
+    SessionKind::parse(s).ok_or_else(|| LedgerError::Corrupt(format!("unknown session kind {s:?}")))
+}
+
+/// Reads a stored counter back.
+pub(crate) fn to_u32(n: i64, column: &str) -> Result<u32, LedgerError> {
+    u32::try_from(n).map_err(|_| LedgerError::Corrupt(format!("`{column}` out of range: {n}")))
+}
+
+/// The idempotency ledger, on one of its backends. Cheap to clone: clones share one connection (SQLite: one writer
+/// thread; PostgreSQL: one pipelined connection, re-established when lost).
+#[derive(Debug, Clone)]
+pub enum Ledger {
+    /// Embedded SQLite, the default.
+    Sqlite(SqliteLedger),
+    /// PostgreSQL, shared by several replicas.
+    Postgres(PostgresLedger),
+}
+
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            Ledger::Sqlite(l) => l.$method($($arg),*).await,
+            Ledger::Postgres(l) => l.$method($($arg),*).await,
+        }
+    };
+}
+
+impl Ledger {
+    /// Opens the ledger at `url`: `sqlite://PATH` (creates missing directories and the file; an absolute path is
+    /// `sqlite:///var/lib/...`) or `postgres://…` / `postgresql://…`. Creates or migrates the schema.
+    pub async fn open(url: &SecretUrl) -> Result<Ledger, LedgerError> {
+        let text = url.expose();
+        if let Some(path) = text.strip_prefix("sqlite://") {
+            if path.is_empty() || path.contains('?') {
+                return Err(LedgerError::Open(format!(
+                    "expected sqlite://PATH without options, got {}",
+                    url.redacted()
+                )));
+            }
+            Ok(Ledger::Sqlite(
+                SqliteLedger::open(std::path::Path::new(path)).await?,
+            ))
+        } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Ok(Ledger::Postgres(PostgresLedger::open(url).await?))
+        } else {
+            Err(LedgerError::Open(format!(
+                "unsupported ledger URL {} (expected sqlite://PATH or postgres://...)",
+                url.redacted()
+            )))
+        }
+    }
+
+    /// `sqlite` or `postgres`, for logs.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Ledger::Sqlite(_) => "sqlite",
+            Ledger::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Performs a small real write, for `/readyz`: fails when the file, directory or database cannot be written.
+    pub async fn check_writable(&self) -> Result<(), LedgerError> {
+        dispatch!(self.check_writable())
+    }
+
+    /// Claims the issuer's key (`source_session_id`, `partner_application_id`) for `holder` until `now + lease`.
+    ///
+    /// `Done(rec)` when a completed record exists whose `expires_at > now + min_validity` and whose `message_id` is
+    /// not `stale_message_id` (the reshare path passes the expired envelope's id to force a fresh mint even if the
+    /// clock says the old token is still valid); `Busy` while another holder's lease is live; else the lease is
+    /// taken and `Acquired { previous }` returned.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim_share(
+        &self,
+        source_session_id: &str,
+        partner_application_id: &str,
+        holder: &str,
+        lease: Duration,
+        min_validity: Duration,
+        stale_message_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Claim<ShareRecord>, LedgerError> {
+        dispatch!(self.claim_share(
+            source_session_id,
+            partner_application_id,
+            holder,
+            lease,
+            min_validity,
+            stale_message_id,
+            now
+        ))
+    }
+
+    /// Writes the share record (replacing any earlier one) and clears the lease if `holder` still holds it. A
+    /// holder whose lease was taken over still writes its record (its token exists) but leaves the new holder's
+    /// lease in place.
+    pub async fn complete_share(
+        &self,
+        record: &ShareRecord,
+        holder: &str,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.complete_share(record, holder))
+    }
+
+    /// Gives up `holder`'s lease without recording anything. No effect when `holder` does not hold the lease.
+    pub async fn release_share(
+        &self,
+        source_session_id: &str,
+        partner_application_id: &str,
+        holder: &str,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.release_share(source_session_id, partner_application_id, holder))
+    }
+
+    /// The completed share record for the key, if any.
+    pub async fn share(
+        &self,
+        source_session_id: &str,
+        partner_application_id: &str,
+    ) -> Result<Option<ShareRecord>, LedgerError> {
+        dispatch!(self.share(source_session_id, partner_application_id))
+    }
+
+    /// Claims the receiver's key (`issuer_application_id`, `source_session_id`) for `holder` until `now + lease`.
+    /// `Done(rec)` once an import is recorded (forever, whatever the token's lifetime), `Busy` while another
+    /// holder's lease is live, else `Acquired { previous: None }`.
+    pub async fn claim_import(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        holder: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Claim<ImportRecord>, LedgerError> {
+        dispatch!(self.claim_import(issuer_application_id, source_session_id, holder, lease, now))
+    }
+
+    /// Records the import and clears the lease if `holder` still holds it (same rule as
+    /// [`Ledger::complete_share`]). `result_published` only ever goes from false to true. On SQLite this commit
+    /// is synced to disk before it returns (see [`sqlite`]).
+    pub async fn complete_import(
+        &self,
+        record: &ImportRecord,
+        holder: &str,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.complete_import(record, holder))
+    }
+
+    /// Gives up `holder`'s lease without recording an import. No effect when `holder` does not hold the lease.
+    pub async fn release_import(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        holder: &str,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.release_import(issuer_application_id, source_session_id, holder))
+    }
+
+    /// Notes that the `import.result` for a recorded import was confirmed by the broker. No effect when no import
+    /// is recorded for the key.
+    pub async fn mark_result_published(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.mark_result_published(issuer_application_id, source_session_id))
+    }
+
+    /// The recorded import for the key, if any.
+    pub async fn import(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<Option<ImportRecord>, LedgerError> {
+        dispatch!(self.import(issuer_application_id, source_session_id))
+    }
+
+    /// The receiver's reshare counter for (issuer application, source session): increments it atomically and
+    /// returns the new count (1 after the first call).
+    pub async fn bump_reshares(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<u32, LedgerError> {
+        dispatch!(self.bump_reshares(issuer_application_id, source_session_id))
+    }
+
+    /// Webhook replay protection: `true` when `key` was not seen before (and is now recorded at `seen_at`), `false`
+    /// for a replay.
+    pub async fn claim_webhook(
+        &self,
+        key: &str,
+        seen_at: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        dispatch!(self.claim_webhook(key, seen_at))
+    }
+
+    /// Deletes rows last touched before `older_than` (completed records, abandoned claims, reshare counters) and
+    /// webhook keys seen before it; a row whose lease is still live (at `older_than` or at the wall clock, whichever
+    /// is earlier) is kept. Returns how many rows were deleted.
+    pub async fn prune(&self, older_than: DateTime<Utc>) -> Result<u64, LedgerError> {
+        dispatch!(self.prune(older_than))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(ms: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap()
+    }
+
+    fn rec(message_id: &str, expires_ms: i64) -> ShareRecord {
+        ShareRecord {
+            source_session_id: "s".into(),
+            partner_application_id: "p".into(),
+            message_id: message_id.into(),
+            event_id: "e".into(),
+            session_kind: SessionKind::User,
+            status: "Approved".into(),
+            vendor_data: None,
+            occurred_at: t(0),
+            minted_at: t(0),
+            expires_at: t(expires_ms),
+            reshares: 0,
+        }
+    }
+
+    fn lease(holder: &str, until_ms: i64) -> Lease {
+        Lease {
+            holder: holder.into(),
+            until: t(until_ms),
+        }
+    }
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn share_rule_row_by_row() {
+        // Nothing yet: acquire.
+        assert_eq!(
+            decide_share(None, None, "a", t(0), SEC, None),
+            Claim::Acquired { previous: None }
+        );
+        // A record valid past now + min_validity: done, even while someone re-mints.
+        let valid = rec("m1", 5_000);
+        assert_eq!(
+            decide_share(
+                Some(valid.clone()),
+                Some(&lease("b", 9_000)),
+                "a",
+                t(0),
+                SEC,
+                None
+            ),
+            Claim::Done(valid.clone())
+        );
+        // Valid by the clock but known stale: acquire, handing over the old record.
+        assert_eq!(
+            decide_share(Some(valid.clone()), None, "a", t(0), SEC, Some("m1")),
+            Claim::Acquired {
+                previous: Some(valid.clone())
+            }
+        );
+        // Another id is stale, not this one: still done.
+        assert_eq!(
+            decide_share(Some(valid.clone()), None, "a", t(0), SEC, Some("m0")),
+            Claim::Done(valid.clone())
+        );
+        // Expires within min_validity (exactly at the boundary counts as too late): acquire.
+        assert_eq!(
+            decide_share(Some(valid.clone()), None, "a", t(4_000), SEC, None),
+            Claim::Acquired {
+                previous: Some(valid.clone())
+            }
+        );
+        // Too old and someone else's lease is live: busy until it ends.
+        assert_eq!(
+            decide_share(
+                Some(valid.clone()),
+                Some(&lease("b", 9_000)),
+                "a",
+                t(4_500),
+                SEC,
+                None
+            ),
+            Claim::Busy { until: t(9_000) }
+        );
+        // Our own lease: re-acquire. An expired lease (at exactly its end, too): take over.
+        assert!(matches!(
+            decide_share(None, Some(&lease("a", 9_000)), "a", t(0), SEC, None),
+            Claim::Acquired { .. }
+        ));
+        assert!(matches!(
+            decide_share(None, Some(&lease("b", 9_000)), "a", t(9_000), SEC, None),
+            Claim::Acquired { .. }
+        ));
+    }
+
+    #[test]
+    fn import_rule_row_by_row() {
+        let done = ImportRecord {
+            issuer_application_id: "i".into(),
+            source_session_id: "s".into(),
+            imported_session_id: Some("n".into()),
+            session_number: Some(7),
+            status: Some("In Review".into()),
+            session_kind: SessionKind::User,
+            vendor_data: None,
+            trust_review: false,
+            imported_at: t(0),
+            result_published: false,
+        };
+        assert_eq!(
+            decide_import(
+                Some(done.clone()),
+                Some(&lease("b", 9_000)),
+                "a",
+                t(1_000_000_000),
+            ),
+            Claim::Done(done)
+        );
+        assert_eq!(
+            decide_import(None, Some(&lease("b", 9_000)), "a", t(0)),
+            Claim::Busy { until: t(9_000) }
+        );
+        assert_eq!(
+            decide_import(None, Some(&lease("b", 9_000)), "a", t(9_001)),
+            Claim::Acquired { previous: None }
+        );
+    }
+
+    #[test]
+    fn times_saturate_and_round_trip() {
+        assert_eq!(after(t(0), Duration::MAX), DateTime::<Utc>::MAX_UTC);
+        assert_eq!(from_millis(millis(t(123)), "x").unwrap(), t(123));
+        assert!(matches!(
+            from_millis(i64::MAX, "x"),
+            Err(LedgerError::Corrupt(_))
+        ));
+        assert!(matches!(parse_kind("robot"), Err(LedgerError::Corrupt(_))));
+        assert!(LedgerError::Io("x".into()).is_retryable());
+        assert!(!LedgerError::Corrupt("x".into()).is_retryable());
+    }
+}

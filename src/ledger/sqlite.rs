@@ -1,0 +1,886 @@
+//! The embedded ledger: one SQLite file in WAL mode, usually `<state_dir>/ledger.sqlite3`.
+//!
+//! All SQLite work happens on one dedicated thread that owns the only connection; async callers send it jobs over
+//! a bounded channel and await the answer, so no tokio worker ever blocks on disk. The thread drains whatever jobs
+//! are waiting (up to [`MAX_BATCH`]) and runs them in one `BEGIN IMMEDIATE` transaction, each inside its own
+//! savepoint (one failing job rolls back alone), then commits once and only then answers every job of the batch.
+//! Group commit is what lets many concurrent handlers claim and complete thousands of keys per second on two cores
+//! without a pool, and it makes the occasional synced commit (below) cheap.
+//!
+//! Durability: `journal_mode=WAL` with `synchronous=NORMAL`. A commit in that mode is not fsynced; a power loss (not a
+//! process crash — the OS still has the pages) can lose the last transactions, but never corrupts the file. Losing
+//! an issuer row, a lease, a reshare count, a webhook key or a "result published" flag costs at most one repeated
+//! action: an extra mint (which the receiver's ledger absorbs), a repeated `import.result`, one more reshare, a
+//! replayed webhook within its 300 s window (which becomes a duplicate event, absorbed the same way). Losing a
+//! receiver's import row is different: it is the last line of defence against a second import of the same person
+//! into the same application (Didit's own duplicate check is not documented to cover a fresh token). So a batch
+//! that contains an import completion runs with `synchronous=FULL`, which syncs the WAL — and with it every earlier
+//! commit — before [`SqliteLedger::complete_import`] returns. Imports are bounded by Didit's rate limit, and group
+//! commit shares one sync among all completions waiting at that moment, so this costs little.
+//!
+//! Schema version: `PRAGMA user_version`, created or migrated when the ledger opens; a file from a newer binary is
+//! refused rather than misread.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Claim, ImportRecord, Lease, LedgerError, ShareRecord, decide_import, decide_share, from_millis,
+    millis, parse_kind, to_u32,
+};
+
+/// The schema this binary writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The most jobs committed in one transaction.
+pub const MAX_BATCH: usize = 256;
+
+/// How long a write waits for another process's lock before failing with [`LedgerError::Io`].
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Jobs waiting for the writer thread; senders wait (asynchronously) when it is full.
+const QUEUE_DEPTH: usize = 4096;
+
+/// Version 1. The same tables and columns as the PostgreSQL backend. A share or import row exists as soon as its key
+/// is claimed; it holds a completed record once `message_id` (shares) or `imported_at` (imports) is set.
+const SCHEMA_V1: &str = "
+CREATE TABLE shares (
+    source_session_id      TEXT    NOT NULL,
+    partner_application_id TEXT    NOT NULL,
+    message_id             TEXT,
+    event_id               TEXT,
+    session_kind           TEXT,
+    status                 TEXT,
+    vendor_data            TEXT,
+    occurred_at            INTEGER,
+    minted_at              INTEGER,
+    expires_at             INTEGER,
+    reshares               INTEGER NOT NULL DEFAULT 0,
+    lease_holder           TEXT,
+    lease_until            INTEGER,
+    touched_at             INTEGER NOT NULL,
+    PRIMARY KEY (source_session_id, partner_application_id)
+) WITHOUT ROWID;
+CREATE INDEX shares_touched_at ON shares (touched_at);
+CREATE TABLE imports (
+    issuer_application_id  TEXT    NOT NULL,
+    source_session_id      TEXT    NOT NULL,
+    imported_session_id    TEXT,
+    session_number         INTEGER,
+    status                 TEXT,
+    session_kind           TEXT,
+    vendor_data            TEXT,
+    trust_review           INTEGER,
+    imported_at            INTEGER,
+    result_published       INTEGER NOT NULL DEFAULT 0,
+    reshares               INTEGER NOT NULL DEFAULT 0,
+    lease_holder           TEXT,
+    lease_until            INTEGER,
+    touched_at             INTEGER NOT NULL,
+    PRIMARY KEY (issuer_application_id, source_session_id)
+) WITHOUT ROWID;
+CREATE INDEX imports_touched_at ON imports (touched_at);
+CREATE TABLE webhook_deliveries (
+    key     TEXT    NOT NULL PRIMARY KEY,
+    seen_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX webhook_deliveries_seen_at ON webhook_deliveries (seen_at);
+CREATE TABLE ledger_meta (
+    key   TEXT NOT NULL PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+";
+
+/// The SQLite backend. Clones share the one writer thread, which ends when the last clone is dropped.
+#[derive(Clone)]
+pub struct SqliteLedger {
+    jobs: mpsc::Sender<Box<dyn Job>>,
+    path: Arc<PathBuf>,
+}
+
+impl std::fmt::Debug for SqliteLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteLedger")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// One unit of work for the writer thread: run inside a savepoint, answer after the commit.
+trait Job: Send {
+    /// Whether the batch holding this job must be synced to disk before answering.
+    fn durable(&self) -> bool;
+    /// Runs the job; `false` when it failed (its savepoint is rolled back).
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Answers the caller: the job's own result, or `batch_error` when the transaction as a whole failed.
+    fn answer(self: Box<Self>, batch_error: Option<&LedgerError>);
+}
+
+struct Pending<T, F> {
+    work: Option<F>,
+    result: Option<Result<T, LedgerError>>,
+    reply: oneshot::Sender<Result<T, LedgerError>>,
+    durable: bool,
+}
+
+impl<T, F> Job for Pending<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> Result<T, LedgerError> + Send,
+{
+    fn durable(&self) -> bool {
+        self.durable
+    }
+
+    fn run(&mut self, conn: &Connection) -> bool {
+        let work = self.work.take().expect("a job runs once");
+        let result = work(conn);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn answer(self: Box<Self>, batch_error: Option<&LedgerError>) {
+        let answer = match (self.result, batch_error) {
+            // The job's own failure is the more precise reason, whatever happened to the batch.
+            (Some(Err(e)), _) => Err(e),
+            (_, Some(e)) => Err(e.clone()),
+            (Some(Ok(value)), None) => Ok(value),
+            (None, None) => Err(LedgerError::Io("the ledger job was not run".into())),
+        };
+        // The caller may have gone away (cancelled); the work is committed either way.
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// Maps a SQLite error: damage is [`LedgerError::Corrupt`], the rest (full disk, read-only, locked) is transient.
+fn db_error(e: rusqlite::Error) -> LedgerError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) =>
+        {
+            LedgerError::Corrupt(e.to_string())
+        }
+        rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..) => {
+            LedgerError::Corrupt(e.to_string())
+        }
+        _ => LedgerError::Io(e.to_string()),
+    }
+}
+
+impl SqliteLedger {
+    /// Opens (creating directories and the file when missing) the ledger at `path` and prepares its schema.
+    pub async fn open(path: &Path) -> Result<SqliteLedger, LedgerError> {
+        let path = path.to_path_buf();
+        let (jobs, queue) = mpsc::channel::<Box<dyn Job>>(QUEUE_DEPTH);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let thread_path = path.clone();
+        std::thread::Builder::new()
+            .name("pb-ledger-sqlite".into())
+            .spawn(move || match open_connection(&thread_path) {
+                Ok(conn) => {
+                    let _ = ready_tx.send(Ok(()));
+                    writer_loop(conn, queue);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| LedgerError::Open(format!("cannot start the ledger thread: {e}")))?;
+        ready_rx
+            .await
+            .map_err(|_| LedgerError::Open("the ledger thread stopped while opening".into()))??;
+        Ok(SqliteLedger {
+            jobs,
+            path: Arc::new(path),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` on the writer thread and waits for its commit.
+    async fn call<T, F>(&self, durable: bool, work: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Box::new(Pending {
+            work: Some(work),
+            result: None,
+            reply,
+            durable,
+        });
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| LedgerError::Io("the ledger thread has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| LedgerError::Io("the ledger thread stopped before answering".into()))?
+    }
+
+    /// See [`super::Ledger::check_writable`].
+    pub async fn check_writable(&self) -> Result<(), LedgerError> {
+        self.call(false, |conn| {
+            conn.prepare_cached(
+                "INSERT INTO ledger_meta (key, value) VALUES ('writable_probe', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut st| st.execute(params![Utc::now().to_rfc3339()]))
+            .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+        // `/readyz` shows this text: name the file an operator must look at.
+        .map_err(|e| match e {
+            LedgerError::Io(text) => LedgerError::Io(format!("{}: {text}", self.path.display())),
+            other => other,
+        })
+    }
+
+    /// See [`super::Ledger::claim_share`].
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim_share(
+        &self,
+        source_session_id: &str,
+        partner_application_id: &str,
+        holder: &str,
+        lease: Duration,
+        min_validity: Duration,
+        stale_message_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Claim<ShareRecord>, LedgerError> {
+        let (s, p, h) = (
+            source_session_id.to_string(),
+            partner_application_id.to_string(),
+            holder.to_string(),
+        );
+        let stale = stale_message_id.map(str::to_string);
+        self.call(false, move |conn| {
+            let (record, current) = read_share(conn, &s, &p)?;
+            let claim = decide_share(record, current.as_ref(), &h, now, min_validity, stale.as_deref());
+            if matches!(claim, Claim::Acquired { .. }) {
+                conn.prepare_cached(
+                    "INSERT INTO shares (source_session_id, partner_application_id, lease_holder, lease_until, touched_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (source_session_id, partner_application_id) DO UPDATE SET
+                         lease_holder = excluded.lease_holder, lease_until = excluded.lease_until,
+                         touched_at = excluded.touched_at",
+                )
+                .and_then(|mut st| st.execute(params![s, p, h, millis(super::after(now, lease)), millis(now)]))
+                .map_err(db_error)?;
+            }
+            Ok(claim)
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::complete_share`].
+    pub async fn complete_share(
+        &self,
+        record: &ShareRecord,
+        holder: &str,
+    ) -> Result<(), LedgerError> {
+        let r = record.clone();
+        let h = holder.to_string();
+        self.call(false, move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO shares (source_session_id, partner_application_id, message_id, event_id, session_kind,
+                     status, vendor_data, occurred_at, minted_at, expires_at, reshares, touched_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                 ON CONFLICT (source_session_id, partner_application_id) DO UPDATE SET
+                     message_id = excluded.message_id, event_id = excluded.event_id,
+                     session_kind = excluded.session_kind, status = excluded.status,
+                     vendor_data = excluded.vendor_data, occurred_at = excluded.occurred_at,
+                     minted_at = excluded.minted_at, expires_at = excluded.expires_at,
+                     reshares = excluded.reshares, touched_at = excluded.touched_at,
+                     lease_until = CASE WHEN lease_holder = ?13 THEN NULL ELSE lease_until END,
+                     lease_holder = CASE WHEN lease_holder = ?13 THEN NULL ELSE lease_holder END",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    r.source_session_id,
+                    r.partner_application_id,
+                    r.message_id,
+                    r.event_id,
+                    r.session_kind.as_str(),
+                    r.status,
+                    r.vendor_data,
+                    millis(r.occurred_at),
+                    millis(r.minted_at),
+                    millis(r.expires_at),
+                    i64::from(r.reshares),
+                    millis(Utc::now()),
+                    h,
+                ])
+            })
+            .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::release_share`].
+    pub async fn release_share(
+        &self,
+        source_session_id: &str,
+        partner_application_id: &str,
+        holder: &str,
+    ) -> Result<(), LedgerError> {
+        let (s, p, h) = (
+            source_session_id.to_string(),
+            partner_application_id.to_string(),
+            holder.to_string(),
+        );
+        self.call(false, move |conn| {
+            // A row that only ever held this lease goes away entirely; a completed one keeps its record.
+            conn.prepare_cached(
+                "DELETE FROM shares WHERE source_session_id = ?1 AND partner_application_id = ?2
+                     AND lease_holder = ?3 AND message_id IS NULL",
+            )
+            .and_then(|mut st| st.execute(params![s, p, h]))
+            .map_err(db_error)?;
+            conn.prepare_cached(
+                "UPDATE shares SET lease_holder = NULL, lease_until = NULL, touched_at = ?4
+                 WHERE source_session_id = ?1 AND partner_application_id = ?2 AND lease_holder = ?3",
+            )
+            .and_then(|mut st| st.execute(params![s, p, h, millis(Utc::now())]))
+            .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::share`].
+    pub async fn share(
+        &self,
+        source_session_id: &str,
+        partner_application_id: &str,
+    ) -> Result<Option<ShareRecord>, LedgerError> {
+        let (s, p) = (
+            source_session_id.to_string(),
+            partner_application_id.to_string(),
+        );
+        self.call(false, move |conn| Ok(read_share(conn, &s, &p)?.0))
+            .await
+    }
+
+    /// See [`super::Ledger::claim_import`].
+    pub async fn claim_import(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        holder: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Claim<ImportRecord>, LedgerError> {
+        let (i, s, h) = (
+            issuer_application_id.to_string(),
+            source_session_id.to_string(),
+            holder.to_string(),
+        );
+        self.call(false, move |conn| {
+            let (record, current) = read_import(conn, &i, &s)?;
+            let claim = decide_import(record, current.as_ref(), &h, now);
+            if matches!(claim, Claim::Acquired { .. }) {
+                conn.prepare_cached(
+                    "INSERT INTO imports (issuer_application_id, source_session_id, lease_holder, lease_until, touched_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (issuer_application_id, source_session_id) DO UPDATE SET
+                         lease_holder = excluded.lease_holder, lease_until = excluded.lease_until,
+                         touched_at = excluded.touched_at",
+                )
+                .and_then(|mut st| st.execute(params![i, s, h, millis(super::after(now, lease)), millis(now)]))
+                .map_err(db_error)?;
+            }
+            Ok(claim)
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::complete_import`]. Synced to disk before it returns.
+    pub async fn complete_import(
+        &self,
+        record: &ImportRecord,
+        holder: &str,
+    ) -> Result<(), LedgerError> {
+        let r = record.clone();
+        let h = holder.to_string();
+        self.call(true, move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO imports (issuer_application_id, source_session_id, imported_session_id, session_number,
+                     status, session_kind, vendor_data, trust_review, imported_at, result_published, touched_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT (issuer_application_id, source_session_id) DO UPDATE SET
+                     imported_session_id = excluded.imported_session_id,
+                     session_number = excluded.session_number, status = excluded.status,
+                     session_kind = excluded.session_kind, vendor_data = excluded.vendor_data,
+                     trust_review = excluded.trust_review, imported_at = excluded.imported_at,
+                     result_published = (result_published OR excluded.result_published),
+                     touched_at = excluded.touched_at,
+                     lease_until = CASE WHEN lease_holder = ?12 THEN NULL ELSE lease_until END,
+                     lease_holder = CASE WHEN lease_holder = ?12 THEN NULL ELSE lease_holder END",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    r.issuer_application_id,
+                    r.source_session_id,
+                    r.imported_session_id,
+                    r.session_number,
+                    r.status,
+                    r.session_kind.as_str(),
+                    r.vendor_data,
+                    r.trust_review,
+                    millis(r.imported_at),
+                    r.result_published,
+                    millis(Utc::now()),
+                    h,
+                ])
+            })
+            .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::release_import`].
+    pub async fn release_import(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        holder: &str,
+    ) -> Result<(), LedgerError> {
+        let (i, s, h) = (
+            issuer_application_id.to_string(),
+            source_session_id.to_string(),
+            holder.to_string(),
+        );
+        self.call(false, move |conn| {
+            // Keep a row that carries an import or a reshare count; drop one that only ever held this lease.
+            conn.prepare_cached(
+                "DELETE FROM imports WHERE issuer_application_id = ?1 AND source_session_id = ?2
+                     AND lease_holder = ?3 AND imported_at IS NULL AND reshares = 0",
+            )
+            .and_then(|mut st| st.execute(params![i, s, h]))
+            .map_err(db_error)?;
+            conn.prepare_cached(
+                "UPDATE imports SET lease_holder = NULL, lease_until = NULL, touched_at = ?4
+                 WHERE issuer_application_id = ?1 AND source_session_id = ?2 AND lease_holder = ?3",
+            )
+            .and_then(|mut st| st.execute(params![i, s, h, millis(Utc::now())]))
+            .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::mark_result_published`].
+    pub async fn mark_result_published(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<(), LedgerError> {
+        let (i, s) = (
+            issuer_application_id.to_string(),
+            source_session_id.to_string(),
+        );
+        self.call(false, move |conn| {
+            conn.prepare_cached(
+                "UPDATE imports SET result_published = 1, touched_at = ?3
+                 WHERE issuer_application_id = ?1 AND source_session_id = ?2 AND imported_at IS NOT NULL",
+            )
+            .and_then(|mut st| st.execute(params![i, s, millis(Utc::now())]))
+            .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::import`].
+    pub async fn import(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<Option<ImportRecord>, LedgerError> {
+        let (i, s) = (
+            issuer_application_id.to_string(),
+            source_session_id.to_string(),
+        );
+        self.call(false, move |conn| Ok(read_import(conn, &i, &s)?.0))
+            .await
+    }
+
+    /// See [`super::Ledger::bump_reshares`].
+    pub async fn bump_reshares(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<u32, LedgerError> {
+        let (i, s) = (
+            issuer_application_id.to_string(),
+            source_session_id.to_string(),
+        );
+        self.call(false, move |conn| {
+            let n: i64 = conn
+                .prepare_cached(
+                    "INSERT INTO imports (issuer_application_id, source_session_id, reshares, touched_at)
+                     VALUES (?1, ?2, 1, ?3)
+                     ON CONFLICT (issuer_application_id, source_session_id) DO UPDATE SET
+                         reshares = reshares + 1, touched_at = excluded.touched_at
+                     RETURNING reshares",
+                )
+                .and_then(|mut st| st.query_row(params![i, s, millis(Utc::now())], |row| row.get(0)))
+                .map_err(db_error)?;
+            to_u32(n, "reshares")
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::claim_webhook`].
+    pub async fn claim_webhook(
+        &self,
+        key: &str,
+        seen_at: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        let k = key.to_string();
+        self.call(false, move |conn| {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO webhook_deliveries (key, seen_at) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+                )
+                .and_then(|mut st| st.execute(params![k, millis(seen_at)]))
+                .map_err(db_error)?;
+            Ok(inserted == 1)
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::prune`]. Deletes in chunks of [`PRUNE_CHUNK`] rows, one transaction each, so that
+    /// claims keep flowing between them however much there is to prune.
+    pub async fn prune(&self, older_than: DateTime<Utc>) -> Result<u64, LedgerError> {
+        let cutoff = millis(older_than);
+        let live_from = cutoff.min(millis(Utc::now()));
+        let mut deleted = 0u64;
+        for sql in [PRUNE_SHARES, PRUNE_IMPORTS, PRUNE_WEBHOOKS] {
+            loop {
+                let n = self
+                    .call(false, move |conn| {
+                        let mut st = conn.prepare_cached(sql).map_err(db_error)?;
+                        let n = if sql == PRUNE_WEBHOOKS {
+                            st.execute(params![cutoff, PRUNE_CHUNK])
+                        } else {
+                            st.execute(params![cutoff, live_from, PRUNE_CHUNK])
+                        };
+                        n.map_err(db_error)
+                    })
+                    .await?;
+                deleted += n as u64;
+                if (n as i64) < PRUNE_CHUNK {
+                    break;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+/// Rows deleted per transaction while pruning.
+pub const PRUNE_CHUNK: i64 = 2000;
+
+const PRUNE_SHARES: &str =
+    "DELETE FROM shares WHERE (source_session_id, partner_application_id) IN (
+    SELECT source_session_id, partner_application_id FROM shares
+    WHERE touched_at < ?1 AND (lease_holder IS NULL OR lease_until <= ?2) LIMIT ?3)";
+const PRUNE_IMPORTS: &str =
+    "DELETE FROM imports WHERE (issuer_application_id, source_session_id) IN (
+    SELECT issuer_application_id, source_session_id FROM imports
+    WHERE touched_at < ?1 AND (lease_holder IS NULL OR lease_until <= ?2) LIMIT ?3)";
+const PRUNE_WEBHOOKS: &str = "DELETE FROM webhook_deliveries WHERE key IN (
+    SELECT key FROM webhook_deliveries WHERE seen_at < ?1 LIMIT ?2)";
+
+/// Opens the file with the pragmas this module's doc argues for, and creates or migrates the schema.
+fn open_connection(path: &Path) -> Result<Connection, LedgerError> {
+    let shown = path.display();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            LedgerError::Open(format!("cannot create directory {}: {e}", dir.display()))
+        })?;
+    }
+    let open_error = |e: rusqlite::Error| LedgerError::Open(format!("{shown}: {e}"));
+    let mut conn = Connection::open(path).map_err(open_error)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(open_error)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(LedgerError::Open(format!(
+            "{shown}: journal_mode is {mode:?}, WAL is required (is the file system local?)"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(open_error)?;
+    // Bounds the -wal file after a burst: it is truncated to this size at the next checkpoint.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+        .map_err(open_error)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    migrate(&mut conn).map_err(|e| LedgerError::Open(format!("{shown}: {e}")))?;
+    if conn.is_readonly("main").unwrap_or(false) {
+        // SQLite falls back to read-only when the file is write-protected. Reads still answer; every write and
+        // `check_writable` fail, so `/readyz` says why instead of the process refusing to start.
+        tracing::warn!(path = %shown, "ledger file is read-only: nothing can be recorded until it is writable");
+    }
+    Ok(conn)
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`] in one transaction.
+fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_error)?;
+    let version: i64 = tx
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(db_error)?;
+    if version > SCHEMA_VERSION {
+        return Err(LedgerError::Open(format!(
+            "ledger schema version {version} is newer than this binary's ({SCHEMA_VERSION}); upgrade partner-bridge"
+        )));
+    }
+    if version < 1 {
+        tx.execute_batch(SCHEMA_V1).map_err(db_error)?;
+    }
+    // Later versions add `if version < N { … }` steps here.
+    if version < SCHEMA_VERSION {
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(db_error)?;
+    }
+    tx.commit().map_err(db_error)
+}
+
+/// The writer thread: batches waiting jobs into one transaction each, until every sender is gone.
+fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn Job>>) {
+    let mut synced = false;
+    while let Some(first) = queue.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let durable = batch.iter().any(|job| job.durable());
+        // `synchronous` can only change outside a transaction; switch only when needed.
+        if durable != synced {
+            let level = if durable { "FULL" } else { "NORMAL" };
+            if let Err(e) = conn.pragma_update(None, "synchronous", level) {
+                let error = db_error(e);
+                batch.into_iter().for_each(|job| job.answer(Some(&error)));
+                continue;
+            }
+            synced = durable;
+        }
+        let outcome = run_batch(&mut conn, &mut batch);
+        batch
+            .into_iter()
+            .for_each(|job| job.answer(outcome.as_ref().err()));
+    }
+}
+
+/// Runs every job of a batch in one transaction, each in its own savepoint, and commits.
+fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Job>]) -> Result<(), LedgerError> {
+    let mut tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_error)?;
+    for job in batch.iter_mut() {
+        let savepoint = tx.savepoint().map_err(db_error)?;
+        if job.run(&savepoint) {
+            savepoint.commit().map_err(db_error)?;
+        }
+        // A failed job's savepoint rolls back when dropped, leaving the others' work intact.
+    }
+    tx.commit().map_err(db_error)
+}
+
+/// The share row for a key: its completed record, if any, and its lease, if any.
+fn read_share(
+    conn: &Connection,
+    s: &str,
+    p: &str,
+) -> Result<(Option<ShareRecord>, Option<Lease>), LedgerError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT message_id, event_id, session_kind, status, vendor_data, occurred_at, minted_at, expires_at,
+                    reshares, lease_holder, lease_until
+             FROM shares WHERE source_session_id = ?1 AND partner_application_id = ?2",
+        )
+        .and_then(|mut st| st.query_row(params![s, p], |row| Ok(ShareColumns::read(row))).optional())
+        .map_err(db_error)?;
+    match row {
+        None => Ok((None, None)),
+        Some(columns) => columns?.into_parts(s, p),
+    }
+}
+
+/// The raw columns of a share row, checked outside rusqlite's closure so that damage becomes [`LedgerError`].
+struct ShareColumns {
+    message_id: Option<String>,
+    event_id: Option<String>,
+    session_kind: Option<String>,
+    status: Option<String>,
+    vendor_data: Option<String>,
+    occurred_at: Option<i64>,
+    minted_at: Option<i64>,
+    expires_at: Option<i64>,
+    reshares: i64,
+    lease_holder: Option<String>,
+    lease_until: Option<i64>,
+}
+
+impl ShareColumns {
+    fn read(row: &Row<'_>) -> Result<ShareColumns, LedgerError> {
+        let get = |e: rusqlite::Error| db_error(e);
+        Ok(ShareColumns {
+            message_id: row.get(0).map_err(get)?,
+            event_id: row.get(1).map_err(get)?,
+            session_kind: row.get(2).map_err(get)?,
+            status: row.get(3).map_err(get)?,
+            vendor_data: row.get(4).map_err(get)?,
+            occurred_at: row.get(5).map_err(get)?,
+            minted_at: row.get(6).map_err(get)?,
+            expires_at: row.get(7).map_err(get)?,
+            reshares: row.get(8).map_err(get)?,
+            lease_holder: row.get(9).map_err(get)?,
+            lease_until: row.get(10).map_err(get)?,
+        })
+    }
+
+    fn into_parts(
+        self,
+        s: &str,
+        p: &str,
+    ) -> Result<(Option<ShareRecord>, Option<Lease>), LedgerError> {
+        let lease = lease_of(self.lease_holder, self.lease_until)?;
+        let Some(message_id) = self.message_id else {
+            return Ok((None, lease));
+        };
+        let record = ShareRecord {
+            source_session_id: s.to_string(),
+            partner_application_id: p.to_string(),
+            message_id,
+            event_id: required(self.event_id, "event_id")?,
+            session_kind: parse_kind(&required(self.session_kind, "session_kind")?)?,
+            status: required(self.status, "status")?,
+            vendor_data: self.vendor_data,
+            occurred_at: from_millis(required(self.occurred_at, "occurred_at")?, "occurred_at")?,
+            minted_at: from_millis(required(self.minted_at, "minted_at")?, "minted_at")?,
+            expires_at: from_millis(required(self.expires_at, "expires_at")?, "expires_at")?,
+            reshares: to_u32(self.reshares, "reshares")?,
+        };
+        Ok((Some(record), lease))
+    }
+}
+
+/// The import row for a key: its recorded import, if any, and its lease, if any.
+fn read_import(
+    conn: &Connection,
+    i: &str,
+    s: &str,
+) -> Result<(Option<ImportRecord>, Option<Lease>), LedgerError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT imported_session_id, session_number, status, session_kind, vendor_data, trust_review,
+                    imported_at, result_published, lease_holder, lease_until
+             FROM imports WHERE issuer_application_id = ?1 AND source_session_id = ?2",
+        )
+        .and_then(|mut st| st.query_row(params![i, s], |row| Ok(ImportColumns::read(row))).optional())
+        .map_err(db_error)?;
+    match row {
+        None => Ok((None, None)),
+        Some(columns) => columns?.into_parts(i, s),
+    }
+}
+
+struct ImportColumns {
+    imported_session_id: Option<String>,
+    session_number: Option<i64>,
+    status: Option<String>,
+    session_kind: Option<String>,
+    vendor_data: Option<String>,
+    trust_review: Option<bool>,
+    imported_at: Option<i64>,
+    result_published: bool,
+    lease_holder: Option<String>,
+    lease_until: Option<i64>,
+}
+
+impl ImportColumns {
+    fn read(row: &Row<'_>) -> Result<ImportColumns, LedgerError> {
+        let get = |e: rusqlite::Error| db_error(e);
+        Ok(ImportColumns {
+            imported_session_id: row.get(0).map_err(get)?,
+            session_number: row.get(1).map_err(get)?,
+            status: row.get(2).map_err(get)?,
+            session_kind: row.get(3).map_err(get)?,
+            vendor_data: row.get(4).map_err(get)?,
+            trust_review: row.get(5).map_err(get)?,
+            imported_at: row.get(6).map_err(get)?,
+            result_published: row.get(7).map_err(get)?,
+            lease_holder: row.get(8).map_err(get)?,
+            lease_until: row.get(9).map_err(get)?,
+        })
+    }
+
+    fn into_parts(
+        self,
+        i: &str,
+        s: &str,
+    ) -> Result<(Option<ImportRecord>, Option<Lease>), LedgerError> {
+        let lease = lease_of(self.lease_holder, self.lease_until)?;
+        let Some(imported_at) = self.imported_at else {
+            return Ok((None, lease));
+        };
+        let record = ImportRecord {
+            issuer_application_id: i.to_string(),
+            source_session_id: s.to_string(),
+            imported_session_id: self.imported_session_id,
+            session_number: self.session_number,
+            status: self.status,
+            session_kind: parse_kind(&required(self.session_kind, "session_kind")?)?,
+            vendor_data: self.vendor_data,
+            trust_review: required(self.trust_review, "trust_review")?,
+            imported_at: from_millis(imported_at, "imported_at")?,
+            result_published: self.result_published,
+        };
+        Ok((Some(record), lease))
+    }
+}
+
+/// A lease from its two columns (both set, or both empty).
+pub(crate) fn lease_of(
+    holder: Option<String>,
+    until: Option<i64>,
+) -> Result<Option<Lease>, LedgerError> {
+    match (holder, until) {
+        (Some(holder), Some(until)) => Ok(Some(Lease {
+            holder,
+            until: from_millis(until, "lease_until")?,
+        })),
+        (None, None) => Ok(None),
+        _ => Err(LedgerError::Corrupt(
+            "a lease with a holder but no end, or an end but no holder".into(),
+        )),
+    }
+}
+
+/// A column a completed record must have.
+pub(crate) fn required<T>(value: Option<T>, column: &str) -> Result<T, LedgerError> {
+    value.ok_or_else(|| LedgerError::Corrupt(format!("completed row without `{column}`")))
+}
