@@ -409,6 +409,12 @@ impl Ledger {
         dispatch!(self.claim_webhook(key, seen_at))
     }
 
+    /// Forgets a webhook delivery key (the event it carried could not be queued, so Didit's retry of the same
+    /// delivery must not be refused as a replay).
+    pub async fn release_webhook(&self, key: &str) -> Result<(), LedgerError> {
+        dispatch!(self.release_webhook(key))
+    }
+
     /// Deletes rows last touched before `older_than` (completed records, abandoned claims, reshare counters) and
     /// webhook keys seen before it; a row whose lease is still live (at `older_than` or at the wall clock, whichever
     /// is earlier) is kept. Returns how many rows were deleted.

@@ -797,6 +797,16 @@ impl PostgresLedger {
         Ok(inserted == 1)
     }
 
+    /// See [`super::Ledger::release_webhook`].
+    pub async fn release_webhook(&self, key: &str) -> Result<(), LedgerError> {
+        let c = self.conn().await?;
+        c.client
+            .execute("DELETE FROM webhook_deliveries WHERE key = $1", &[&key])
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// See [`super::Ledger::prune`]. Deletes in chunks of [`super::sqlite::PRUNE_CHUNK`] rows, so that no
     /// statement locks a large part of a table for long.
     pub async fn prune(&self, older_than: DateTime<Utc>) -> Result<u64, LedgerError> {

@@ -564,6 +564,18 @@ impl SqliteLedger {
         .await
     }
 
+    /// See [`super::Ledger::release_webhook`].
+    pub async fn release_webhook(&self, key: &str) -> Result<(), LedgerError> {
+        let k = key.to_string();
+        self.call(false, move |conn| {
+            conn.prepare_cached("DELETE FROM webhook_deliveries WHERE key = ?1")
+                .and_then(|mut st| st.execute(params![k]))
+                .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
     /// See [`super::Ledger::prune`]. Deletes in chunks of [`PRUNE_CHUNK`] rows, one transaction each, so that
     /// claims keep flowing between them however much there is to prune.
     pub async fn prune(&self, older_than: DateTime<Utc>) -> Result<u64, LedgerError> {

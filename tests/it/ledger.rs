@@ -602,6 +602,10 @@ async fn webhook_keys_are_claimed_once(f: Fixture) {
     assert!(!l.claim_webhook("delivery-1", t + secs(1)).await.unwrap());
     assert!(!l.claim_webhook("delivery-1", t).await.unwrap());
     assert!(l.claim_webhook("delivery-2", t).await.unwrap());
+    // A released key (its event could not be queued) can be claimed again by Didit's retry.
+    l.release_webhook("delivery-2").await.unwrap();
+    assert!(l.claim_webhook("delivery-2", t).await.unwrap());
+    assert!(!l.claim_webhook("delivery-2", t).await.unwrap());
 }
 
 async fn prune_keeps_live_leases(f: Fixture) {
