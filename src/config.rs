@@ -545,16 +545,25 @@ impl Config {
         }
         positive(self.amqp.confirm_timeout_ms, "amqp.confirm_timeout_ms")?;
         if self.amqp.delivery_limit == 0 {
-            return Err(ConfigError::new("amqp.delivery_limit", "must be at least 1"));
+            return Err(ConfigError::new(
+                "amqp.delivery_limit",
+                "must be at least 1",
+            ));
         }
         positive(self.amqp.retry_delay_ms, "amqp.retry_delay_ms")?;
         if self.amqp.max_message_bytes < 1024 {
-            return Err(ConfigError::new("amqp.max_message_bytes", "must be at least 1024"));
+            return Err(ConfigError::new(
+                "amqp.max_message_bytes",
+                "must be at least 1024",
+            ));
         }
 
         positive(self.retry.initial_ms, "retry.initial_ms")?;
         if self.retry.max_ms < self.retry.initial_ms {
-            return Err(ConfigError::new("retry.max_ms", "must not be below retry.initial_ms"));
+            return Err(ConfigError::new(
+                "retry.max_ms",
+                "must not be below retry.initial_ms",
+            ));
         }
         positive(self.retry.hold_max_s, "retry.hold_max_s")?;
         if self.retry.hold_max_s > 25 * 60 {
@@ -578,7 +587,10 @@ impl Config {
             ));
         }
         if self.ledger.retention_days == 0 {
-            return Err(ConfigError::new("ledger.retention_days", "must be at least 1"));
+            return Err(ConfigError::new(
+                "ledger.retention_days",
+                "must be at least 1",
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::new("log.level", format!("not a valid filter: {e}")))?;
@@ -611,11 +623,16 @@ impl Config {
 
     fn validate_issuer(&self) -> Result<(), ConfigError> {
         self.issuer_didit()?.api_key.load().map_err(|e| {
-            ConfigError::new(self.role_key_name("issuer"), format!("cannot read the API key: {e}"))
+            ConfigError::new(
+                self.role_key_name("issuer"),
+                format!("cannot read the API key: {e}"),
+            )
         })?;
         self.signing_key_source()?
             .load()
-            .map_err(|e| ConfigError::new(signing_key_name(&self.issuer), format!("cannot read: {e}")))
+            .map_err(|e| {
+                ConfigError::new(signing_key_name(&self.issuer), format!("cannot read: {e}"))
+            })
             .and_then(|s| {
                 crate::envelope::SigningKey::from_base64(s.expose())
                     .map(|_| ())
@@ -638,7 +655,10 @@ impl Config {
             let key = |field: &str| format!("issuer.partners[{i}].{field}");
             check_name(&p.name, &key("name"))?;
             if !names.insert(p.name.clone()) {
-                return Err(ConfigError::new(key("name"), format!("duplicate partner name {:?}", p.name)));
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("duplicate partner name {:?}", p.name),
+                ));
             }
             check_id(&p.application_id, &key("application_id"))?;
             if p.application_id == own {
@@ -657,7 +677,10 @@ impl Config {
                 ));
             }
             if p.statuses.is_empty() {
-                return Err(ConfigError::new(key("statuses"), "must list at least one status"));
+                return Err(ConfigError::new(
+                    key("statuses"),
+                    "must list at least one status",
+                ));
             }
             for (j, s) in p.statuses.iter().enumerate() {
                 match SessionStatus::parse(s) {
@@ -665,7 +688,9 @@ impl Config {
                     Some(_) => {
                         return Err(ConfigError::new(
                             format!("issuer.partners[{i}].statuses[{j}]"),
-                            format!("{s:?} is not a finished status; only Approved, Declined and In Review can be shared"),
+                            format!(
+                                "{s:?} is not a finished status; only Approved, Declined and In Review can be shared"
+                            ),
                         ));
                     }
                     None => {
@@ -677,13 +702,18 @@ impl Config {
                 }
             }
             if p.session_kinds.is_empty() {
-                return Err(ConfigError::new(key("session_kinds"), "must list at least one kind"));
+                return Err(ConfigError::new(
+                    key("session_kinds"),
+                    "must list at least one kind",
+                ));
             }
         }
         if let Some(webhook) = &self.issuer.webhook {
             self.webhook_secret_source(webhook)?
                 .load()
-                .map_err(|e| ConfigError::new(webhook_secret_name(webhook), format!("cannot read: {e}")))
+                .map_err(|e| {
+                    ConfigError::new(webhook_secret_name(webhook), format!("cannot read: {e}"))
+                })
                 .and_then(|s| {
                     if s.is_empty() {
                         Err(ConfigError::new(webhook_secret_name(webhook), "is empty"))
@@ -692,7 +722,10 @@ impl Config {
                     }
                 })?;
             if webhook.max_skew_s == 0 {
-                return Err(ConfigError::new("issuer.webhook.max_skew_s", "must be at least 1"));
+                return Err(ConfigError::new(
+                    "issuer.webhook.max_skew_s",
+                    "must be at least 1",
+                ));
             }
             if webhook.max_body_bytes < 1024 {
                 return Err(ConfigError::new(
@@ -706,7 +739,10 @@ impl Config {
 
     fn validate_receiver(&self) -> Result<(), ConfigError> {
         self.receiver_didit()?.api_key.load().map_err(|e| {
-            ConfigError::new(self.role_key_name("receiver"), format!("cannot read the API key: {e}"))
+            ConfigError::new(
+                self.role_key_name("receiver"),
+                format!("cannot read the API key: {e}"),
+            )
         })?;
         if self.receiver.workflow_user.is_none() && self.receiver.workflow_business.is_none() {
             return Err(ConfigError::new(
@@ -722,7 +758,10 @@ impl Config {
         }
         check_template(&self.receiver.vendor_data)?;
         if self.receiver.concurrency == Some(0) {
-            return Err(ConfigError::new("receiver.concurrency", "must be at least 1"));
+            return Err(ConfigError::new(
+                "receiver.concurrency",
+                "must be at least 1",
+            ));
         }
         if self.receiver.issuers.is_empty() && !self.receiver.allow_unknown_issuers {
             return Err(ConfigError::new(
@@ -736,7 +775,10 @@ impl Config {
             let key = |field: &str| format!("receiver.issuers[{i}].{field}");
             check_name(&peer.name, &key("name"))?;
             if !names.insert(peer.name.clone()) {
-                return Err(ConfigError::new(key("name"), format!("duplicate issuer name {:?}", peer.name)));
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("duplicate issuer name {:?}", peer.name),
+                ));
             }
             check_id(&peer.application_id, &key("application_id"))?;
             if !ids.insert(peer.application_id.clone()) {
@@ -785,7 +827,12 @@ impl Config {
             format!("{role}.application_id")
         };
         check_id(&application_id, &id_key)?;
-        let api_key = match (api_key, api_key_file, &self.didit.api_key, &self.didit.api_key_file) {
+        let api_key = match (
+            api_key,
+            api_key_file,
+            &self.didit.api_key,
+            &self.didit.api_key_file,
+        ) {
             (Some(k), _, _, _) => SecretSource::Inline(nonempty(k, &format!("{role}.api_key"))?),
             (None, Some(f), _, _) => SecretSource::File(f.clone()),
             (None, None, Some(k), _) => SecretSource::Inline(nonempty(k, "didit.api_key")?),
@@ -830,7 +877,12 @@ impl Config {
 
     /// The main broker URL (`amqp.url`, `amqp.url_file`, or a local RabbitMQ).
     pub fn amqp_url(&self) -> Result<SecretUrl, ConfigError> {
-        url_from(&self.amqp.url, &self.amqp.url_file, "amqp.url", Some(DEFAULT_AMQP_URL))
+        url_from(
+            &self.amqp.url,
+            &self.amqp.url_file,
+            "amqp.url",
+            Some(DEFAULT_AMQP_URL),
+        )
     }
 
     /// The broker share tokens are published to (`issuer.tokens_url`, else `amqp.url`).
@@ -838,7 +890,12 @@ impl Config {
         if self.issuer.tokens_url.is_none() && self.issuer.tokens_url_file.is_none() {
             return self.amqp_url();
         }
-        let url = url_from(&self.issuer.tokens_url, &self.issuer.tokens_url_file, "issuer.tokens_url", None)?;
+        let url = url_from(
+            &self.issuer.tokens_url,
+            &self.issuer.tokens_url_file,
+            "issuer.tokens_url",
+            None,
+        )?;
         check_url(url.expose(), "issuer.tokens_url", &["amqp", "amqps"])?;
         Ok(url)
     }
@@ -866,7 +923,10 @@ impl Config {
     }
 
     /// Where the webhook secret comes from.
-    pub fn webhook_secret_source(&self, webhook: &WebhookConfig) -> Result<SecretSource, ConfigError> {
+    pub fn webhook_secret_source(
+        &self,
+        webhook: &WebhookConfig,
+    ) -> Result<SecretSource, ConfigError> {
         match (&webhook.secret, &webhook.secret_file) {
             (Some(s), _) => Ok(SecretSource::Inline(s.clone())),
             (None, Some(f)) => Ok(SecretSource::File(f.clone())),
@@ -878,14 +938,18 @@ impl Config {
     }
 
     /// The decoded public key of `receiver.issuers[index]`.
-    pub fn issuer_public_key(&self, index: usize) -> Result<crate::envelope::VerifyingKey, ConfigError> {
+    pub fn issuer_public_key(
+        &self,
+        index: usize,
+    ) -> Result<crate::envelope::VerifyingKey, ConfigError> {
         let peer = &self.receiver.issuers[index];
         let (text, key) = match (&peer.public_key, &peer.public_key_file) {
             (Some(k), _) => (k.clone(), format!("receiver.issuers[{index}].public_key")),
             (None, Some(f)) => {
                 let key = format!("receiver.issuers[{index}].public_key_file");
-                let text = std::fs::read_to_string(f)
-                    .map_err(|e| ConfigError::new(&key, format!("cannot read {}: {e}", f.display())))?;
+                let text = std::fs::read_to_string(f).map_err(|e| {
+                    ConfigError::new(&key, format!("cannot read {}: {e}", f.display()))
+                })?;
                 (text, key)
             }
             (None, None) => {
@@ -895,22 +959,28 @@ impl Config {
                 ));
             }
         };
-        crate::envelope::VerifyingKey::from_base64(text.trim()).map_err(|e| ConfigError::new(key, e.to_string()))
+        crate::envelope::VerifyingKey::from_base64(text.trim())
+            .map_err(|e| ConfigError::new(key, e.to_string()))
     }
 
     /// How many messages the issuer handles at once.
     pub fn issuer_concurrency(&self) -> usize {
-        self.issuer.concurrency.unwrap_or(self.amqp.prefetch as usize)
+        self.issuer
+            .concurrency
+            .unwrap_or(self.amqp.prefetch as usize)
     }
 
     /// How many messages the receiver handles at once.
     pub fn receiver_concurrency(&self) -> usize {
-        self.receiver.concurrency.unwrap_or(self.amqp.prefetch as usize)
+        self.receiver
+            .concurrency
+            .unwrap_or(self.amqp.prefetch as usize)
     }
 
     /// The configuration as TOML with every secret redacted, for `check-config`.
     pub fn redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 }
 
@@ -940,7 +1010,12 @@ fn url_from(
         (Some(u), _) => Ok(u.clone()),
         (None, Some(f)) => read_secret_file(f)
             .map(|s| SecretUrl::new(s.expose()))
-            .map_err(|e| ConfigError::new(format!("{key}_file"), format!("cannot read {}: {e}", f.display()))),
+            .map_err(|e| {
+                ConfigError::new(
+                    format!("{key}_file"),
+                    format!("cannot read {}: {e}", f.display()),
+                )
+            }),
         (None, None) => default
             .map(SecretUrl::new)
             .ok_or_else(|| ConfigError::new(key, "required")),
@@ -964,7 +1039,7 @@ fn positive(value: u64, key: &str) -> Result<(), ConfigError> {
 }
 
 fn check_url(url: &str, key: &str, schemes: &[&str]) -> Result<(), ConfigError> {
-    let scheme = url.split_once("://").map(|(s, rest)| (s, rest));
+    let scheme = url.split_once("://");
     match scheme {
         Some((s, rest)) if schemes.contains(&s) && !rest.is_empty() => Ok(()),
         _ => Err(ConfigError::new(
@@ -978,7 +1053,9 @@ fn check_url(url: &str, key: &str, schemes: &[&str]) -> Result<(), ConfigError> 
 fn check_name(name: &str, key: &str) -> Result<(), ConfigError> {
     if name.is_empty()
         || name.len() > 64
-        || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
         return Err(ConfigError::new(
             key,
@@ -1006,7 +1083,9 @@ fn check_template(template: &str) -> Result<(), ConfigError> {
         if !["source_vendor_data", "source_session_id", "issuer"].contains(&name) {
             return Err(ConfigError::new(
                 "receiver.vendor_data",
-                format!("unknown placeholder {{{name}}}; use {{source_vendor_data}}, {{source_session_id}} or {{issuer}}"),
+                format!(
+                    "unknown placeholder {{{name}}}; use {{source_vendor_data}}, {{source_session_id}} or {{issuer}}"
+                ),
             ));
         }
         rest = &after[end + 1..];
@@ -1017,7 +1096,9 @@ fn check_template(template: &str) -> Result<(), ConfigError> {
 /// Turns the `config` crate's error into ours, keeping the key it names.
 fn from_config_error(err: config::ConfigError) -> ConfigError {
     match &err {
-        config::ConfigError::Type { key: Some(key), .. } => ConfigError::new(key.clone(), err.to_string()),
+        config::ConfigError::Type { key: Some(key), .. } => {
+            ConfigError::new(key.clone(), err.to_string())
+        }
         config::ConfigError::NotFound(key) => ConfigError::new(key.clone(), "not found"),
         config::ConfigError::Message(msg) => {
             // serde's messages look like "unknown field `foo`, expected one of ..." (sometimes followed by

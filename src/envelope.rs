@@ -248,7 +248,9 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Message, BadMessage> {
         return Err(BadMessage::new("malformed_json", "not a JSON object"));
     };
     let kind = match map.get("type") {
-        None | Some(Value::Null) => return Err(BadMessage::new("missing_field", "missing field `type`")),
+        None | Some(Value::Null) => {
+            return Err(BadMessage::new("missing_field", "missing field `type`"));
+        }
         Some(Value::String(s)) => s.clone(),
         Some(_) => return Err(BadMessage::new("invalid_field", "`type` is not a string")),
     };
@@ -287,7 +289,10 @@ fn truncate(s: &str, max: usize) -> String {
 fn check_required(message: &Message) -> Result<(), BadMessage> {
     fn present(value: &str, field: &str) -> Result<(), BadMessage> {
         if value.trim().is_empty() {
-            Err(BadMessage::new("missing_field", format!("field `{field}` is empty")))
+            Err(BadMessage::new(
+                "missing_field",
+                format!("field `{field}` is empty"),
+            ))
         } else {
             Ok(())
         }
@@ -413,7 +418,8 @@ pub struct VerifyingKey {
 impl VerifyingKey {
     /// Reads a base64 public key.
     pub fn from_base64(text: &str) -> Result<VerifyingKey, KeyError> {
-        let inner = ed25519_dalek::VerifyingKey::from_bytes(&decode32(text)?).map_err(|_| KeyError::InvalidPoint)?;
+        let inner = ed25519_dalek::VerifyingKey::from_bytes(&decode32(text)?)
+            .map_err(|_| KeyError::InvalidPoint)?;
         let key_id = key_id_of(&inner);
         Ok(VerifyingKey { inner, key_id })
     }
@@ -430,9 +436,12 @@ impl VerifyingKey {
 
     /// Checks an `x-pb-signature` header value against the body bytes.
     pub fn verify(&self, body: &[u8], header: &str) -> Result<(), BadMessage> {
-        let encoded = header
-            .strip_prefix("ed25519:")
-            .ok_or_else(|| BadMessage::new("bad_signature", "signature is not of the form ed25519:<base64>"))?;
+        let encoded = header.strip_prefix("ed25519:").ok_or_else(|| {
+            BadMessage::new(
+                "bad_signature",
+                "signature is not of the form ed25519:<base64>",
+            )
+        })?;
         let bytes = B64
             .decode(encoded.trim())
             .map_err(|_| BadMessage::new("bad_signature", "signature is not base64"))?;
@@ -456,7 +465,13 @@ mod tests {
         let body = br#"{"type":"share_token"}"#;
         let sig = key.sign(body);
         assert!(public.verify(body, &sig).is_ok());
-        assert_eq!(public.verify(br#"{"type":"share_token" }"#, &sig).unwrap_err().reason, "bad_signature");
+        assert_eq!(
+            public
+                .verify(br#"{"type":"share_token" }"#, &sig)
+                .unwrap_err()
+                .reason,
+            "bad_signature"
+        );
         let other = SigningKey::generate().verifying_key();
         assert!(other.verify(body, &sig).is_err());
         let again = SigningKey::from_base64(&key.to_base64()).unwrap();
@@ -470,7 +485,10 @@ mod tests {
         assert_eq!(r(b"[1,2]"), "malformed_json");
         assert_eq!(r(br#"{"event_id":"e"}"#), "missing_field");
         assert_eq!(r(br#"{"type":"nope"}"#), "unknown_type");
-        assert_eq!(r(br#"{"type":"onboarding.finished","event_id":"e","status":"Approved"}"#), "missing_field");
+        assert_eq!(
+            r(br#"{"type":"onboarding.finished","event_id":"e","status":"Approved"}"#),
+            "missing_field"
+        );
         assert_eq!(
             r(br#"{"type":"onboarding.finished","event_id":"e","session_id":"","status":"Approved"}"#),
             "missing_field"

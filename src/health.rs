@@ -29,7 +29,10 @@ impl Health {
 
     /// Marks `part` ready.
     pub fn ready(&self, part: &str) {
-        self.parts.lock().expect("health lock").insert(part.to_string(), None);
+        self.parts
+            .lock()
+            .expect("health lock")
+            .insert(part.to_string(), None);
     }
 
     /// Forgets `part` (a component that has stopped on purpose).
@@ -59,7 +62,11 @@ impl Health {
         if self.is_draining() {
             reasons.insert(0, "draining: shutting down".to_string());
         }
-        if reasons.is_empty() { Ok(()) } else { Err(reasons) }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons)
+        }
     }
 }
 
@@ -78,6 +85,9 @@ mod tests {
         h.ready("ledger");
         assert!(h.check().is_ok());
         h.set_draining();
-        assert_eq!(h.check().unwrap_err(), vec!["draining: shutting down".to_string()]);
+        assert_eq!(
+            h.check().unwrap_err(),
+            vec!["draining: shutting down".to_string()]
+        );
     }
 }

@@ -26,7 +26,8 @@ const DIDIT_BUCKETS: [f64; 14] = [
 ];
 /// Buckets for end-to-end times and token ages: 10 ms … 1 day (tokens may wait in a queue for hours).
 const E2E_BUCKETS: [f64; 18] = [
-    0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.425, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0,
+    0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.425, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    3600.0, 86400.0,
 ];
 
 /// Pipelines, as they appear in `pipeline` labels.
@@ -211,7 +212,13 @@ pub const SHARE_OUTCOMES: [&str; 8] = [
     "failed",
 ];
 /// Import outcomes beyond [`crate::envelope::ImportOutcome`].
-pub const EXTRA_IMPORT_OUTCOMES: [&str; 5] = ["reshare_requested", "forbidden", "retried", "paused", "bad_message"];
+pub const EXTRA_IMPORT_OUTCOMES: [&str; 5] = [
+    "reshare_requested",
+    "forbidden",
+    "retried",
+    "paused",
+    "bad_message",
+];
 /// Publisher confirm results.
 pub const CONFIRM_RESULTS: [&str; 5] = ["ack", "nack", "returned", "timeout", "error"];
 /// Pause reasons.
@@ -255,19 +262,31 @@ impl Metrics {
             "Build information of the running binary",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
-        registry.register("events", "Onboarding events taken in, by source and outcome", m.events.clone());
+        registry.register(
+            "events",
+            "Onboarding events taken in, by source and outcome",
+            m.events.clone(),
+        );
         registry.register(
             "webhook_requests",
             "Didit webhook deliveries received, by outcome",
             m.webhook_requests.clone(),
         );
-        registry.register("shares", "Share attempts per partner, by outcome", m.shares.clone());
+        registry.register(
+            "shares",
+            "Share attempts per partner, by outcome",
+            m.shares.clone(),
+        );
         registry.register(
             "tokens_published",
             "Share token envelopes confirmed by the broker, per partner",
             m.tokens_published.clone(),
         );
-        registry.register("imports", "Tokens handled by the receiver, per issuer and outcome", m.imports.clone());
+        registry.register(
+            "imports",
+            "Tokens handled by the receiver, per issuer and outcome",
+            m.imports.clone(),
+        );
         registry.register(
             "reshare_requests",
             "Reshare requests sent (receiver) and received (issuer)",
@@ -283,7 +302,11 @@ impl Metrics {
             "Didit API call duration in seconds",
             m.didit_duration.clone(),
         );
-        registry.register("retries", "Retries scheduled, in process or through the retry queue", m.retries.clone());
+        registry.register(
+            "retries",
+            "Retries scheduled, in process or through the retry queue",
+            m.retries.clone(),
+        );
         registry.register(
             "dead_lettered",
             "Messages dead-lettered, by source queue and reason",
@@ -304,7 +327,11 @@ impl Metrics {
             "Time from the verification finishing to its import at the partner, in seconds",
             m.end_to_end.clone(),
         );
-        registry.register("in_flight", "Messages being handled now, per pipeline", m.in_flight.clone());
+        registry.register(
+            "in_flight",
+            "Messages being handled now, per pipeline",
+            m.in_flight.clone(),
+        );
         registry.register(
             "amqp_connected",
             "1 while the pipeline's broker connection is up",
@@ -325,19 +352,30 @@ impl Metrics {
             "Unix time of the pipeline's last successful message",
             m.last_success.clone(),
         );
-        Metrics { registry: root, ..m }
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 
     /// Initialises every series whose labels are known from the configuration, so dashboards and `rate()` see zeros
     /// rather than gaps: partners, issuers, queues and pipelines.
-    pub fn init_known(&self, partners: &[String], issuers: &[String], queues: &[String], pipelines: &[&'static str]) {
+    pub fn init_known(
+        &self,
+        partners: &[String],
+        issuers: &[String],
+        queues: &[String],
+        pipelines: &[&'static str],
+    ) {
         for source in ["amqp", "webhook"] {
             for outcome in EVENT_OUTCOMES {
                 let _ = self.events.get_or_create(&EventLabels { source, outcome });
             }
         }
         for outcome in WEBHOOK_OUTCOMES {
-            let _ = self.webhook_requests.get_or_create(&OutcomeLabels { outcome });
+            let _ = self
+                .webhook_requests
+                .get_or_create(&OutcomeLabels { outcome });
         }
         for partner in partners {
             for outcome in SHARE_OUTCOMES {
@@ -363,10 +401,14 @@ impl Metrics {
             }
         }
         for direction in ["sent", "received"] {
-            let _ = self.reshare_requests.get_or_create(&DirectionLabels { direction });
+            let _ = self
+                .reshare_requests
+                .get_or_create(&DirectionLabels { direction });
         }
         for operation in ["share", "import", "decision", "probe"] {
-            let _ = self.didit_duration.get_or_create(&OperationLabels { operation });
+            let _ = self
+                .didit_duration
+                .get_or_create(&OperationLabels { operation });
         }
         for operation in ["share", "import", "publish"] {
             let _ = self.retries.get_or_create(&OperationLabels { operation });
@@ -380,7 +422,9 @@ impl Metrics {
             }
         }
         for result in CONFIRM_RESULTS {
-            let _ = self.publish_confirms.get_or_create(&ConfirmLabels { result });
+            let _ = self
+                .publish_confirms
+                .get_or_create(&ConfirmLabels { result });
         }
         for &pipeline in pipelines {
             let labels = PipelineLabels { pipeline };
@@ -388,7 +432,9 @@ impl Metrics {
             let _ = self.amqp_connected.get_or_create(&labels);
             let _ = self.last_success.get_or_create(&labels);
             for reason in PAUSE_REASONS {
-                let _ = self.paused.get_or_create(&PausedLabels { pipeline, reason });
+                let _ = self
+                    .paused
+                    .get_or_create(&PausedLabels { pipeline, reason });
             }
         }
     }
@@ -403,12 +449,16 @@ impl Metrics {
 
     /// An onboarding event was taken in.
     pub fn event(&self, source: &'static str, outcome: &'static str) {
-        self.events.get_or_create(&EventLabels { source, outcome }).inc();
+        self.events
+            .get_or_create(&EventLabels { source, outcome })
+            .inc();
     }
 
     /// A webhook delivery was answered.
     pub fn webhook_request(&self, outcome: &'static str) {
-        self.webhook_requests.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.webhook_requests
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     /// A share attempt for a partner ended.
@@ -442,7 +492,9 @@ impl Metrics {
 
     /// A reshare request was sent or received.
     pub fn reshare_request(&self, direction: &'static str) {
-        self.reshare_requests.get_or_create(&DirectionLabels { direction }).inc();
+        self.reshare_requests
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
     }
 
     /// A Didit call finished with `status` (HTTP code or `timeout`, `connect_error`, `error`) after `elapsed`.
@@ -460,7 +512,9 @@ impl Metrics {
 
     /// A retry was scheduled.
     pub fn retry(&self, operation: &'static str) {
-        self.retries.get_or_create(&OperationLabels { operation }).inc();
+        self.retries
+            .get_or_create(&OperationLabels { operation })
+            .inc();
     }
 
     /// A message left `queue` for its dead-letter queue.
@@ -475,7 +529,9 @@ impl Metrics {
 
     /// A publisher confirm arrived (or did not).
     pub fn publish_confirm(&self, result: &'static str) {
-        self.publish_confirms.get_or_create(&ConfirmLabels { result }).inc();
+        self.publish_confirms
+            .get_or_create(&ConfirmLabels { result })
+            .inc();
     }
 
     /// Age of a token at import.
@@ -490,7 +546,9 @@ impl Metrics {
 
     /// Marks one message in flight until the guard drops.
     pub fn in_flight(self: &Arc<Self>, pipeline: &'static str) -> InFlight {
-        self.in_flight.get_or_create(&PipelineLabels { pipeline }).inc();
+        self.in_flight
+            .get_or_create(&PipelineLabels { pipeline })
+            .inc();
         InFlight {
             metrics: self.clone(),
             pipeline,
@@ -522,7 +580,9 @@ impl Metrics {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64();
-        self.last_success.get_or_create(&PipelineLabels { pipeline }).set(now);
+        self.last_success
+            .get_or_create(&PipelineLabels { pipeline })
+            .set(now);
     }
 }
 
@@ -580,10 +640,14 @@ impl ProcessStats {
         let vsize: u64 = fields.get(20)?.parse().ok()?;
         let rss_pages: u64 = fields.get(21)?.parse().ok()?;
         let boot_time = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<f64>().ok()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("btime ")
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
         });
-        let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
         let max_fds = std::fs::read_to_string("/proc/self/limits")
             .ok()
             .and_then(|s| {
@@ -609,10 +673,26 @@ impl Collector for ProcessCollector {
             return Ok(());
         };
         let gauges: [(&str, &str, f64); 5] = [
-            ("process_resident_memory_bytes", "Resident memory size in bytes", stats.resident_bytes as f64),
-            ("process_virtual_memory_bytes", "Virtual memory size in bytes", stats.virtual_bytes as f64),
-            ("process_open_fds", "Number of open file descriptors", stats.open_fds as f64),
-            ("process_max_fds", "Maximum number of open file descriptors", stats.max_fds as f64),
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                stats.resident_bytes as f64,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                stats.virtual_bytes as f64,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                stats.open_fds as f64,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                stats.max_fds as f64,
+            ),
             (
                 "process_start_time_seconds",
                 "Start time of the process since unix epoch in seconds",
@@ -621,7 +701,8 @@ impl Collector for ProcessCollector {
         ];
         for (name, help, value) in gauges {
             let gauge = ConstGauge::new(value);
-            let metric_encoder = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            let metric_encoder =
+                encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
             gauge.encode(metric_encoder)?;
         }
         let cpu = ConstCounter::new(stats.cpu_seconds);
@@ -643,7 +724,12 @@ mod tests {
     #[test]
     fn exposition_has_the_contract_names() {
         let m = Arc::new(Metrics::new());
-        m.init_known(&["bank".into()], &["fintech".into()], &["pb.q".into()], &pipeline::ALL);
+        m.init_known(
+            &["bank".into()],
+            &["fintech".into()],
+            &["pb.q".into()],
+            &pipeline::ALL,
+        );
         m.share("bank", "minted");
         let _g = m.in_flight(pipeline::RECEIVER_TOKENS);
         let text = m.encode();

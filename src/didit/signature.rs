@@ -92,12 +92,23 @@ pub fn sign_v2(secret: &str, body: &Value) -> String {
 }
 
 /// The string `X-Signature-Simple` signs.
-pub fn simple_message(timestamp: i64, session_id: &str, status: &str, webhook_type: &str) -> String {
+pub fn simple_message(
+    timestamp: i64,
+    session_id: &str,
+    status: &str,
+    webhook_type: &str,
+) -> String {
     format!("{timestamp}:{session_id}:{status}:{webhook_type}")
 }
 
 /// `X-Signature-Simple` of a body's fields.
-pub fn sign_simple(secret: &str, timestamp: i64, session_id: &str, status: &str, webhook_type: &str) -> String {
+pub fn sign_simple(
+    secret: &str,
+    timestamp: i64,
+    session_id: &str,
+    status: &str,
+    webhook_type: &str,
+) -> String {
     hmac_hex(
         secret.as_bytes(),
         simple_message(timestamp, session_id, status, webhook_type).as_bytes(),
@@ -106,7 +117,11 @@ pub fn sign_simple(secret: &str, timestamp: i64, session_id: &str, status: &str,
 
 /// Verifies `X-Signature-V2` against a parsed body.
 pub fn verify_v2(secret: &str, body: &Value, signature: &str) -> bool {
-    verify_hmac_hex(secret.as_bytes(), canonical_json(body).as_bytes(), signature)
+    verify_hmac_hex(
+        secret.as_bytes(),
+        canonical_json(body).as_bytes(),
+        signature,
+    )
 }
 
 /// Verifies `X-Signature` against the raw body.

@@ -136,9 +136,18 @@ impl SessionStatus {
         let norm: String = s
             .trim()
             .chars()
-            .map(|c| if c == ' ' || c == '-' { '_' } else { c.to_ascii_uppercase() })
+            .map(|c| {
+                if c == ' ' || c == '-' {
+                    '_'
+                } else {
+                    c.to_ascii_uppercase()
+                }
+            })
             .collect();
-        ALL_STATUSES.iter().copied().find(|st| st.upper_snake() == norm)
+        ALL_STATUSES
+            .iter()
+            .copied()
+            .find(|st| st.upper_snake() == norm)
     }
 
     /// Approved, Declined and In Review: the only statuses Didit lets you share.
@@ -466,11 +475,17 @@ mod tests {
             assert_eq!(SessionStatus::parse(st.title()), Some(*st));
             assert_eq!(SessionStatus::parse(st.upper_snake()), Some(*st));
         }
-        assert_eq!(SessionStatus::parse("in review"), Some(SessionStatus::InReview));
+        assert_eq!(
+            SessionStatus::parse("in review"),
+            Some(SessionStatus::InReview)
+        );
         assert_eq!(SessionStatus::parse("Not Finished"), None);
         assert!(SessionStatus::InReview.is_finished());
         assert!(!SessionStatus::InProgress.is_finished());
-        assert_eq!(SessionStatus::InReview.for_kind(SessionKind::Business), "IN_REVIEW");
+        assert_eq!(
+            SessionStatus::InReview.for_kind(SessionKind::Business),
+            "IN_REVIEW"
+        );
     }
 
     #[test]
@@ -482,6 +497,9 @@ mod tests {
         let claims = ShareTokenClaims::peek(&token).unwrap();
         assert_eq!(claims.exp - claims.iat, 3600);
         assert_eq!(claims.session_kind, None);
-        assert_eq!(claims.for_application_id, "a5f3bca2-46e2-411e-90ef-a580900a57ee");
+        assert_eq!(
+            claims.for_application_id,
+            "a5f3bca2-46e2-411e-90ef-a580900a57ee"
+        );
     }
 }

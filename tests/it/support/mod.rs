@@ -7,12 +7,16 @@ use std::time::{Duration, Instant};
 
 /// The broker every test uses (override with `PB_TEST_AMQP_URL`).
 pub fn amqp_url() -> String {
-    std::env::var("PB_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+    std::env::var("PB_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
 }
 
 /// A prefix no other test (or earlier run) uses: `pbt-<name>-<random>`.
 pub fn unique_prefix(name: &str) -> String {
-    format!("pbt-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "pbt-{name}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 /// Polls `check` until it returns `Some`, failing the test with `what` after `timeout`.
