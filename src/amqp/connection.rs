@@ -390,10 +390,15 @@ impl Link {
                 match event {
                     None => return,
                     Some(Event::Error(error)) => {
-                        let mut state = link.shared.state.lock().await;
                         let Some(connection) = weak.upgrade() else {
                             return;
                         };
+                        // lapin also reports channel errors here (a channel the broker closed): only a
+                        // connection that is no longer connected is lost.
+                        if connection.status().connected() {
+                            continue;
+                        }
+                        let mut state = link.shared.state.lock().await;
                         let is_current = state
                             .current
                             .as_ref()

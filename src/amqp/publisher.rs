@@ -20,9 +20,11 @@
 //! per channel, in publish order: when the oldest confirm resolves, it waits for lapin to finish the ack frame
 //! being applied (`wait_for_confirms` takes the lock lapin holds while resolving one ack frame), takes every
 //! confirm that has resolved since, repeats until no more resolve, and then matches the returned messages of
-//! that closed set to their publishes by identity (exchange, routing key, message id and body). A returned
-//! message that matches nothing fails every publish of the set (the safe side). Publish order equals
-//! delivery-tag order because sending a message and queueing it for the collector happen under one lock.
+//! that closed set to their publishes by identity (exchange, routing key, message id and body). RabbitMQ sends a
+//! return before the ack frames of the flush that covers its message, and such a flush may begin with a
+//! `multiple` ack for older messages only, so a return can also be seen one set early: unmatched returns are
+//! kept for the next sets. Publish order equals delivery-tag order because sending a message and queueing it for
+//! the collector happen under one lock.
 
 use std::collections::VecDeque;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -45,6 +47,8 @@ use crate::metrics::Metrics;
 
 /// How many times the collector re-checks for confirms resolved by the same ack frames before settling.
 const MAX_CLOSURE_ROUNDS: usize = 1000;
+/// Returned messages kept while waiting for their publish's confirm (they normally wait one ack frame).
+const MAX_UNMATCHED_RETURNS: usize = 10_000;
 
 /// One message to publish with our standard properties.
 #[derive(Debug, Clone)]
@@ -424,6 +428,7 @@ impl Entry {
 /// Reads the confirms of one channel in publish order and settles them in closed sets (see the module doc).
 async fn collect(channel: Channel, mut queue: mpsc::UnboundedReceiver<Entry>) {
     let mut pending: VecDeque<Entry> = VecDeque::new();
+    let mut unmatched: Vec<Returned> = Vec::new();
     loop {
         if pending.is_empty() {
             match queue.recv().await {
@@ -453,7 +458,7 @@ async fn collect(channel: Channel, mut queue: mpsc::UnboundedReceiver<Entry>) {
             .into_iter()
             .map(|(identity, confirmed, reply)| ((identity, confirmed), reply))
             .unzip();
-        for (reply, outcome) in replies.into_iter().zip(attribute(items)) {
+        for (reply, outcome) in replies.into_iter().zip(attribute(items, &mut unmatched)) {
             let _ = reply.send(outcome);
         }
     }
@@ -505,20 +510,22 @@ enum Confirmed {
 }
 
 /// Settles a closed set of confirms: returned messages are matched to publishes by identity, whichever confirm
-/// lapin attached them to.
-fn attribute(items: Vec<(Identity, Confirmed)>) -> Vec<Result<(), PublishError>> {
-    let mut returns: Vec<Returned> = items
-        .iter()
-        .filter_map(|(_, confirmed)| match confirmed {
-            Confirmed::Ack(Some(r)) | Confirmed::Nack(Some(r)) => Some(r.clone()),
-            _ => None,
-        })
-        .collect();
+/// lapin attached them to. `unmatched` carries returns across sets: RabbitMQ sends a `basic.return` before the
+/// ack covering its message, but that may be an earlier ack frame (`multiple`, for older messages) than the one
+/// confirming the returned message, so a return can be seen one set before its publish is.
+fn attribute(
+    items: Vec<(Identity, Confirmed)>,
+    unmatched: &mut Vec<Returned>,
+) -> Vec<Result<(), PublishError>> {
+    unmatched.extend(items.iter().filter_map(|(_, confirmed)| match confirmed {
+        Confirmed::Ack(Some(r)) | Confirmed::Nack(Some(r)) => Some(r.clone()),
+        _ => None,
+    }));
     let mut take_return = |identity: &Identity| -> Option<Returned> {
-        let position = returns.iter().position(|r| &r.identity == identity)?;
-        Some(returns.remove(position))
+        let position = unmatched.iter().position(|r| &r.identity == identity)?;
+        Some(unmatched.remove(position))
     };
-    let mut outcomes: Vec<Result<(), PublishError>> = items
+    let outcomes = items
         .iter()
         .map(|(identity, confirmed)| match confirmed {
             Confirmed::Failed(reason) => Err(PublishError::Connection(reason.clone())),
@@ -535,22 +542,13 @@ fn attribute(items: Vec<(Identity, Confirmed)>) -> Vec<Result<(), PublishError>>
             },
         })
         .collect();
-    if let Some(orphan) = returns.first() {
+    if unmatched.len() > MAX_UNMATCHED_RETURNS {
+        let dropped = unmatched.len() - MAX_UNMATCHED_RETURNS;
         warn!(
-            exchange = %orphan.identity.exchange,
-            routing_key = %orphan.identity.routing_key,
-            unmatched = returns.len(),
-            "a returned message matches no publish of its confirm batch; failing the whole batch"
+            dropped,
+            "returned messages that match no publish; forgetting the oldest"
         );
-        for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
-            *outcome = Err(PublishError::Returned {
-                reply_code: orphan.reply_code,
-                reply_text: format!(
-                    "{} (could not tell which message of a batch)",
-                    orphan.reply_text
-                ),
-            });
-        }
+        unmatched.drain(..dropped);
     }
     outcomes
 }
@@ -574,11 +572,14 @@ mod tests {
     #[test]
     fn a_return_handed_to_the_wrong_confirm_fails_the_right_publish() {
         // lapin gave message 3's return to message 1's confirm.
-        let outcomes = attribute(vec![
-            (id(1), Confirmed::Ack(Some(ret(3)))),
-            (id(2), Confirmed::Ack(None)),
-            (id(3), Confirmed::Ack(None)),
-        ]);
+        let outcomes = attribute(
+            vec![
+                (id(1), Confirmed::Ack(Some(ret(3)))),
+                (id(2), Confirmed::Ack(None)),
+                (id(3), Confirmed::Ack(None)),
+            ],
+            &mut Vec::new(),
+        );
         assert_eq!(outcomes[0], Ok(()));
         assert_eq!(outcomes[1], Ok(()));
         assert!(matches!(
@@ -592,12 +593,15 @@ mod tests {
 
     #[test]
     fn nacks_failures_and_plain_acks() {
-        let outcomes = attribute(vec![
-            (id(1), Confirmed::Nack(None)),
-            (id(2), Confirmed::Failed("channel closed".into())),
-            (id(3), Confirmed::Ack(Some(ret(3)))),
-            (id(4), Confirmed::Ack(None)),
-        ]);
+        let outcomes = attribute(
+            vec![
+                (id(1), Confirmed::Nack(None)),
+                (id(2), Confirmed::Failed("channel closed".into())),
+                (id(3), Confirmed::Ack(Some(ret(3)))),
+                (id(4), Confirmed::Ack(None)),
+            ],
+            &mut Vec::new(),
+        );
         assert_eq!(outcomes[0], Err(PublishError::Nacked));
         assert!(matches!(outcomes[1], Err(PublishError::Connection(_))));
         assert!(matches!(outcomes[2], Err(PublishError::Returned { .. })));
@@ -605,16 +609,21 @@ mod tests {
     }
 
     #[test]
-    fn an_unmatched_return_fails_every_ack_of_the_batch() {
-        let outcomes = attribute(vec![
-            (id(1), Confirmed::Ack(Some(ret(9)))),
-            (id(2), Confirmed::Ack(None)),
-        ]);
-        assert!(
-            outcomes
-                .iter()
-                .all(|o| matches!(o, Err(PublishError::Returned { .. })))
+    fn a_return_seen_one_batch_early_fails_its_publish_in_the_next() {
+        // ack(multiple, 2) took message 3's return; ack(3) came in the next frame.
+        let mut unmatched = Vec::new();
+        let first = attribute(
+            vec![
+                (id(1), Confirmed::Ack(None)),
+                (id(2), Confirmed::Ack(Some(ret(3)))),
+            ],
+            &mut unmatched,
         );
+        assert_eq!(first, [Ok(()), Ok(())]);
+        assert_eq!(unmatched.len(), 1);
+        let second = attribute(vec![(id(3), Confirmed::Ack(None))], &mut unmatched);
+        assert!(matches!(second[0], Err(PublishError::Returned { .. })));
+        assert!(unmatched.is_empty());
     }
 
     #[test]

@@ -2,4 +2,5 @@
 //! HTTP on 127.0.0.1:0, SQLite files in temporary directories). Each test uses its own AMQP prefix, so tests run
 //! in parallel on one broker.
 
+mod amqp;
 mod support;

@@ -2,6 +2,8 @@
 //! deadline instead of sleeping.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
