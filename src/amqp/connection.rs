@@ -92,8 +92,14 @@ struct State {
 #[derive(Debug)]
 struct Current {
     connection: Arc<Connection>,
-    /// Stops the event watcher of this connection when it is replaced.
+    /// Stops the event watcher of this connection when it is replaced or the link is dropped.
     watcher: CancellationToken,
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        self.watcher.cancel();
+    }
 }
 
 impl Link {
@@ -379,8 +385,10 @@ impl Link {
     /// Flips metrics and health as soon as lapin reports the connection failed, even if nobody is using it.
     fn watch(&self, connection: &Arc<Connection>, stop: CancellationToken) {
         let mut events = Box::pin(connection.events_listener());
-        let link = self.clone();
+        // Weak references only: the watcher must not keep the link or the connection alive.
+        let shared = Arc::downgrade(&self.shared);
         let weak = Arc::downgrade(connection);
+        let pipeline = self.shared.pipeline;
         tokio::spawn(async move {
             loop {
                 let event = tokio::select! {
@@ -398,6 +406,10 @@ impl Link {
                         if connection.status().connected() {
                             continue;
                         }
+                        let Some(shared) = shared.upgrade() else {
+                            return;
+                        };
+                        let link = Link { shared };
                         let mut state = link.shared.state.lock().await;
                         let is_current = state
                             .current
@@ -410,13 +422,10 @@ impl Link {
                         return;
                     }
                     Some(Event::ConnectionBlocked(reason)) => {
-                        warn!(pipeline = link.shared.pipeline, %reason, "broker blocked publishing (resource alarm)");
+                        warn!(pipeline, %reason, "broker blocked publishing (resource alarm)");
                     }
                     Some(Event::ConnectionUnblocked) => {
-                        info!(
-                            pipeline = link.shared.pipeline,
-                            "broker unblocked publishing"
-                        );
+                        info!(pipeline, "broker unblocked publishing");
                     }
                     Some(_) => {}
                 }
@@ -429,7 +438,8 @@ impl Link {
 /// so that channels and consumers on it end (their deliveries go back to the queue) instead of lingering.
 fn retire(current: Current) {
     current.watcher.cancel();
-    let connection = current.connection;
+    let connection = current.connection.clone();
+    drop(current);
     if connection.status().connected() {
         tokio::spawn(async move {
             let _ = tokio::time::timeout(

@@ -1037,6 +1037,7 @@ async fn a_connection_cut_mid_stream_loses_nothing() {
     let producer = tokio::spawn({
         let publisher = f.publisher.clone();
         let queue = f.queue();
+        let (link, never) = (f.link.clone(), CancellationToken::new());
         async move {
             for i in 0..total {
                 let id = format!("cut-{i}");
@@ -1055,7 +1056,8 @@ async fn a_connection_cut_mid_stream_loses_nothing() {
                     if sent.is_ok() {
                         break;
                     }
-                    tokio::task::yield_now().await;
+                    // Wait (through the link's own backoff) until the broker is reachable again.
+                    link.connection(&never).await.expect("link open");
                 }
             }
         }
@@ -1112,5 +1114,36 @@ async fn a_connection_cut_mid_stream_loses_nothing() {
         f.metrics.encode()
     );
     assert!(proxy.accepted() >= 3);
+    f.cleanup(&[f.plan()]).await;
+}
+
+#[tokio::test]
+async fn consumer_requeue_hands_the_message_back_for_redelivery() {
+    let f = Fixture::new("requeue", settings(5)).await;
+    let handler = Recorder::new(|msg| {
+        let decision = if msg.redelivered {
+            Decision::Ack
+        } else {
+            Decision::Requeue
+        };
+        async move { decision }.boxed()
+    });
+    let consumer = f.start(
+        f.spec(1, 3),
+        handler.clone(),
+        f.pause(),
+        Duration::from_secs(2),
+    );
+    f.declare(&f.plan()).await.unwrap();
+    f.put(&f.queue(), "rq", b"{}").await;
+    wait_for("handled twice", DEADLINE, || async {
+        (handler.count() == 2).then_some(())
+    })
+    .await;
+    let seen = handler.seen();
+    assert!(!seen[0].redelivered && seen[1].redelivered);
+    assert_eq!(seen[1].attempt, 1, "a requeue is not a retry");
+    f.stop(consumer).await;
+    assert_eq!(f.depth(&f.queue()).await, 0);
     f.cleanup(&[f.plan()]).await;
 }
