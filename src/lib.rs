@@ -4,6 +4,7 @@
 //! - [`config`] and [`secret`]: what an operator writes, and how secrets stay out of logs;
 //! - [`didit`]: Didit's API (wire types, webhook signatures, the client and its outcome table);
 //! - [`envelope`]: our own messages and their Ed25519 signatures;
+//! - [`amqp`]: RabbitMQ: names and topology, the supervised connection, confirmed publishing, consumers;
 //! - [`ledger`]: what was already minted, imported or seen, so that duplicates have no second effect;
 //! - [`metrics`] and [`health`]: what the process reports.
 //! - [`metrics`] and [`health`]: what the process reports;
@@ -12,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod amqp;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -1,0 +1,971 @@
+//! Supervised consumers: [`run_consumer`] takes deliveries from one queue, hands each to a [`Handler`] (at most
+//! `concurrency` at once) and carries out the [`Decision`] it returns — ack, delayed retry through `<queue>.retry`,
+//! dead-letter with a reason, pause, requeue, or split into dead-lettered copies.
+//!
+//! The rule that keeps messages safe: **a delivery is acked only after everything it caused is confirmed by the
+//! broker.** A retry or dead-letter copy is published with a confirm first; if that fails, the original is nacked
+//! with requeue (never acked) and the consumer restarts its session (re-declaring its topology, which recreates
+//! a deleted `.retry` or `.dead` queue). If an ack or nack itself fails (the channel is gone), it is logged: the
+//! broker redelivers, and the ledger absorbs the duplicate.
+//!
+//! A session is one channel with one subscription. It ends when the consumer stream ends (the broker cancelled
+//! us: queue deleted, node restarting), yields an error, or a republish fails; the consumer then waits a jittered
+//! backoff and starts over (see the recovery model in [`crate::amqp`]). While paused ([`PauseControl`]), the
+//! subscription is cancelled, in-flight work finishes, and the channel is closed so that prefetched deliveries
+//! go back to the queue; consuming resumes when the pipeline calls [`PauseControl::resume`]. On shutdown the
+//! subscription is cancelled, in-flight handlers get `grace` to finish, and whatever is still unacked returns to
+//! the queue when the channel closes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::connection::Link;
+use super::publisher::{PublishError, Publisher};
+use super::topology::{Entity, declare};
+use super::{AmqpError, Backoff, HeaderValue, Names, short, truncate};
+use crate::envelope::{HEADER_ATTEMPT, HEADER_DETAIL, HEADER_REASON};
+use crate::health::Health;
+use crate::metrics::Metrics;
+
+/// Longest `x-pb-detail` written on a dead-lettered message.
+pub const MAX_DETAIL_BYTES: usize = 1000;
+/// Limit for each setup step of a session (open channel, qos, declare, consume).
+const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Backoff between sessions.
+const RESTART_MIN: Duration = Duration::from_millis(100);
+const RESTART_MAX: Duration = Duration::from_secs(10);
+
+/// One delivery, as a handler sees it (no lapin types).
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// The body.
+    pub body: Vec<u8>,
+    /// String and integer headers (other kinds, such as `x-death`, are left out).
+    pub headers: BTreeMap<String, HeaderValue>,
+    /// AMQP `message_id`.
+    pub message_id: Option<String>,
+    /// AMQP `type`.
+    pub kind: Option<String>,
+    /// AMQP `timestamp` (unix seconds).
+    pub timestamp: Option<u64>,
+    /// The broker delivered this message before (to us or another consumer).
+    pub redelivered: bool,
+    /// The `x-pb-attempt` header: 1 for a first delivery, incremented by each [`Decision::Retry`].
+    pub attempt: u32,
+    /// The queue it came from.
+    pub queue: String,
+}
+
+/// A dead-lettered copy made from one delivery (e.g. one partner's share failed while others succeeded).
+#[derive(Debug, Clone)]
+pub struct DeadLetterCopy {
+    /// The copy's body.
+    pub body: Vec<u8>,
+    /// The `x-pb-reason` word.
+    pub reason: &'static str,
+    /// The `x-pb-detail` sentence.
+    pub detail: String,
+    /// Headers added to the original's (e.g. `x-pb-partner`).
+    pub headers: Vec<(String, HeaderValue)>,
+}
+
+/// What to do with a delivery, as decided by a [`Handler`].
+#[derive(Debug, Clone)]
+pub enum Decision {
+    /// Done: ack.
+    Ack,
+    /// Try again later: a copy (same body and properties, these headers set, `x-pb-attempt` incremented) goes to
+    /// `<queue>.retry` and comes back after `amqp.retry_delay_ms`; then the original is acked. Past
+    /// `max_attempts` the message is dead-lettered as `retries_exhausted` with this detail instead.
+    Retry {
+        /// Why, for the log and a later dead-letter.
+        detail: String,
+        /// Headers to set on the copy (e.g. `x-pb-pending-partners`).
+        headers: Vec<(String, HeaderValue)>,
+    },
+    /// Give up on it: a copy with `x-pb-reason` and `x-pb-detail` goes to `<queue>.dead` (through the
+    /// dead-letter exchange), then the original is acked. Counted in `dead_lettered_total`.
+    DeadLetter {
+        /// A fixed word (`bad_message`, `share_rejected`, …).
+        reason: &'static str,
+        /// A sentence for an operator.
+        detail: String,
+    },
+    /// The message is fine but the pipeline is not (key revoked, workflow missing): a copy goes to `<queue>.retry`
+    /// without counting an attempt, the original is acked, and the consumer pauses until resumed.
+    Pause {
+        /// `credentials` or `workflow_missing`.
+        reason: &'static str,
+        /// What the pipeline saw.
+        detail: String,
+    },
+    /// Hand it back to the queue now (nack with requeue), e.g. because the process is shutting down.
+    Requeue,
+    /// Dead-letter each copy (counted), then apply `then` to the original.
+    Split {
+        /// The copies to dead-letter.
+        copies: Vec<DeadLetterCopy>,
+        /// What to do with the original afterwards.
+        then: Box<Decision>,
+    },
+}
+
+/// Decides what to do with one delivery. Handlers should be pure where they can: one message in, one decision
+/// out, I/O at the edges; the consumer does all the acking and republishing.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one delivery.
+    fn handle(&self, msg: Incoming) -> impl Future<Output = Decision> + Send;
+}
+
+/// Pauses and resumes one pipeline's consumers. Cheap to clone.
+///
+/// While paused, the health part `paused:<pipeline>` is not ready (so `/readyz` fails) and
+/// `paused{pipeline,reason}` is 1.
+#[derive(Clone, Debug)]
+pub struct PauseControl {
+    inner: Arc<PauseInner>,
+}
+
+#[derive(Debug)]
+struct PauseInner {
+    pipeline: &'static str,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    state: watch::Sender<Option<&'static str>>,
+}
+
+impl PauseControl {
+    /// A control for `pipeline`, not paused.
+    pub fn new(pipeline: &'static str, health: Arc<Health>, metrics: Arc<Metrics>) -> PauseControl {
+        PauseControl {
+            inner: Arc::new(PauseInner {
+                pipeline,
+                health,
+                metrics,
+                state: watch::Sender::new(None),
+            }),
+        }
+    }
+
+    /// Pauses consuming because of `reason` (`credentials`, `workflow_missing`).
+    pub fn pause(&self, reason: &'static str) {
+        self.pause_because(reason, "");
+    }
+
+    /// Pauses consuming because of `reason`, with a detail shown in `/readyz`.
+    pub fn pause_because(&self, reason: &'static str, detail: &str) {
+        let inner = &self.inner;
+        let previous = inner.state.send_replace(Some(reason));
+        if let Some(previous) = previous
+            && previous != reason
+        {
+            inner.metrics.paused(inner.pipeline, previous, false);
+        }
+        inner.metrics.paused(inner.pipeline, reason, true);
+        let text = if detail.is_empty() {
+            format!("paused: {reason}")
+        } else {
+            format!("paused: {reason}: {}", truncate(detail, 200))
+        };
+        inner.health.not_ready(&self.health_part(), text);
+        if previous.is_none() {
+            warn!(
+                pipeline = inner.pipeline,
+                reason, detail, "pipeline paused; messages wait in the queue"
+            );
+        }
+    }
+
+    /// Resumes consuming.
+    pub fn resume(&self) {
+        let inner = &self.inner;
+        if let Some(reason) = inner.state.send_replace(None) {
+            inner.metrics.paused(inner.pipeline, reason, false);
+            info!(pipeline = inner.pipeline, reason, "pipeline resumed");
+        }
+        inner.health.ready(&self.health_part());
+    }
+
+    /// Why the pipeline is paused, if it is.
+    pub fn is_paused(&self) -> Option<&'static str> {
+        *self.inner.state.borrow()
+    }
+
+    /// Returns once the pipeline is not paused.
+    pub async fn wait_resumed(&self) {
+        let mut state = self.inner.state.subscribe();
+        let _ = state.wait_for(Option::is_none).await;
+    }
+
+    /// Returns once the pipeline is paused, with the reason.
+    pub async fn wait_paused(&self) -> &'static str {
+        let mut state = self.inner.state.subscribe();
+        let reason = match state.wait_for(Option::is_some).await {
+            Ok(reason) => *reason,
+            Err(_) => None,
+        };
+        match reason {
+            Some(reason) => reason,
+            // The sender lives as long as this control: never reached.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn health_part(&self) -> String {
+        format!("paused:{}", self.inner.pipeline)
+    }
+}
+
+/// What one consumer consumes and how.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// The queue.
+    pub queue: String,
+    /// The pipeline (a [`crate::metrics::pipeline`] name) for metrics.
+    pub pipeline: &'static str,
+    /// Unacked deliveries the broker may push ahead (`basic.qos`).
+    pub prefetch: u16,
+    /// Handlers running at once.
+    pub concurrency: usize,
+    /// Deliveries of one message through [`Decision::Retry`] before `retries_exhausted`.
+    pub max_attempts: u32,
+    /// The `.retry` queue's delay (for log lines; the queue's TTL is in the plan).
+    pub retry_delay_ms: u64,
+    /// The topology plan to (re)declare at each session start. Its entry for `queue` names the dead-letter
+    /// exchange used for [`Decision::DeadLetter`].
+    pub declare: Vec<Entity>,
+}
+
+impl ConsumerSpec {
+    /// The dead-letter exchange of `queue`, from its `x-dead-letter-exchange` argument in the plan.
+    pub fn dead_letter_exchange(&self) -> Option<String> {
+        self.declare.iter().find_map(|entity| match entity {
+            Entity::Queue { name, .. } if *name == self.queue => entity
+                .argument("x-dead-letter-exchange")
+                .and_then(HeaderValue::as_str)
+                .map(str::to_string),
+            _ => None,
+        })
+    }
+}
+
+struct Ctx<H> {
+    link: Link,
+    publisher: Publisher,
+    spec: ConsumerSpec,
+    dead_letter_exchange: Option<String>,
+    handler: Arc<H>,
+    pause: PauseControl,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    part: String,
+}
+
+enum SessionEnd {
+    /// Shutdown was requested; `drained` tells whether in-flight work finished within the grace.
+    Shutdown { drained: bool },
+    /// The pipeline paused; in-flight work has finished and the channel is closed.
+    Paused,
+    /// Something failed; start over after a backoff. `consumed` tells whether deliveries flowed before.
+    Failed { reason: String, consumed: bool },
+}
+
+enum Stop {
+    Shutdown,
+    Paused,
+    Failed(String),
+}
+
+/// Consumes `spec.queue` until `shutdown` is cancelled (see the module doc). Returns after in-flight work
+/// finished or `grace` ran out.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_consumer<H: Handler>(
+    link: Link,
+    publisher: Publisher,
+    spec: ConsumerSpec,
+    handler: Arc<H>,
+    pause: PauseControl,
+    shutdown: CancellationToken,
+    grace: Duration,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) {
+    let part = format!("consumer:{}", spec.queue);
+    health.not_ready(&part, "starting");
+    let dead_letter_exchange = spec.dead_letter_exchange();
+    if dead_letter_exchange.is_none() {
+        warn!(
+            queue = %spec.queue,
+            "the declare plan names no dead-letter exchange for this queue; dead-letters fall back to reject"
+        );
+    }
+    let ctx = Arc::new(Ctx {
+        link,
+        publisher,
+        dead_letter_exchange,
+        handler,
+        pause,
+        metrics,
+        health,
+        part,
+        spec,
+    });
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(ctx.spec.concurrency.max(1)));
+    let mut backoff = Backoff::new(RESTART_MIN, RESTART_MAX);
+    let mut drained = false;
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        if let Some(reason) = ctx.pause.is_paused() {
+            ctx.health
+                .not_ready(&ctx.part, format!("paused ({reason})"));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ctx.pause.wait_resumed() => continue,
+            }
+        }
+        match session(&ctx, &tracker, &permits, &shutdown, grace).await {
+            SessionEnd::Shutdown { drained: done } => {
+                drained = done;
+                break;
+            }
+            SessionEnd::Paused => backoff.reset(),
+            SessionEnd::Failed { reason, consumed } => {
+                if consumed {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                warn!(queue = %ctx.spec.queue, %reason, retry_in_ms = delay.as_millis() as u64, "consumer stopped; restarting");
+                ctx.health
+                    .not_ready(&ctx.part, format!("{reason}; restarting"));
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    if !drained {
+        // Handlers of earlier sessions may still run (their acks will fail and the broker redelivers).
+        tracker.close();
+        let _ = tokio::time::timeout(grace, tracker.wait()).await;
+    }
+    ctx.health.not_ready(&ctx.part, "stopped (shutting down)");
+    info!(queue = %ctx.spec.queue, "consumer stopped");
+}
+
+async fn session<H: Handler>(
+    ctx: &Arc<Ctx<H>>,
+    tracker: &TaskTracker,
+    permits: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+    grace: Duration,
+) -> SessionEnd {
+    let connection = match ctx.link.connection(shutdown).await {
+        Ok(connection) => connection,
+        Err(_) => return SessionEnd::Shutdown { drained: false },
+    };
+    let tag = format!(
+        "partner-bridge.{}.{}",
+        ctx.spec.pipeline,
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let setup = tokio::select! {
+        _ = shutdown.cancelled() => return SessionEnd::Shutdown { drained: false },
+        setup = subscribe(ctx, &connection, &tag) => setup,
+    };
+    let (channel, mut consumer) = match setup {
+        Ok(subscribed) => subscribed,
+        Err(error) => {
+            if error.is_connection_level() || !connection.status().connected() {
+                ctx.link.invalidate_if(&connection).await;
+            }
+            return SessionEnd::Failed {
+                reason: format!("cannot consume from {}: {error}", ctx.spec.queue),
+                consumed: false,
+            };
+        }
+    };
+    ctx.health.ready(&ctx.part);
+    info!(queue = %ctx.spec.queue, prefetch = ctx.spec.prefetch, concurrency = ctx.spec.concurrency, "consuming");
+    let session_tasks = TaskTracker::new();
+    let fault = CancellationToken::new();
+    let mut consumed = false;
+    let stop = loop {
+        // A permit first, then a delivery: a delivery is only taken when a handler can start on it.
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Stop::Shutdown,
+            _ = ctx.pause.wait_paused() => break Stop::Paused,
+            _ = fault.cancelled() => break Stop::Failed("republishing a retry or dead-letter copy failed".into()),
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break Stop::Shutdown,
+            },
+        };
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Stop::Shutdown,
+            _ = ctx.pause.wait_paused() => break Stop::Paused,
+            _ = fault.cancelled() => break Stop::Failed("republishing a retry or dead-letter copy failed".into()),
+            next = consumer.next() => next,
+        };
+        match next {
+            None => {
+                break Stop::Failed(format!(
+                    "the broker cancelled the subscription to {} (queue deleted or node restarting)",
+                    ctx.spec.queue
+                ));
+            }
+            Some(Err(error)) => break Stop::Failed(format!("consumer error: {error}")),
+            Some(Ok(delivery)) => {
+                consumed = true;
+                let task = handle_delivery(ctx.clone(), delivery, fault.clone(), permit);
+                tracker.spawn(session_tasks.track_future(task));
+            }
+        }
+    };
+    let tag = ShortString::try_new(tag).unwrap_or_else(|_| ShortString::from(""));
+    match stop {
+        Stop::Shutdown => {
+            ctx.health.not_ready(&ctx.part, "draining (shutting down)");
+            cancel_subscription(&channel, tag).await;
+            tracker.close();
+            let drained = tokio::time::timeout(grace, tracker.wait()).await.is_ok();
+            if !drained {
+                warn!(queue = %ctx.spec.queue, grace_ms = grace.as_millis() as u64, "handlers still running after the grace period; their messages go back to the queue");
+            }
+            close_channel(&channel).await;
+            SessionEnd::Shutdown { drained }
+        }
+        Stop::Paused => {
+            let reason = ctx.pause.is_paused().unwrap_or("paused");
+            ctx.health
+                .not_ready(&ctx.part, format!("paused ({reason})"));
+            cancel_subscription(&channel, tag).await;
+            session_tasks.close();
+            tokio::select! {
+                _ = session_tasks.wait() => {}
+                _ = shutdown.cancelled() => {
+                    tracker.close();
+                    let drained = tokio::time::timeout(grace, tracker.wait()).await.is_ok();
+                    close_channel(&channel).await;
+                    return SessionEnd::Shutdown { drained };
+                }
+            }
+            // Prefetched deliveries nobody took go back to the queue with the channel.
+            close_channel(&channel).await;
+            SessionEnd::Paused
+        }
+        Stop::Failed(reason) => {
+            ctx.health.not_ready(&ctx.part, reason.clone());
+            if !connection.status().connected() {
+                ctx.link.invalidate_if(&connection).await;
+            } else {
+                // Let in-flight handlers settle on this channel, then close it so that prefetched deliveries
+                // return to the queue.
+                session_tasks.close();
+                tokio::spawn(async move {
+                    session_tasks.wait().await;
+                    close_channel(&channel).await;
+                });
+            }
+            SessionEnd::Failed { reason, consumed }
+        }
+    }
+}
+
+/// Opens the session's channel, sets the prefetch, declares the plan and subscribes.
+async fn subscribe<H: Handler>(
+    ctx: &Ctx<H>,
+    connection: &Connection,
+    tag: &str,
+) -> Result<(Channel, lapin::Consumer), AmqpError> {
+    let channel = super::timed(
+        "opening a consumer channel",
+        SETUP_TIMEOUT,
+        connection.create_channel(),
+    )
+    .await?;
+    super::timed(
+        "basic.qos",
+        SETUP_TIMEOUT,
+        channel.basic_qos(ctx.spec.prefetch, BasicQosOptions::default()),
+    )
+    .await?;
+    declare(&channel, &ctx.spec.declare).await?;
+    let consumer = super::timed(
+        &format!("subscribing to queue {}", ctx.spec.queue),
+        SETUP_TIMEOUT,
+        channel.basic_consume(
+            short(&ctx.spec.queue)?,
+            short(tag)?,
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    Ok((channel, consumer))
+}
+
+async fn cancel_subscription(channel: &Channel, tag: ShortString) {
+    if channel.status().connected() {
+        let _ = super::timed(
+            "basic.cancel",
+            SETUP_TIMEOUT,
+            channel.basic_cancel(tag, BasicCancelOptions::default()),
+        )
+        .await;
+    }
+}
+
+async fn close_channel(channel: &Channel) {
+    if channel.status().connected() {
+        let _ = super::timed(
+            "closing a consumer channel",
+            SETUP_TIMEOUT,
+            channel.close(200, "OK".into()),
+        )
+        .await;
+    }
+}
+
+/// Runs the handler on one delivery and carries out its decision.
+async fn handle_delivery<H: Handler>(
+    ctx: Arc<Ctx<H>>,
+    delivery: Delivery,
+    fault: CancellationToken,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _permit = permit;
+    let _in_flight = ctx.metrics.in_flight(ctx.spec.pipeline);
+    let incoming = incoming(&delivery, &ctx.spec.queue);
+    let message_id = incoming.message_id.clone().unwrap_or_default();
+    let attempt = incoming.attempt;
+    let decision = match AssertUnwindSafe(ctx.handler.handle(incoming))
+        .catch_unwind()
+        .await
+    {
+        Ok(decision) => decision,
+        Err(_) => {
+            error!(queue = %ctx.spec.queue, %message_id, "handler panicked; dead-lettering the message");
+            Decision::DeadLetter {
+                reason: "handler_panicked",
+                detail: "the handler panicked on this message".into(),
+            }
+        }
+    };
+    let pause_after = match &decision {
+        Decision::Pause { reason, detail } => Some((*reason, detail.clone())),
+        _ => None,
+    };
+    if let Err(error) = apply(&ctx, &delivery, attempt, decision).await {
+        warn!(queue = %ctx.spec.queue, %message_id, %error, "could not republish; returning the message to the queue");
+        settle(&ctx, &delivery, Settle::Requeue, &message_id).await;
+        fault.cancel();
+    }
+    if let Some((reason, detail)) = pause_after {
+        ctx.pause.pause_because(reason, &detail);
+    }
+}
+
+/// Carries out `decision`; `Err` means a republish failed and the delivery is still unsettled.
+async fn apply<H: Handler>(
+    ctx: &Ctx<H>,
+    delivery: &Delivery,
+    attempt: u32,
+    mut decision: Decision,
+) -> Result<(), PublishError> {
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+    let queue = ctx.spec.queue.as_str();
+    while let Decision::Split { copies, then } = decision {
+        for copy in copies {
+            dead_letter(
+                ctx,
+                delivery,
+                &copy.body,
+                copy.reason,
+                &copy.detail,
+                &copy.headers,
+            )
+            .await?;
+        }
+        decision = *then;
+    }
+    match decision {
+        Decision::Ack => {
+            if settle(ctx, delivery, Settle::Ack, &message_id).await {
+                ctx.metrics.success(ctx.spec.pipeline);
+            }
+        }
+        Decision::Requeue => {
+            settle(ctx, delivery, Settle::Requeue, &message_id).await;
+        }
+        Decision::Retry { detail, headers } => {
+            let next = attempt.saturating_add(1);
+            if next > ctx.spec.max_attempts {
+                warn!(%queue, %message_id, attempt, %detail, "retries exhausted; dead-lettering");
+                dead_letter(
+                    ctx,
+                    delivery,
+                    &delivery.data,
+                    "retries_exhausted",
+                    &detail,
+                    &headers,
+                )
+                .await?;
+                settle(ctx, delivery, Settle::Ack, &message_id).await;
+            } else {
+                let mut set = headers;
+                set.push((
+                    HEADER_ATTEMPT.to_string(),
+                    HeaderValue::Int(i64::from(next)),
+                ));
+                let properties = copy_properties(&delivery.properties, &set, &[])?;
+                ctx.publisher
+                    .publish_raw("", &Names::retry_queue(queue), &delivery.data, properties)
+                    .await?;
+                info!(%queue, %message_id, attempt = next, retry_in_ms = ctx.spec.retry_delay_ms, %detail, "retry scheduled");
+                settle(ctx, delivery, Settle::Ack, &message_id).await;
+            }
+        }
+        Decision::DeadLetter { reason, detail } => {
+            dead_letter(ctx, delivery, &delivery.data, reason, &detail, &[]).await?;
+            settle(ctx, delivery, Settle::Ack, &message_id).await;
+        }
+        Decision::Pause { reason, detail } => {
+            let properties = copy_properties(&delivery.properties, &[], &[])?;
+            ctx.publisher
+                .publish_raw("", &Names::retry_queue(queue), &delivery.data, properties)
+                .await?;
+            info!(%queue, %message_id, reason, %detail, "message parked in the retry queue while pausing");
+            settle(ctx, delivery, Settle::Ack, &message_id).await;
+        }
+        Decision::Split { .. } => unreachable!("splits were unrolled above"),
+    }
+    Ok(())
+}
+
+/// Publishes a dead-letter copy of `delivery` (with `body`) to `<queue>.dead` and counts it.
+async fn dead_letter<H: Handler>(
+    ctx: &Ctx<H>,
+    delivery: &Delivery,
+    body: &[u8],
+    reason: &'static str,
+    detail: &str,
+    extra: &[(String, HeaderValue)],
+) -> Result<(), PublishError> {
+    let queue = ctx.spec.queue.as_str();
+    let Some(exchange) = ctx.dead_letter_exchange.as_deref() else {
+        // No dead-letter exchange known: let the broker dead-letter the original per the queue's arguments.
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        settle(ctx, delivery, Settle::Reject, &message_id).await;
+        ctx.metrics.dead_lettered(queue, reason);
+        return Ok(());
+    };
+    let mut set: Vec<(String, HeaderValue)> = extra.to_vec();
+    set.push((
+        HEADER_REASON.to_string(),
+        HeaderValue::Str(reason.to_string()),
+    ));
+    set.push((
+        HEADER_DETAIL.to_string(),
+        HeaderValue::Str(truncate(detail, MAX_DETAIL_BYTES)),
+    ));
+    let properties = copy_properties(&delivery.properties, &set, &[])?;
+    ctx.publisher
+        .publish_raw(exchange, queue, body, properties)
+        .await?;
+    ctx.metrics.dead_lettered(queue, reason);
+    warn!(
+        %queue,
+        message_id = ?delivery.properties.message_id().as_ref().map(|id| id.as_str()),
+        reason,
+        detail = %truncate(detail, MAX_DETAIL_BYTES),
+        "message dead-lettered"
+    );
+    Ok(())
+}
+
+enum Settle {
+    Ack,
+    Requeue,
+    Reject,
+}
+
+/// Acks, nacks or rejects; `true` when the broker got it. A failure is logged: the broker will redeliver.
+async fn settle<H: Handler>(
+    ctx: &Ctx<H>,
+    delivery: &Delivery,
+    how: Settle,
+    message_id: &str,
+) -> bool {
+    let (what, result) = match how {
+        Settle::Ack => ("ack", delivery.acker.ack(BasicAckOptions::default()).await),
+        Settle::Requeue => (
+            "nack",
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await,
+        ),
+        Settle::Reject => (
+            "reject",
+            delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await,
+        ),
+    };
+    match result {
+        Ok(true) => true,
+        Ok(false) => {
+            warn!(queue = %ctx.spec.queue, %message_id, what, "delivery not settled: its channel is gone; the broker will redeliver it");
+            false
+        }
+        Err(error) => {
+            warn!(queue = %ctx.spec.queue, %message_id, what, %error, "delivery not settled; the broker will redeliver it");
+            false
+        }
+    }
+}
+
+/// A delivery as a handler sees it.
+fn incoming(delivery: &Delivery, queue: &str) -> Incoming {
+    let properties = &delivery.properties;
+    let headers: BTreeMap<String, HeaderValue> = properties
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter_map(|(k, v)| HeaderValue::from_amqp(v).map(|v| (k.as_str().to_string(), v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let attempt = headers
+        .get(HEADER_ATTEMPT)
+        .and_then(HeaderValue::as_int)
+        .filter(|a| *a >= 1)
+        .map(|a| u32::try_from(a).unwrap_or(u32::MAX))
+        .unwrap_or(1);
+    Incoming {
+        body: delivery.data.clone(),
+        headers,
+        message_id: properties.message_id().as_ref().map(|id| id.to_string()),
+        kind: properties.kind().as_ref().map(|k| k.to_string()),
+        timestamp: *properties.timestamp(),
+        redelivered: delivery.redelivered,
+        attempt,
+        queue: queue.to_string(),
+    }
+}
+
+/// A copy of `original` (persistent) with headers `set` added or replaced and `remove` dropped.
+pub(crate) fn copy_properties(
+    original: &BasicProperties,
+    set: &[(String, HeaderValue)],
+    remove: &[&str],
+) -> Result<BasicProperties, AmqpError> {
+    let mut headers: BTreeMap<ShortString, lapin::types::AMQPValue> = original
+        .headers()
+        .as_ref()
+        .map(|table| table.inner().clone())
+        .unwrap_or_default();
+    headers.retain(|key, _| !remove.contains(&key.as_str()));
+    for (key, value) in set {
+        headers.insert(short(key)?, value.to_amqp());
+    }
+    Ok(original
+        .clone()
+        .with_delivery_mode(2)
+        .with_headers(FieldTable::from(headers)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliveries_become_incoming_with_attempt_defaulting_to_one() {
+        let mut d = Delivery::mock(1, "".into(), "q".into(), true, b"{}".to_vec());
+        let mut table = FieldTable::default();
+        table.insert("x-pb-reason".into(), HeaderValue::Str("r".into()).to_amqp());
+        d.properties = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_type("share_token".into())
+            .with_timestamp(5)
+            .with_headers(table.clone());
+        let i = incoming(&d, "pb.q");
+        assert_eq!(i.attempt, 1);
+        assert_eq!(i.message_id.as_deref(), Some("m"));
+        assert_eq!(i.kind.as_deref(), Some("share_token"));
+        assert_eq!(i.timestamp, Some(5));
+        assert!(i.redelivered);
+        assert_eq!(
+            i.headers.get("x-pb-reason"),
+            Some(&HeaderValue::Str("r".into()))
+        );
+        table.insert("x-pb-attempt".into(), lapin::types::AMQPValue::LongInt(3));
+        d.properties = d.properties.clone().with_headers(table);
+        assert_eq!(incoming(&d, "pb.q").attempt, 3);
+    }
+
+    #[test]
+    fn copies_replace_and_strip_headers_and_stay_persistent() {
+        let mut table = FieldTable::default();
+        table.insert("x-pb-attempt".into(), HeaderValue::Int(2).to_amqp());
+        table.insert(
+            "x-pb-reason".into(),
+            HeaderValue::Str("old".into()).to_amqp(),
+        );
+        table.insert("keep".into(), HeaderValue::Str("k".into()).to_amqp());
+        let original = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_headers(table);
+        let copy = copy_properties(
+            &original,
+            &[("x-pb-attempt".into(), HeaderValue::Int(3))],
+            &["x-pb-reason"],
+        )
+        .unwrap();
+        let h = copy.headers().as_ref().unwrap();
+        assert_eq!(
+            HeaderValue::from_amqp(&h.inner()["x-pb-attempt"]),
+            Some(HeaderValue::Int(3))
+        );
+        assert!(!h.contains_key("x-pb-reason"));
+        assert!(h.contains_key("keep"));
+        assert_eq!(*copy.delivery_mode(), Some(2));
+        assert_eq!(copy.message_id().as_ref().map(|s| s.as_str()), Some("m"));
+    }
+
+    #[test]
+    fn the_dead_letter_exchange_comes_from_the_plan() {
+        let names = Names::new("pb");
+        let settings = super::super::QueueSettings {
+            delivery_limit: 5,
+            retry_delay_ms: 100,
+        };
+        let spec = ConsumerSpec {
+            queue: names.receiver_tokens_queue(),
+            pipeline: crate::metrics::pipeline::RECEIVER_TOKENS,
+            prefetch: 10,
+            concurrency: 2,
+            max_attempts: 3,
+            retry_delay_ms: 100,
+            declare: super::super::topology::receiver_plan(&names, &settings, "me"),
+        };
+        assert_eq!(
+            spec.dead_letter_exchange().as_deref(),
+            Some("pb.dead-letter")
+        );
+    }
+
+    struct Noop;
+    impl Handler for Noop {
+        async fn handle(&self, _msg: Incoming) -> Decision {
+            Decision::Ack
+        }
+    }
+
+    #[test]
+    fn the_consumer_future_can_be_spawned() {
+        fn assert_send<T: Send + 'static>(_: T) {}
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::new());
+        let link = Link::new(
+            crate::secret::SecretUrl::new("amqp://127.0.0.1:1/%2f"),
+            "receiver_tokens",
+            metrics.clone(),
+            health.clone(),
+            super::super::LinkOptions::default(),
+        );
+        let publisher = Publisher::new(link.clone(), Duration::from_secs(1), metrics.clone());
+        let spec = ConsumerSpec {
+            queue: "q".into(),
+            pipeline: "receiver_tokens",
+            prefetch: 1,
+            concurrency: 1,
+            max_attempts: 1,
+            retry_delay_ms: 1,
+            declare: Vec::new(),
+        };
+        let pause = PauseControl::new("receiver_tokens", health.clone(), metrics.clone());
+        assert_send(run_consumer(
+            link,
+            publisher,
+            spec,
+            Arc::new(Noop),
+            pause,
+            CancellationToken::new(),
+            Duration::from_secs(1),
+            metrics,
+            health,
+        ));
+    }
+
+    #[tokio::test]
+    async fn pause_control_reports_and_wakes() {
+        let health = Arc::new(Health::new());
+        let metrics = Arc::new(Metrics::new());
+        let pause = PauseControl::new("receiver_tokens", health.clone(), metrics.clone());
+        assert_eq!(pause.is_paused(), None);
+        pause.wait_resumed().await;
+        let waiter = tokio::spawn({
+            let pause = pause.clone();
+            async move { pause.wait_paused().await }
+        });
+        pause.pause_because("credentials", "key revoked");
+        assert_eq!(waiter.await.unwrap(), "credentials");
+        assert_eq!(pause.is_paused(), Some("credentials"));
+        let reasons = health.check().unwrap_err();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("paused:receiver_tokens: paused: credentials")),
+            "{reasons:?}"
+        );
+        assert!(metrics.encode().contains(
+            "partner_bridge_paused{pipeline=\"receiver_tokens\",reason=\"credentials\"} 1"
+        ));
+        pause.resume();
+        pause.wait_resumed().await;
+        assert!(health.check().is_ok());
+        assert!(metrics.encode().contains(
+            "partner_bridge_paused{pipeline=\"receiver_tokens\",reason=\"credentials\"} 0"
+        ));
+    }
+}
