@@ -2,6 +2,7 @@
 //! HTTP on 127.0.0.1:0, SQLite files in temporary directories). Each test uses its own AMQP prefix, so tests run
 //! in parallel on one broker.
 
+mod client_sandbox;
 mod config;
 mod didit_client;
 mod sandbox;
