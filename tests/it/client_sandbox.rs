@@ -803,6 +803,43 @@ async fn a_token_for_another_application_is_dead_lettered_as_misrouted() {
     );
 }
 
+#[tokio::test]
+async fn import_with_a_key_lacking_write_sessions_pauses_on_credentials() {
+    let env = start().await;
+    let read_only = env
+        .control
+        .create_application_with_privileges("read-only-receiver", &["read:sessions"])
+        .await
+        .unwrap();
+    let source = env.session(SessionKind::User, "Approved").await;
+    let share = env
+        .issuer_client
+        .share(&source.session_id, &read_only.application_id, TTL)
+        .await
+        .unwrap();
+    let (read_only_client, _) = client(&access(&env.sandbox, &read_only, inline(&read_only)));
+    let e = read_only_client
+        .import(&ImportRequest {
+            workflow_id: read_only.workflows.user.clone(),
+            ..env.import_request(&share.share_token, SessionKind::User, false)
+        })
+        .await
+        .unwrap_err();
+    // Every import would fail the same way until an operator fixes the key: pause, do not dead-letter them all.
+    assert!(
+        matches!(e, DiditError::ApiKeyRejected { status: 403, .. }),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.disposition(),
+        Disposition::Pause {
+            reason: "credentials"
+        }
+    );
+    assert_eq!(env.rejected(codes::PERMISSION_DENIED).await, 1);
+    assert_eq!(env.control.stats().await.unwrap().imports.len(), 0);
+}
+
 // ---- import: 401 → reshare, or pause when it is the key ----------------------------------------------------
 
 #[tokio::test]
