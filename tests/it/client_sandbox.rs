@@ -2,6 +2,9 @@
 //! produced for real (a revoked key, an unfinished session, a removed workflow, a moved clock, injected faults, a
 //! stopped server, …) and must come back as the expected `DiditError` variant and `Disposition`.
 //!
+//! The one row the sandbox cannot produce is import's "403, anything else → forbidden" (its only 403s are the
+//! duplicate, the misrouted token and the missing privilege); `didit_client` covers it against a scripted stub.
+//!
 //! Where it matters, the sandbox's own counters (`GET /sandbox/stats`) confirm that the situation really happened
 //! on the Didit side (the expected error code was answered, an import was or was not made), so a test cannot pass
 //! because of an unrelated failure. Each test starts its own sandbox on 127.0.0.1:0, so they run in parallel.
@@ -738,7 +741,7 @@ async fn import_clones_the_decision_for_both_kinds_and_both_trust_settings() {
     assert_eq!(entities.len(), 2, "{entities:?}");
 }
 
-// ---- import: 403 → duplicate, misrouted, forbidden ---------------------------------------------------------
+// ---- import: 403 → duplicate, misrouted, or pause when it is the key ---------------------------------------
 
 #[tokio::test]
 async fn importing_the_same_token_twice_is_a_duplicate() {
