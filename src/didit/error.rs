@@ -439,9 +439,10 @@ fn classify_import_403(
     match code.as_deref() {
         Some(codes::ALREADY_IMPORTED) => return DiditError::AlreadyImported { detail },
         Some(codes::TOKEN_NOT_FOR_APPLICATION) => return DiditError::NotForApplication { detail },
-        // Some Didit pages say auth failures are 403: a key problem pauses (nothing lost) instead of dead-lettering
-        // every message as `forbidden`.
-        Some(codes::INVALID_API_KEY) => {
+        // Some Didit pages say auth failures are 403, and import needs `write:sessions` like share does: a key
+        // problem (a refused key, or one lacking the privilege) pauses (nothing lost), as DESIGN §4's "401 or 403
+        // about the API key or its privileges" row says, instead of dead-lettering every message as `forbidden`.
+        Some(codes::INVALID_API_KEY | codes::PERMISSION_DENIED) => {
             return DiditError::ApiKeyRejected {
                 status: 403,
                 detail,
@@ -837,10 +838,10 @@ mod tests {
         let e = err(
             Import,
             403,
-            &json(codes::PERMISSION_DENIED, "You do not have permission."),
+            &json("source_session_locked", "You may not import this session."),
         );
         assert!(
-            matches!(&e, DiditError::Forbidden { code: Some(c), .. } if c == codes::PERMISSION_DENIED)
+            matches!(&e, DiditError::Forbidden { code: Some(c), .. } if c == "source_session_locked")
         );
         assert_eq!(
             e.disposition(),
@@ -853,10 +854,23 @@ mod tests {
             err(
                 Import,
                 403,
-                &json(codes::PERMISSION_DENIED, "already imported")
+                &json("source_session_locked", "already imported")
             ),
             DiditError::Forbidden { .. }
         ));
+        // A key without the privilege fails every import alike: pause, as for share.
+        let e = err(
+            Import,
+            403,
+            &json(codes::PERMISSION_DENIED, "You do not have permission."),
+        );
+        assert!(matches!(e, DiditError::ApiKeyRejected { status: 403, .. }));
+        assert_eq!(
+            e.disposition(),
+            Disposition::Pause {
+                reason: "credentials"
+            }
+        );
 
         for text in [
             "Session has already been imported.",

@@ -469,7 +469,7 @@ async fn import_403_is_told_apart_by_code_then_detail_then_claim() {
     let e = import_err(
         &stub,
         &client,
-        Reply::error(403, codes::PERMISSION_DENIED, "No."),
+        Reply::error(403, "source_session_locked", "No."),
         &ours,
     )
     .await;
@@ -478,6 +478,24 @@ async fn import_403_is_told_apart_by_code_then_detail_then_claim() {
         e.disposition(),
         Disposition::DeadLetter {
             reason: "forbidden"
+        }
+    );
+
+    let e = import_err(
+        &stub,
+        &client,
+        Reply::error(403, codes::PERMISSION_DENIED, "No."),
+        &ours,
+    )
+    .await;
+    assert!(
+        matches!(e, DiditError::ApiKeyRejected { status: 403, .. }),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.disposition(),
+        Disposition::Pause {
+            reason: "credentials"
         }
     );
 
