@@ -47,9 +47,12 @@ pub enum Command {
         /// Keep the bridge and its admin endpoints up after the run (for Prometheus and Grafana).
         #[arg(long)]
         keep_running: bool,
-        /// Admin address of the demo bridge.
+        /// Admin address of the demo's issuer bridge; the receiver's is the next port.
         #[arg(long, default_value = "127.0.0.1:9464")]
         admin_listen: SocketAddr,
+        /// Let the receiver keep the issuer's decisions (default: imported sessions land in review).
+        #[arg(long)]
+        trust_review: bool,
     },
     /// Validate a configuration and print it with every secret redacted.
     CheckConfig {

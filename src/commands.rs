@@ -1,13 +1,17 @@
-//! The small commands: `check-config`, `keygen`, `healthcheck` (and, once the AMQP layer exists, `topology` and
-//! `dead-letters`). Each returns what to print; `main` decides exit codes.
+//! The small commands: `check-config`, `keygen`, `healthcheck`, `topology declare|show`, `dead-letters
+//! list|replay`. Each returns what to print; `main` decides exit codes.
 
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
 
+use crate::amqp::publisher::Publisher;
+use crate::amqp::{Link, LinkOptions, dead_letters, topology};
 use crate::config::Config;
 use crate::envelope::SigningKey;
+use crate::health::Health;
+use crate::metrics::Metrics;
 
 /// `check-config`: the effective configuration, secrets redacted, plus a one-line summary of the roles.
 pub fn check_config(config: &Config) -> String {
@@ -92,6 +96,110 @@ pub async fn healthcheck(url: &str) -> anyhow::Result<()> {
         let body = response.text().await.unwrap_or_default();
         anyhow::bail!("{url} answered {status}: {}", body.trim())
     }
+}
+
+/// `topology show`: what the enabled roles declare, one entity per line.
+pub fn topology_show(config: &Config) -> String {
+    let mut out = String::new();
+    for entity in crate::app::declared_topology(config) {
+        out.push_str(&entity.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// A link to the main broker for the one-shot commands (no readiness, no metrics that anyone scrapes).
+fn one_shot_link(config: &Config) -> anyhow::Result<Link> {
+    Ok(Link::new(
+        config.amqp_url()?,
+        "cli",
+        std::sync::Arc::new(Metrics::new()),
+        std::sync::Arc::new(Health::new()),
+        LinkOptions::from_config(&config.amqp, "partner-bridge cli"),
+    ))
+}
+
+async fn one_shot_channel(link: &Link) -> anyhow::Result<lapin::Channel> {
+    let connection =
+        tokio::time::timeout(std::time::Duration::from_secs(10), link.try_connection())
+            .await
+            .map_err(|_| anyhow::anyhow!("the broker did not answer within 10 s"))??;
+    Ok(connection.create_channel().await?)
+}
+
+/// `topology declare`: declares everything on the main broker, and the token exchange on the token broker when
+/// that is another one. Returns what was declared.
+pub async fn topology_declare(config: &Config) -> anyhow::Result<String> {
+    let plan = crate::app::declared_topology(config);
+    let link = one_shot_link(config)?;
+    let channel = one_shot_channel(&link).await?;
+    topology::declare(&channel, &plan).await?;
+    let mut out = topology_show(config);
+    if config.issuer.enabled && config.tokens_url()?.expose() != config.amqp_url()?.expose() {
+        let tokens = Link::new(
+            config.tokens_url()?,
+            "cli",
+            std::sync::Arc::new(Metrics::new()),
+            std::sync::Arc::new(Health::new()),
+            LinkOptions::from_config(&config.amqp, "partner-bridge cli"),
+        );
+        let channel = one_shot_channel(&tokens).await?;
+        let names = crate::amqp::Names::new(&config.amqp.prefix);
+        topology::declare(&channel, &topology::issuer_tokens_plan(&names)).await?;
+        out.push_str(&format!(
+            "(and the tokens exchange on {})\n",
+            config.tokens_url()?.redacted()
+        ));
+        tokens.close().await;
+    }
+    link.close().await;
+    Ok(out)
+}
+
+/// `dead-letters list`: the messages in `<queue>.dead` with their reasons; nothing is removed.
+pub async fn dead_letters_list(
+    config: &Config,
+    queue: &str,
+    limit: usize,
+) -> anyhow::Result<String> {
+    let link = one_shot_link(config)?;
+    let channel = one_shot_channel(&link).await?;
+    let infos = dead_letters::list_dead(&channel, queue, limit).await?;
+    let mut out = format!("{} message(s) shown from {}.dead\n", infos.len(), queue);
+    for info in infos {
+        out.push_str(&format!(
+            "- reason={} type={} message_id={} bytes={} deaths={}\n",
+            info.reason,
+            info.kind.as_deref().unwrap_or("-"),
+            info.message_id.as_deref().unwrap_or("-"),
+            info.body_bytes,
+            info.death_count
+        ));
+        if let Some(detail) = &info.detail {
+            out.push_str(&format!("  detail: {detail}\n"));
+        }
+        out.push_str(&format!("  body: {}\n", info.body_preview));
+    }
+    link.close().await;
+    Ok(out)
+}
+
+/// `dead-letters replay`: moves up to `limit` messages from `<queue>.dead` back into `queue`.
+pub async fn dead_letters_replay(
+    config: &Config,
+    queue: &str,
+    limit: usize,
+) -> anyhow::Result<usize> {
+    let link = one_shot_link(config)?;
+    let channel = one_shot_channel(&link).await?;
+    let publisher = Publisher::new(
+        link.clone(),
+        std::time::Duration::from_millis(config.amqp.confirm_timeout_ms),
+        std::sync::Arc::new(Metrics::new()),
+    );
+    let moved = dead_letters::replay_dead(&channel, &publisher, queue, limit).await?;
+    link.close().await;
+    Ok(moved)
 }
 
 #[cfg(test)]

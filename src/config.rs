@@ -357,7 +357,7 @@ impl Default for WebhookConfig {
 }
 
 /// `[[issuer.partners]]`: one receiving application and what it may receive.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PartnerConfig {
     /// A short name used in metrics and logs.

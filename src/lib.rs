@@ -6,22 +6,31 @@
 //! - [`envelope`]: our own messages and their Ed25519 signatures;
 //! - [`amqp`]: RabbitMQ: names and topology, the supervised connection, confirmed publishing, consumers;
 //! - [`ledger`]: what was already minted, imported or seen, so that duplicates have no second effect;
-//! - [`metrics`] and [`health`]: what the process reports.
-//! - [`metrics`] and [`health`]: what the process reports;
+//! - [`issuer`] and [`receiver`]: the two sides of the bridge, which decide what each message leads to
+//!   ([`retry`] and [`probe`] are the in-process backoff and the way out of a pause they share);
+//! - [`app`]: wiring and lifecycle; [`shutdown`], [`telemetry`];
+//! - [`metrics`], [`health`] and [`admin`]: what the process reports;
+//! - [`cli`], [`commands`] and [`demo`]: the command line;
 //! - [`sandbox`]: a Didit emulator for tests, demos and the benchmark (no production path uses it).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod amqp;
+pub mod app;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod demo;
 pub mod didit;
 pub mod envelope;
 pub mod health;
+pub mod issuer;
 pub mod ledger;
 pub mod metrics;
+pub mod probe;
+pub mod receiver;
+pub mod retry;
 pub mod sandbox;
 pub mod secret;
 pub mod shutdown;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use partner_bridge::cli::{Cli, Command};
+use partner_bridge::cli::{Cli, Command, DeadLetterAction, TopologyAction};
 use partner_bridge::config::{Config, LogFormat};
 use partner_bridge::{commands, telemetry};
 
@@ -73,10 +73,85 @@ async fn dispatch(command: Command) -> ExitCode {
             telemetry::init(LogFormat::Pretty, "info");
             report(partner_bridge::sandbox::run_cli(listen, fixture, !no_rate_limit).await)
         }
-        other => {
-            telemetry::init(LogFormat::Pretty, "info");
-            eprintln!("error: {other:?} is not available in this build yet");
-            ExitCode::FAILURE
+        Command::Run { config } => match load(&config) {
+            Ok(c) => {
+                telemetry::init(c.log.format, &c.log.level);
+                report(partner_bridge::app::run(c).await)
+            }
+            Err(code) => code,
+        },
+        Command::Demo {
+            amqp_url,
+            sessions,
+            keep_running,
+            admin_listen,
+            trust_review,
+        } => {
+            telemetry::init(LogFormat::Pretty, "warn");
+            report(
+                partner_bridge::demo::run(partner_bridge::demo::DemoOptions {
+                    amqp_url,
+                    sessions,
+                    keep_running,
+                    admin_listen,
+                    trust_review,
+                })
+                .await,
+            )
         }
+        Command::Topology { action } => match action {
+            TopologyAction::Show { config } => match load(&config) {
+                Ok(c) => {
+                    print!("{}", commands::topology_show(&c));
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            },
+            TopologyAction::Declare { config } => match load(&config) {
+                Ok(c) => {
+                    telemetry::init(LogFormat::Pretty, "warn");
+                    report(
+                        commands::topology_declare(&c)
+                            .await
+                            .map(|out| print!("declared:\n{out}")),
+                    )
+                }
+                Err(code) => code,
+            },
+        },
+        Command::DeadLetters { action } => match action {
+            DeadLetterAction::List {
+                config,
+                queue,
+                limit,
+            } => match load(&config) {
+                Ok(c) => {
+                    telemetry::init(LogFormat::Pretty, "warn");
+                    report(
+                        commands::dead_letters_list(&c, &queue, limit)
+                            .await
+                            .map(|out| print!("{out}")),
+                    )
+                }
+                Err(code) => code,
+            },
+            DeadLetterAction::Replay {
+                config,
+                queue,
+                limit,
+            } => match load(&config) {
+                Ok(c) => {
+                    telemetry::init(LogFormat::Pretty, "warn");
+                    report(
+                        commands::dead_letters_replay(&c, &queue, limit)
+                            .await
+                            .map(|n| {
+                                println!("moved {n} message(s) from {queue}.dead back to {queue}")
+                            }),
+                    )
+                }
+                Err(code) => code,
+            },
+        },
     }
 }

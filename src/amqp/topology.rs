@@ -258,6 +258,35 @@ pub async fn declare(channel: &Channel, plan: &[Entity]) -> Result<(), AmqpError
     Ok(())
 }
 
+/// Deletes every queue and exchange of `plan` (bindings go with them). For the demo and tests, which must not leave
+/// quorum queues behind on a shared broker; never called by the bridge itself.
+pub async fn delete(channel: &Channel, plan: &[Entity]) -> Result<(), AmqpError> {
+    for entity in plan {
+        match entity {
+            Entity::Queue { name, .. } => {
+                channel
+                    .queue_delete(
+                        name.as_str().into(),
+                        lapin::options::QueueDeleteOptions::default(),
+                    )
+                    .await
+                    .map_err(|e| AmqpError::from_lapin(format!("deleting queue {name}"), &e))?;
+            }
+            Entity::Exchange { name, .. } => {
+                channel
+                    .exchange_delete(
+                        name.as_str().into(),
+                        lapin::options::ExchangeDeleteOptions::default(),
+                    )
+                    .await
+                    .map_err(|e| AmqpError::from_lapin(format!("deleting exchange {name}"), &e))?;
+            }
+            Entity::Binding { .. } => {}
+        }
+    }
+    Ok(())
+}
+
 async fn declare_one(channel: &Channel, entity: &Entity) -> Result<(), AmqpError> {
     let what = match entity {
         Entity::Exchange { name, .. } => format!("exchange {name}"),

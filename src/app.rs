@@ -1,0 +1,579 @@
+//! Wiring and lifecycle: builds every part from a validated [`Config`], runs it, and shuts it down in order.
+//!
+//! Start: metrics and health first, then the admin server (so `/livez` answers and `/readyz` explains what is not
+//! ready yet), the ledger, then per role the Didit client, broker links, publishers and consumers. Nothing blocks on
+//! the broker: a link connects in the background and readiness says so until it does.
+//!
+//! Shutdown (SIGTERM/SIGINT cancels the token): `/readyz` turns 503 at once; consumers stop taking deliveries and
+//! drain in-flight work within `shutdown.grace_s` (what is left goes back to the broker, unacked); the webhook
+//! listener stops accepting and finishes its requests; every broker connection is closed; the admin server stops
+//! last, so the scrape that sees the drain still works.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::AdminServer;
+use crate::amqp::consumer::{ConsumerSpec, PauseControl, run_consumer};
+use crate::amqp::publisher::Publisher;
+use crate::amqp::topology::{self, Entity, QueueSettings};
+use crate::amqp::{HeaderValue, Link, LinkOptions, Names};
+use crate::config::Config;
+use crate::didit::client::DiditClient;
+use crate::envelope::SigningKey;
+use crate::health::Health;
+use crate::issuer::mint::Minter;
+use crate::issuer::onboarding::OnboardingHandler;
+use crate::issuer::reshare::ReshareHandler;
+use crate::issuer::webhook::{self, WebhookState};
+use crate::ledger::Ledger;
+use crate::metrics::{Metrics, pipeline};
+use crate::receiver::tokens::{Peer, TokenHandler};
+use crate::secret::SecretUrl;
+
+/// How often the ledger is checked for writability (readiness) and pruned.
+const LEDGER_CHECK_EVERY: Duration = Duration::from_secs(10);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// A running bridge.
+pub struct Running {
+    admin_addr: SocketAddr,
+    webhook_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    links: Vec<Link>,
+    admin_stop: CancellationToken,
+    admin_task: JoinHandle<std::io::Result<()>>,
+    grace: Duration,
+}
+
+impl Running {
+    /// Where `/metrics`, `/livez` and `/readyz` are served.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Where `POST /webhooks/didit` is served, when the webhook intake is configured.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook_addr
+    }
+
+    /// The process's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The process's readiness.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Cancelling this token starts the shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits for the shutdown token, then shuts down in order (see the module doc).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.shutdown.cancelled().await;
+        self.health.set_draining();
+        tracing::info!(grace_s = self.grace.as_secs(), "draining");
+        self.tasks.close();
+        // Consumers bound their own drain by the grace; the margin covers a webhook request finishing its confirm.
+        if tokio::time::timeout(self.grace + Duration::from_secs(5), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some tasks did not finish within the grace period; their messages return to the broker"
+            );
+        }
+        for link in &self.links {
+            link.close().await;
+        }
+        self.admin_stop.cancel();
+        match self.admin_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "admin server ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "admin server task failed"),
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// Starts the shutdown and waits for it to finish.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Runs the bridge until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = crate::shutdown::on_signal();
+    let running = start(config, shutdown).await?;
+    tracing::info!(admin = %running.admin_addr(), "partner-bridge running");
+    running.wait().await
+}
+
+/// Starts every part of a validated configuration; `shutdown` stops it.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new());
+    let tasks = TaskTracker::new();
+    let grace = Duration::from_secs(config.shutdown.grace_s);
+
+    let admin = AdminServer::bind(config.admin.listen, metrics.clone(), health.clone())
+        .await
+        .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?;
+    let admin_addr = admin.local_addr()?;
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin.serve(admin_stop.clone()));
+
+    health.not_ready("ledger", "opening");
+    let ledger_url = config.ledger_url();
+    let ledger = Ledger::open(&ledger_url)
+        .await
+        .with_context(|| format!("cannot open the ledger at {}", ledger_url.redacted()))?;
+    ledger
+        .check_writable()
+        .await
+        .with_context(|| format!("the ledger at {} is not writable", ledger_url.redacted()))?;
+    health.ready("ledger");
+    tasks.spawn(watch_ledger(
+        ledger.clone(),
+        health.clone(),
+        config.ledger.retention_days,
+        shutdown.clone(),
+    ));
+
+    let names = Names::new(&config.amqp.prefix);
+    let settings = QueueSettings::from_config(&config.amqp);
+    let amqp_url = config.amqp_url()?;
+    let confirm_timeout = Duration::from_millis(config.amqp.confirm_timeout_ms);
+    let lease = config.retry.hold_max()
+        + Duration::from_millis(2 * config.didit.timeout_ms + config.amqp.confirm_timeout_ms)
+        + Duration::from_secs(5);
+    let mut links = Vec::new();
+    let mut pipelines = Vec::new();
+    let mut queues = Vec::new();
+    let mut webhook_addr = None;
+    let link_for = |url: &SecretUrl, pipeline: &'static str| {
+        Link::new(
+            url.clone(),
+            pipeline,
+            metrics.clone(),
+            health.clone(),
+            LinkOptions::from_config(&config.amqp, format!("partner-bridge {pipeline}")),
+        )
+    };
+
+    if config.issuer.enabled {
+        let access = config.issuer_didit()?;
+        let client = DiditClient::new(&access, metrics.clone())
+            .map_err(|e| anyhow::anyhow!("cannot build the issuer's Didit client: {e}"))?;
+        let signing_key = SigningKey::from_base64(
+            config
+                .signing_key_source()?
+                .load()
+                .context("cannot read the signing key")?
+                .expose(),
+        )
+        .map_err(|e| anyhow::anyhow!("invalid signing key: {e}"))?;
+        tracing::info!(key_id = signing_key.key_id(), application_id = %access.application_id, "issuer role enabled");
+
+        let tokens_link = link_for(&config.tokens_url()?, pipeline::ISSUER_TOKENS);
+        tasks.spawn(declare_in_background(
+            tokens_link.clone(),
+            topology::issuer_tokens_plan(&names),
+            health.clone(),
+            shutdown.clone(),
+        ));
+        let intake_plan = topology::issuer_intake_plan(&names, &settings, &access.application_id);
+        let onboarding_link = link_for(&amqp_url, pipeline::ISSUER_ONBOARDING);
+        let reshare_link = link_for(&amqp_url, pipeline::ISSUER_RESHARE);
+        let onboarding_publisher =
+            Publisher::new(onboarding_link.clone(), confirm_timeout, metrics.clone());
+        let reshare_publisher =
+            Publisher::new(reshare_link.clone(), confirm_timeout, metrics.clone());
+        let minter = Arc::new(Minter {
+            client: client.clone(),
+            ledger: ledger.clone(),
+            tokens: Publisher::new(tokens_link.clone(), confirm_timeout, metrics.clone()),
+            names: names.clone(),
+            signing_key,
+            application_id: access.application_id.clone(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            retry: config.retry.clone(),
+            lease,
+        });
+
+        let onboarding_pause =
+            PauseControl::new(pipeline::ISSUER_ONBOARDING, health.clone(), metrics.clone());
+        tasks.spawn(crate::probe::run(
+            onboarding_pause.clone(),
+            client.clone(),
+            pipeline::ISSUER_ONBOARDING,
+            shutdown.clone(),
+        ));
+        tasks.spawn(run_consumer(
+            onboarding_link.clone(),
+            onboarding_publisher.clone(),
+            ConsumerSpec {
+                queue: names.issuer_onboarding_queue(),
+                pipeline: pipeline::ISSUER_ONBOARDING,
+                prefetch: config.amqp.prefetch,
+                concurrency: config.issuer_concurrency(),
+                max_attempts: config.retry.max_attempts,
+                retry_delay_ms: config.amqp.retry_delay_ms,
+                declare: intake_plan.clone(),
+            },
+            Arc::new(OnboardingHandler {
+                minter: minter.clone(),
+                partners: config.issuer.partners.clone(),
+                max_message_bytes: config.amqp.max_message_bytes,
+            }),
+            onboarding_pause,
+            shutdown.clone(),
+            grace,
+            metrics.clone(),
+            health.clone(),
+        ));
+
+        let reshare_pause =
+            PauseControl::new(pipeline::ISSUER_RESHARE, health.clone(), metrics.clone());
+        tasks.spawn(crate::probe::run(
+            reshare_pause.clone(),
+            client.clone(),
+            pipeline::ISSUER_RESHARE,
+            shutdown.clone(),
+        ));
+        tasks.spawn(run_consumer(
+            reshare_link.clone(),
+            reshare_publisher,
+            ConsumerSpec {
+                queue: names.issuer_reshare_queue(),
+                pipeline: pipeline::ISSUER_RESHARE,
+                prefetch: config.amqp.prefetch,
+                concurrency: config.issuer_concurrency(),
+                max_attempts: config.retry.max_attempts,
+                retry_delay_ms: config.amqp.retry_delay_ms,
+                declare: intake_plan,
+            },
+            Arc::new(ReshareHandler {
+                minter,
+                partners: config.issuer.partners.clone(),
+                max_reshares: config.issuer.max_reshares,
+                max_message_bytes: config.amqp.max_message_bytes,
+            }),
+            reshare_pause,
+            shutdown.clone(),
+            grace,
+            metrics.clone(),
+            health.clone(),
+        ));
+
+        if let Some(webhook_config) = &config.issuer.webhook {
+            let listener = tokio::net::TcpListener::bind(webhook_config.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on issuer.webhook.listen {}",
+                        webhook_config.listen
+                    )
+                })?;
+            webhook_addr = Some(listener.local_addr()?);
+            let state = Arc::new(WebhookState {
+                secret: config.webhook_secret_source(webhook_config)?,
+                accept_raw: webhook_config.accept_raw_signature,
+                accept_simple: webhook_config.accept_simple_signature,
+                max_skew_s: webhook_config.max_skew_s,
+                max_body_bytes: webhook_config.max_body_bytes,
+                publisher: onboarding_publisher,
+                names: names.clone(),
+                ledger: ledger.clone(),
+                metrics: metrics.clone(),
+            });
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                let served = axum::serve(listener, webhook::router(state))
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "webhook listener failed");
+                }
+            });
+            pipelines.push(pipeline::ISSUER_WEBHOOK);
+        }
+        links.extend([onboarding_link, reshare_link, tokens_link]);
+        pipelines.extend([
+            pipeline::ISSUER_ONBOARDING,
+            pipeline::ISSUER_RESHARE,
+            pipeline::ISSUER_TOKENS,
+        ]);
+        queues.extend([
+            names.issuer_onboarding_queue(),
+            names.issuer_reshare_queue(),
+        ]);
+    }
+
+    if config.receiver.enabled {
+        let access = config.receiver_didit()?;
+        let client = DiditClient::new(&access, metrics.clone())
+            .map_err(|e| anyhow::anyhow!("cannot build the receiver's Didit client: {e}"))?;
+        tracing::info!(application_id = %access.application_id, "receiver role enabled");
+        let mut peers = Vec::new();
+        for (i, peer) in config.receiver.issuers.iter().enumerate() {
+            peers.push(Peer {
+                name: peer.name.clone(),
+                application_id: peer.application_id.clone(),
+                key: Some(config.issuer_public_key(i)?),
+                trust_review: peer.trust_review,
+            });
+        }
+        let mut plan = topology::receiver_plan(&names, &settings, &access.application_id);
+        if config.receiver.results_queue {
+            plan = topology::combine([plan, results_queue_plan(&names, &settings)]);
+        }
+        let link = link_for(&amqp_url, pipeline::RECEIVER_TOKENS);
+        let publisher = Publisher::new(link.clone(), confirm_timeout, metrics.clone());
+        let pause = PauseControl::new(pipeline::RECEIVER_TOKENS, health.clone(), metrics.clone());
+        tasks.spawn(crate::probe::run(
+            pause.clone(),
+            client.clone(),
+            pipeline::RECEIVER_TOKENS,
+            shutdown.clone(),
+        ));
+        tasks.spawn(run_consumer(
+            link.clone(),
+            publisher.clone(),
+            ConsumerSpec {
+                queue: names.receiver_tokens_queue(),
+                pipeline: pipeline::RECEIVER_TOKENS,
+                prefetch: config.amqp.prefetch,
+                concurrency: config.receiver_concurrency(),
+                max_attempts: config.retry.max_attempts,
+                retry_delay_ms: config.amqp.retry_delay_ms,
+                declare: plan,
+            },
+            Arc::new(TokenHandler {
+                client,
+                ledger: ledger.clone(),
+                publisher,
+                names: names.clone(),
+                application_id: access.application_id.clone(),
+                peers,
+                allow_unsigned: config.receiver.allow_unsigned,
+                allow_unknown_issuers: config.receiver.allow_unknown_issuers,
+                workflow_user: config.receiver.workflow_user.clone(),
+                workflow_business: config.receiver.workflow_business.clone(),
+                vendor_template: config.receiver.vendor_data.clone(),
+                max_reshares: config.receiver.max_reshares,
+                max_message_bytes: config.amqp.max_message_bytes,
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+                retry: config.retry.clone(),
+                lease,
+            }),
+            pause,
+            shutdown.clone(),
+            grace,
+            metrics.clone(),
+            health.clone(),
+        ));
+        links.push(link);
+        pipelines.push(pipeline::RECEIVER_TOKENS);
+        queues.push(names.receiver_tokens_queue());
+    }
+
+    let partners: Vec<String> = config
+        .issuer
+        .partners
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    let issuers: Vec<String> = config
+        .receiver
+        .issuers
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    metrics.init_known(&partners, &issuers, &queues, &pipelines);
+
+    Ok(Running {
+        admin_addr,
+        webhook_addr,
+        metrics,
+        health,
+        shutdown,
+        tasks,
+        links,
+        admin_stop,
+        admin_task,
+        grace,
+    })
+}
+
+/// Everything the configured roles declare, on every broker they use (for `topology show|declare` and cleanup).
+pub fn declared_topology(config: &Config) -> Vec<Entity> {
+    let names = Names::new(&config.amqp.prefix);
+    let settings = QueueSettings::from_config(&config.amqp);
+    let mut plans = Vec::new();
+    if config.issuer.enabled {
+        if let Ok(access) = config.issuer_didit() {
+            plans.push(topology::issuer_intake_plan(
+                &names,
+                &settings,
+                &access.application_id,
+            ));
+        }
+        plans.push(topology::issuer_tokens_plan(&names));
+    }
+    if config.receiver.enabled {
+        if let Ok(access) = config.receiver_didit() {
+            plans.push(topology::receiver_plan(
+                &names,
+                &settings,
+                &access.application_id,
+            ));
+        }
+        if config.receiver.results_queue {
+            plans.push(results_queue_plan(&names, &settings));
+        }
+    }
+    topology::combine(plans)
+}
+
+/// The receiver's default outbox for `import.result`: `<prefix>.receiver.results`, bound with `import.#`, so results
+/// are kept (and publishes are confirmed as routed) even before the partner's backend binds a queue of its own.
+pub fn results_queue_plan(names: &Names, settings: &QueueSettings) -> Vec<Entity> {
+    let queue = format!("{}.receiver.results", names.prefix());
+    let dead = Names::dead_queue(&queue);
+    vec![
+        Entity::Exchange {
+            name: names.imports_exchange(),
+            kind: "topic",
+        },
+        Entity::Exchange {
+            name: names.dead_letter_exchange(),
+            kind: "direct",
+        },
+        Entity::Queue {
+            name: queue.clone(),
+            arguments: vec![
+                ("x-queue-type".into(), HeaderValue::Str("quorum".into())),
+                (
+                    "x-delivery-limit".into(),
+                    HeaderValue::Int(i64::from(settings.delivery_limit)),
+                ),
+                (
+                    "x-dead-letter-exchange".into(),
+                    HeaderValue::Str(names.dead_letter_exchange()),
+                ),
+                (
+                    "x-dead-letter-routing-key".into(),
+                    HeaderValue::Str(queue.clone()),
+                ),
+            ],
+        },
+        Entity::Queue {
+            name: dead.clone(),
+            arguments: vec![("x-queue-type".into(), HeaderValue::Str("quorum".into()))],
+        },
+        Entity::Binding {
+            queue: queue.clone(),
+            exchange: names.imports_exchange(),
+            routing_key: "import.#".into(),
+        },
+        Entity::Binding {
+            queue: dead,
+            exchange: names.dead_letter_exchange(),
+            routing_key: queue,
+        },
+    ]
+}
+
+/// Connects a link that has no consumer (the token publisher) and declares its plan, retrying until it works, so
+/// readiness reflects the token broker too and the first publish finds its exchange.
+async fn declare_in_background(
+    link: Link,
+    plan: Vec<Entity>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let part = format!("topology:{}", link.pipeline());
+    health.not_ready(&part, "not declared yet");
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let connection = link.connection(&shutdown).await?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| crate::amqp::AmqpError::from_lapin("opening a channel", &e))?;
+            topology::declare(&channel, &plan).await?;
+            let _ = channel.close(200, "declared".into()).await;
+            Ok::<(), crate::amqp::AmqpError>(())
+        };
+        match attempt.await {
+            Ok(()) => {
+                health.ready(&part);
+                return;
+            }
+            Err(e) => {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                tracing::warn!(error = %e, pipeline = link.pipeline(), "cannot declare topology yet");
+                health.not_ready(&part, e.to_string());
+                link.invalidate();
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Keeps the ledger's readiness current and prunes old rows.
+async fn watch_ledger(
+    ledger: Ledger,
+    health: Arc<Health>,
+    retention_days: u32,
+    shutdown: CancellationToken,
+) {
+    let mut last_prune: Option<tokio::time::Instant> = None;
+    loop {
+        match ledger.check_writable().await {
+            Ok(()) => health.ready("ledger"),
+            Err(e) => {
+                tracing::error!(error = %e, "ledger not writable: no message can be processed safely");
+                health.not_ready("ledger", e.to_string());
+            }
+        }
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            let cutoff = chrono::Utc::now() - chrono::Duration::days(i64::from(retention_days));
+            match ledger.prune(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(rows = n, retention_days, "ledger pruned"),
+                Err(e) => tracing::warn!(error = %e, "ledger pruning failed"),
+            }
+            last_prune = Some(tokio::time::Instant::now());
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(LEDGER_CHECK_EVERY) => {}
+        }
+    }
+}

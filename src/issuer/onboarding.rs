@@ -1,0 +1,208 @@
+//! The `onboarding.finished` consumer: one event in, one decision out (DESIGN.md §2, §4, §5).
+//!
+//! A bad body is dead-lettered with its reason; an unfinished status is acked and counted; otherwise every partner
+//! the policy selects gets a token (concurrently). The event is acked only when every partner's token is confirmed
+//! by the broker, was still valid, or that partner's failure is dead-lettered (a copy of the event with
+//! `x-pb-partner` and the reason). Partners that need more time go back through the retry queue with their ids in
+//! `x-pb-pending-partners`, so the ones already served are not served twice.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use futures_util::future::join_all;
+use tokio::time::Instant;
+
+use crate::amqp::HeaderValue;
+use crate::amqp::consumer::{DeadLetterCopy, Decision, Handler, Incoming};
+use crate::config::PartnerConfig;
+use crate::didit::wire::{SessionKind, SessionStatus};
+use crate::envelope::{self, Message};
+use crate::issuer::mint::{MintRequest, Minted, Minter, Source};
+use crate::issuer::policy;
+use crate::metrics::pipeline;
+
+/// Header set on events made from webhooks, so `events_total` can tell sources apart.
+pub const HEADER_SOURCE: &str = "x-pb-source";
+
+/// Handles `onboarding.finished` deliveries.
+pub(crate) struct OnboardingHandler {
+    pub minter: Arc<Minter>,
+    pub partners: Vec<PartnerConfig>,
+    pub max_message_bytes: usize,
+}
+
+fn header_str<'a>(msg: &'a Incoming, name: &str) -> Option<&'a str> {
+    match msg.headers.get(name) {
+        Some(HeaderValue::Str(s)) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+impl Handler for OnboardingHandler {
+    async fn handle(&self, msg: Incoming) -> Decision {
+        let metrics = &self.minter.metrics;
+        let source_label = if header_str(&msg, HEADER_SOURCE) == Some("webhook") {
+            "webhook"
+        } else {
+            "amqp"
+        };
+        let deadline = Instant::now() + self.minter.retry.hold_max();
+        let event = match envelope::parse(&msg.body, self.max_message_bytes) {
+            Ok(Message::OnboardingFinished(event)) => event,
+            Ok(_) => {
+                metrics.event(source_label, "bad_message");
+                return Decision::DeadLetter {
+                    reason: "unknown_type",
+                    detail: format!(
+                        "expected {} on this queue",
+                        envelope::types::ONBOARDING_FINISHED
+                    ),
+                };
+            }
+            Err(bad) => {
+                metrics.event(source_label, "bad_message");
+                tracing::warn!(message_id = ?msg.message_id, reason = bad.reason, detail = %bad.detail, "bad onboarding event");
+                return Decision::DeadLetter {
+                    reason: bad.reason,
+                    detail: bad.detail,
+                };
+            }
+        };
+        let status = SessionStatus::parse(&event.status).expect("parse() checked the status");
+        if !status.is_finished() {
+            metrics.event(source_label, "ignored_unfinished");
+            tracing::info!(event_id = %event.event_id, source_session_id = %event.session_id, status = %status, "status not finished; nothing to share");
+            return Decision::Ack;
+        }
+        let kind = event.session_kind.unwrap_or(SessionKind::User);
+        let pending: Option<Vec<String>> =
+            header_str(&msg, envelope::HEADER_PENDING_PARTNERS).map(|s| {
+                s.split(',')
+                    .filter(|id| !id.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            });
+        let selection = policy::select(
+            &self.partners,
+            status,
+            kind,
+            event.partners.as_deref(),
+            pending.as_deref(),
+        );
+
+        let mut copies: Vec<DeadLetterCopy> = selection
+            .unknown
+            .iter()
+            .map(|id| DeadLetterCopy {
+                body: msg.body.clone(),
+                reason: "unknown_partner",
+                detail: format!("no [[issuer.partners]] entry has application_id {id}"),
+                headers: vec![(
+                    envelope::HEADER_PARTNER.to_string(),
+                    HeaderValue::Str(id.clone()),
+                )],
+            })
+            .collect();
+        for refused in &selection.refused {
+            tracing::info!(event_id = %event.event_id, partner = %refused.name, status = %status, kind = %kind, "partner named by the event does not receive this status or kind");
+        }
+        if selection.partners.is_empty() {
+            metrics.event(
+                source_label,
+                if copies.is_empty() {
+                    "no_matching_partner"
+                } else {
+                    "dead_lettered"
+                },
+            );
+            return split(copies, Decision::Ack);
+        }
+
+        let source = Source {
+            session_id: event.session_id.clone(),
+            kind,
+            status,
+            vendor_data: event.vendor_data.clone(),
+            event_id: event.event_id.clone(),
+            occurred_at: event.occurred_at.unwrap_or_else(Utc::now),
+        };
+        let results = join_all(selection.partners.iter().map(|partner| {
+            self.minter.mint(MintRequest {
+                partner,
+                source: &source,
+                stale_message_id: None,
+                deadline,
+            })
+        }))
+        .await;
+
+        let mut retry = Vec::new();
+        let mut retry_detail = Vec::new();
+        let mut pause = None;
+        let mut shutdown = false;
+        let mut published = 0;
+        for (partner, result) in selection.partners.iter().zip(results) {
+            match result {
+                Minted::Published => published += 1,
+                Minted::AlreadyValid => {}
+                Minted::DeadLetter { reason, detail } => copies.push(DeadLetterCopy {
+                    body: msg.body.clone(),
+                    reason,
+                    detail: format!("partner {}: {detail}", partner.name),
+                    headers: vec![(
+                        envelope::HEADER_PARTNER.to_string(),
+                        HeaderValue::Str(partner.application_id.clone()),
+                    )],
+                }),
+                Minted::Retry { detail } => {
+                    retry.push(partner.application_id.clone());
+                    retry_detail.push(format!("partner {}: {detail}", partner.name));
+                }
+                Minted::Pause { reason, detail } => pause = Some((reason, detail)),
+                Minted::Shutdown => shutdown = true,
+            }
+        }
+        if shutdown {
+            // Partners already served are in the ledger; the rest are served when the event comes back.
+            return Decision::Requeue;
+        }
+        if let Some((reason, detail)) = pause {
+            metrics.event(source_label, "retried");
+            return Decision::Pause { reason, detail };
+        }
+        if !retry.is_empty() {
+            metrics.event(source_label, "retried");
+            return split(
+                copies,
+                Decision::Retry {
+                    detail: retry_detail.join("; "),
+                    headers: vec![(
+                        envelope::HEADER_PENDING_PARTNERS.to_string(),
+                        HeaderValue::Str(retry.join(",")),
+                    )],
+                },
+            );
+        }
+        let outcome = if published > 0 {
+            metrics.success(pipeline::ISSUER_ONBOARDING);
+            "processed"
+        } else if copies.is_empty() {
+            "duplicate"
+        } else {
+            "dead_lettered"
+        };
+        metrics.event(source_label, outcome);
+        split(copies, Decision::Ack)
+    }
+}
+
+fn split(copies: Vec<DeadLetterCopy>, then: Decision) -> Decision {
+    if copies.is_empty() {
+        then
+    } else {
+        Decision::Split {
+            copies,
+            then: Box::new(then),
+        }
+    }
+}
