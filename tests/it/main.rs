@@ -6,6 +6,7 @@ mod amqp;
 mod client_sandbox;
 mod config;
 mod didit_client;
+mod e2e;
 mod ledger;
 mod sandbox;
 mod support;

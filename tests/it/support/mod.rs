@@ -2,6 +2,7 @@
 //! deadline instead of sleeping.
 #![allow(dead_code)]
 
+pub mod bridge;
 pub mod proxy;
 pub mod stub_didit;
 
