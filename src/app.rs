@@ -147,6 +147,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .check_writable()
         .await
         .with_context(|| format!("the ledger at {} is not writable", ledger_url.redacted()))?;
+    match ledger.void_leases_of_previous_run().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            leases = n,
+            "voided ledger claims left by an earlier run of this process"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not void earlier claims; they lapse with their leases")
+        }
+    }
     health.ready("ledger");
     tasks.spawn(watch_ledger(
         ledger.clone(),

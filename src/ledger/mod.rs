@@ -272,6 +272,17 @@ impl Ledger {
         }
     }
 
+    /// Voids the leases of an earlier run of this process, so that deliveries it held when it died (SIGKILL, OOM,
+    /// power loss) are taken up at once instead of waiting out their leases. Only for the embedded SQLite ledger,
+    /// which belongs to exactly one process (replicas share PostgreSQL, where a lease may be a live replica's and
+    /// must expire by itself). Returns how many leases were voided.
+    pub async fn void_leases_of_previous_run(&self) -> Result<u64, LedgerError> {
+        match self {
+            Ledger::Sqlite(l) => l.void_all_leases().await,
+            Ledger::Postgres(_) => Ok(0),
+        }
+    }
+
     /// Performs a small real write, for `/readyz`: fails when the file, directory or database cannot be written.
     pub async fn check_writable(&self) -> Result<(), LedgerError> {
         dispatch!(self.check_writable())

@@ -228,6 +228,25 @@ impl SqliteLedger {
             .map_err(|_| LedgerError::Io("the ledger thread stopped before answering".into()))?
     }
 
+    /// See [`super::Ledger::void_leases_of_previous_run`].
+    pub async fn void_all_leases(&self) -> Result<u64, LedgerError> {
+        self.call(false, |conn| {
+            let mut n = 0;
+            for table in ["shares", "imports"] {
+                n += conn
+                    .execute(
+                        &format!(
+                            "UPDATE {table} SET lease_holder = NULL, lease_until = NULL WHERE lease_holder IS NOT NULL"
+                        ),
+                        [],
+                    )
+                    .map_err(db_error)? as u64;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
     /// See [`super::Ledger::check_writable`].
     pub async fn check_writable(&self) -> Result<(), LedgerError> {
         self.call(false, |conn| {

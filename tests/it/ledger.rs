@@ -1140,3 +1140,35 @@ async fn postgres_reconnects_after_losing_its_connection() {
         "same data after reconnecting"
     );
 }
+
+#[tokio::test]
+async fn sqlite_voids_the_leases_of_a_previous_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = SecretUrl::new(format!(
+        "sqlite://{}",
+        dir.path().join("ledger.sqlite3").display()
+    ));
+    let l = Ledger::open(&url).await.unwrap();
+    let lease = std::time::Duration::from_secs(600);
+    let claim = l
+        .claim_import("issuer", "s1", "dead-holder", lease, now())
+        .await
+        .unwrap();
+    assert!(matches!(claim, Claim::Acquired { .. }));
+    drop(l);
+    // The process died holding the claim; the next run voids it and can claim at once.
+    let l = Ledger::open(&url).await.unwrap();
+    assert!(matches!(
+        l.claim_import("issuer", "s1", "new-holder", lease, now())
+            .await
+            .unwrap(),
+        Claim::Busy { .. }
+    ));
+    assert_eq!(l.void_leases_of_previous_run().await.unwrap(), 1);
+    assert!(matches!(
+        l.claim_import("issuer", "s1", "new-holder", lease, now())
+            .await
+            .unwrap(),
+        Claim::Acquired { .. }
+    ));
+}
