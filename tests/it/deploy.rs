@@ -514,3 +514,73 @@ fn compose_configs_validate_and_match_the_sandbox_fixture() {
         signing.key_id()
     );
 }
+
+/// The compose stack's wiring, end to end through the real sandbox loaded with the compose fixture: the issuer's
+/// key shares each fixture session with the receiver's application, and the receiver's key imports it into the
+/// workflow of its kind.
+#[tokio::test]
+async fn compose_fixture_lets_the_issuer_share_and_the_receiver_import() {
+    use partner_bridge::didit::client::DiditClient;
+    use partner_bridge::didit::wire::ImportRequest;
+    use partner_bridge::sandbox::{Sandbox, SandboxOptions};
+    use std::sync::Arc;
+
+    let fixture_path = repo().join("deploy/compose/sandbox-fixture.json");
+    let sandbox = Sandbox::start(
+        "127.0.0.1:0".parse().expect("address"),
+        SandboxOptions {
+            fixture: Some(fixture_path.clone()),
+            ..SandboxOptions::default()
+        },
+    )
+    .await
+    .expect("the sandbox loads the compose fixture");
+
+    let keys = tempfile::tempdir().expect("temp dir");
+    partner_bridge::commands::keygen(keys.path()).expect("keygen");
+    let issuer = compose_config("issuer.toml", keys.path());
+    let receiver = compose_config("receiver.toml", keys.path());
+    let client = |mut access: partner_bridge::config::DiditAccess| {
+        access.base_url = sandbox.base_url();
+        DiditClient::new(&access, Arc::new(Metrics::new())).expect("Didit client")
+    };
+    let issuer_client = client(issuer.issuer_didit().expect("issuer access"));
+    let receiver_client = client(receiver.receiver_didit().expect("receiver access"));
+    let partner = &issuer.issuer.partners[0];
+
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&fixture_path).expect("fixture"))
+            .expect("fixture JSON");
+    let sessions = fixture["sessions"]
+        .as_array()
+        .expect("the fixture has sessions to share");
+    assert!(!sessions.is_empty());
+    for session in sessions {
+        let id = session["session_id"]
+            .as_str()
+            .expect("fixed session ids, so people can refer to them");
+        let shared = issuer_client
+            .share(id, &partner.application_id, partner.ttl_seconds)
+            .await
+            .unwrap_or_else(|e| panic!("share {id}: {e}"));
+        let workflow = match session["session_kind"].as_str() {
+            Some("business") => receiver.receiver.workflow_business.clone(),
+            _ => receiver.receiver.workflow_user.clone(),
+        }
+        .expect("a workflow of the session's kind");
+        let imported = receiver_client
+            .import(&ImportRequest {
+                share_token: shared.share_token,
+                workflow_id: workflow,
+                vendor_data: session["vendor_data"].as_str().map(str::to_string),
+                trust_review: receiver.receiver.issuers[0].trust_review,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("import {id}: {e}"));
+        assert_ne!(
+            imported.session_id, id,
+            "an import is a new session in the receiver's application"
+        );
+    }
+    sandbox.shutdown().await;
+}
