@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# partner-bridge: a static-enough Rust binary on distroless. Build from the repository root:
+# partner-bridge on distroless (glibc and CA certificates; no shell, no package manager).
+# Build from the repository root:
 #   docker build -t partner-bridge:local .
 # The image runs as the non-root user 65532, keeps its state (the SQLite ledger) in the volume
 # /var/lib/partner-bridge, and reports health through `partner-bridge healthcheck` (there is no shell or curl).
@@ -39,6 +40,8 @@ EXPOSE 9464 8080
 # SIGTERM starts the graceful drain (shutdown.grace_s, 20 s by default): give the runtime more than that before
 # SIGKILL (docker stop -t 30, compose stop_grace_period, Kubernetes terminationGracePeriodSeconds).
 STOPSIGNAL SIGTERM
+# Checks /readyz on the default admin port; with another admin.listen, override it (compose `healthcheck`,
+# `partner-bridge healthcheck --url ...`). Kubernetes ignores it and uses the manifests' probes.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["/usr/local/bin/partner-bridge", "healthcheck"]
 ENTRYPOINT ["/usr/local/bin/partner-bridge"]
