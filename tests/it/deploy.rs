@@ -1,6 +1,8 @@
 //! Keeps `deploy/` honest against the code: every metric name the Grafana dashboard, the alert rules and their
-//! promtool tests use must be one the bridge exposes, and `deploy/config.example.toml` must parse and show every
-//! configuration key (with its default), so neither drifts as metrics and keys are added or renamed.
+//! promtool tests use must be one the bridge exposes; `deploy/config.example.toml` must parse and show every
+//! configuration key (with its default); the compose stack's configs must validate and work against the sandbox
+//! loaded with its fixture; the Kubernetes manifests' configs may use only known keys. So none of them drifts as
+//! metrics and keys are added or renamed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -584,4 +586,50 @@ async fn compose_fixture_lets_the_issuer_share_and_the_receiver_import() {
         );
     }
     sandbox.shutdown().await;
+}
+
+/// The `config.toml` block of each Kubernetes ConfigMap (a YAML literal block, read without a YAML parser).
+fn k8s_config_blocks(manifest: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut lines = manifest.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line.trim_end() != "  config.toml: |" {
+            continue;
+        }
+        let mut block = String::new();
+        while let Some(next) = lines.peek() {
+            if !next.is_empty() && !next.starts_with("    ") {
+                break;
+            }
+            block.push_str(next.strip_prefix("    ").unwrap_or(""));
+            block.push('\n');
+            lines.next();
+        }
+        blocks.push(block);
+    }
+    blocks
+}
+
+/// The manifests' configs hold placeholders an operator fills in (so they do not validate as shipped), but every
+/// key in them must be one the bridge knows, in the right place.
+#[test]
+fn k8s_configs_use_only_known_keys() {
+    for name in ["issuer.yaml", "receiver.yaml"] {
+        let manifest = std::fs::read_to_string(repo().join("deploy/k8s").join(name))
+            .unwrap_or_else(|e| panic!("deploy/k8s/{name}: {e}"));
+        let blocks = k8s_config_blocks(&manifest);
+        assert_eq!(
+            blocks.len(),
+            1,
+            "deploy/k8s/{name}: one ConfigMap with config.toml"
+        );
+        let config = Config::from_toml(&blocks[0])
+            .unwrap_or_else(|e| panic!("deploy/k8s/{name} config.toml: {e}"));
+        assert!(config.issuer.enabled || config.receiver.enabled);
+        assert_eq!(
+            config.admin.listen.port(),
+            9464,
+            "probes and scrape annotations use 9464"
+        );
+    }
 }
