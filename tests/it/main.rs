@@ -5,6 +5,7 @@
 mod amqp;
 mod client_sandbox;
 mod config;
+mod deploy;
 mod didit_client;
 mod e2e;
 mod ledger;
