@@ -18,8 +18,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     && install -D -m 0755 target/release/partner-bridge /out/partner-bridge \
     && install -d -m 0750 -o 65532 -g 65532 /out/state
 
-# The same binary on distroless' debug variant, which adds a busybox shell at /busybox/sh: for one-shot jobs that need
-# a condition (compose's keygen) and for troubleshooting. Build it with --target debug; the default is the last stage.
+# The same binary on distroless' debug variant, which adds a busybox shell at /busybox/sh, for troubleshooting.
+# Build it with --target debug; the default is the last stage.
 FROM gcr.io/distroless/cc-debian12:debug-nonroot AS debug
 COPY --from=build /out/partner-bridge /usr/local/bin/partner-bridge
 COPY --from=build --chown=65532:65532 /out/state /var/lib/partner-bridge

@@ -77,6 +77,9 @@ pub enum Command {
         /// Directory to write signing.key (mode 0600) and signing.pub into.
         #[arg(long)]
         out: PathBuf,
+        /// When DIR/signing.key exists, keep it and print its key id instead of failing (for init jobs).
+        #[arg(long)]
+        if_missing: bool,
     },
     /// Exit 0 when the URL answers 200 (a HEALTHCHECK for images without curl).
     Healthcheck {

@@ -47,12 +47,33 @@ pub fn check_config(config: &Config) -> String {
     out
 }
 
-/// `keygen --out DIR`: writes `DIR/signing.key` (mode 0600) and `DIR/signing.pub`, both base64, and returns the key
-/// id. Refuses to overwrite an existing key: losing a signing key means every receiver must be reconfigured.
-pub fn keygen(dir: &Path) -> anyhow::Result<String> {
+/// What `keygen` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Keygen {
+    /// A new pair was written; its key id.
+    Created(String),
+    /// `--if-missing` and a key was there already; its key id.
+    Kept(String),
+}
+
+/// `keygen --out DIR`: writes `DIR/signing.key` (mode 0600) and `DIR/signing.pub`, both base64. Refuses to
+/// overwrite an existing key — losing a signing key means every receiver must be reconfigured — unless
+/// `if_missing`, which keeps the existing pair (and rewrites a missing `signing.pub` from it).
+pub fn keygen(dir: &Path, if_missing: bool) -> anyhow::Result<Keygen> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let key_path = dir.join("signing.key");
     let pub_path = dir.join("signing.pub");
+    if key_path.exists() && if_missing {
+        let text = std::fs::read_to_string(&key_path)
+            .with_context(|| format!("cannot read {}", key_path.display()))?;
+        let key = SigningKey::from_base64(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not a signing key: {e}", key_path.display()))?;
+        if !pub_path.exists() {
+            std::fs::write(&pub_path, format!("{}\n", key.verifying_key().to_base64()))
+                .with_context(|| format!("cannot write {}", pub_path.display()))?;
+        }
+        return Ok(Keygen::Kept(key.key_id().to_string()));
+    }
     if key_path.exists() {
         anyhow::bail!(
             "{} already exists; move it away first if you really mean to replace the key",
@@ -75,7 +96,7 @@ pub fn keygen(dir: &Path) -> anyhow::Result<String> {
     file.sync_all()?;
     std::fs::write(&pub_path, format!("{}\n", key.verifying_key().to_base64()))
         .with_context(|| format!("cannot write {}", pub_path.display()))?;
-    Ok(key.key_id().to_string())
+    Ok(Keygen::Created(key.key_id().to_string()))
 }
 
 /// `healthcheck --url URL`: Ok when the URL answers 200 within 3 seconds.
@@ -210,7 +231,9 @@ mod tests {
     #[test]
     fn keygen_writes_a_usable_pair_once() {
         let dir = tempfile::tempdir().unwrap();
-        let id = keygen(dir.path()).unwrap();
+        let Keygen::Created(id) = keygen(dir.path(), false).unwrap() else {
+            panic!("a new key was expected")
+        };
         let key = SigningKey::from_base64(
             &std::fs::read_to_string(dir.path().join("signing.key")).unwrap(),
         )
@@ -230,6 +253,13 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        assert!(keygen(dir.path()).is_err(), "must not overwrite a key");
+        assert!(
+            keygen(dir.path(), false).is_err(),
+            "must not overwrite a key"
+        );
+        assert_eq!(keygen(dir.path(), true).unwrap(), Keygen::Kept(id.clone()));
+        std::fs::remove_file(dir.path().join("signing.pub")).unwrap();
+        assert_eq!(keygen(dir.path(), true).unwrap(), Keygen::Kept(id));
+        assert!(dir.path().join("signing.pub").exists());
     }
 }

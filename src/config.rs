@@ -614,22 +614,14 @@ impl Config {
         if self.receiver.enabled {
             self.validate_receiver()?;
         }
-        if self.issuer.enabled && self.receiver.enabled {
-            if let (Some(webhook), admin) = (&self.issuer.webhook, self.admin.listen) {
-                if webhook.listen == admin {
-                    return Err(ConfigError::new(
-                        "issuer.webhook.listen",
-                        "must differ from admin.listen",
-                    ));
-                }
-            }
-        } else if let Some(webhook) = &self.issuer.webhook {
-            if self.issuer.enabled && webhook.listen == self.admin.listen {
-                return Err(ConfigError::new(
-                    "issuer.webhook.listen",
-                    "must differ from admin.listen",
-                ));
-            }
+        if self.issuer.enabled
+            && let Some(webhook) = &self.issuer.webhook
+            && webhook.listen == self.admin.listen
+        {
+            return Err(ConfigError::new(
+                "issuer.webhook.listen",
+                "must differ from admin.listen",
+            ));
         }
         Ok(())
     }

@@ -58,12 +58,17 @@ async fn dispatch(command: Command) -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Keygen { out } => report(commands::keygen(&out).map(|id| {
-            println!(
-                "wrote {0}/signing.key and {0}/signing.pub; key id {id}",
-                out.display()
-            );
-        })),
+        Command::Keygen { out, if_missing } => {
+            report(commands::keygen(&out, if_missing).map(|done| match done {
+                commands::Keygen::Created(id) => println!(
+                    "wrote {0}/signing.key and {0}/signing.pub; key id {id}",
+                    out.display()
+                ),
+                commands::Keygen::Kept(id) => {
+                    println!("kept the existing key in {}; key id {id}", out.display())
+                }
+            }))
+        }
         Command::Healthcheck { url } => report(commands::healthcheck(&url).await),
         Command::Sandbox {
             listen,

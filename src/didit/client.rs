@@ -347,14 +347,15 @@ impl DiditClient {
             elapsed_ms = elapsed.as_millis() as u64,
             "didit call"
         );
-        if let Ok(raw) = &result {
-            if (200..300).contains(&raw.status) && !matches!(raw.status, 200 | 201) {
-                tracing::info!(
-                    operation = op.as_str(),
-                    status = raw.status,
-                    "Didit answered with an unusual success status; treated as success"
-                );
-            }
+        if let Ok(raw) = &result
+            && (200..300).contains(&raw.status)
+            && !matches!(raw.status, 200 | 201)
+        {
+            tracing::info!(
+                operation = op.as_str(),
+                status = raw.status,
+                "Didit answered with an unusual success status; treated as success"
+            );
         }
         result
     }

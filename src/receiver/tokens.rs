@@ -165,18 +165,18 @@ impl TokenHandler {
             // An unknown issuer, explicitly allowed: there is no key to check against.
             return Ok(());
         };
-        if let Some(key_id) = header_str(msg, envelope::HEADER_KEY_ID) {
-            if key_id != key.key_id() {
-                return Err(self.refuse(
-                    &peer.name,
-                    "bad_signature",
-                    format!(
-                        "signed with key {key_id}, but issuer {} is configured with key {}",
-                        peer.name,
-                        key.key_id()
-                    ),
-                ));
-            }
+        if let Some(key_id) = header_str(msg, envelope::HEADER_KEY_ID)
+            && key_id != key.key_id()
+        {
+            return Err(self.refuse(
+                &peer.name,
+                "bad_signature",
+                format!(
+                    "signed with key {key_id}, but issuer {} is configured with key {}",
+                    peer.name,
+                    key.key_id()
+                ),
+            ));
         }
         key.verify(&msg.body, signature)
             .map_err(|bad| self.refuse(&peer.name, bad.reason, bad.detail))
@@ -426,14 +426,14 @@ impl TokenHandler {
                 headers: Vec::new(),
             };
         }
-        if outcome == ImportOutcome::Imported && !record.result_published {
-            if let Err(e) = self
+        if outcome == ImportOutcome::Imported
+            && !record.result_published
+            && let Err(e) = self
                 .ledger
                 .mark_result_published(&record.issuer_application_id, &record.source_session_id)
                 .await
-            {
-                tracing::warn!(error = %e, "could not mark the result published; a redelivery may publish it again");
-            }
+        {
+            tracing::warn!(error = %e, "could not mark the result published; a redelivery may publish it again");
         }
         self.metrics.success(pipeline::RECEIVER_TOKENS);
         Decision::Ack

@@ -433,7 +433,7 @@ fn compose_config(name: &str, keys: &Path) -> Config {
 #[test]
 fn compose_configs_validate_and_match_the_sandbox_fixture() {
     let keys = tempfile::tempdir().expect("temp dir");
-    partner_bridge::commands::keygen(keys.path())
+    partner_bridge::commands::keygen(keys.path(), false)
         .expect("keygen, as the compose keygen service runs it");
     let issuer = compose_config("issuer.toml", keys.path());
     let receiver = compose_config("receiver.toml", keys.path());
@@ -540,7 +540,7 @@ async fn compose_fixture_lets_the_issuer_share_and_the_receiver_import() {
     .expect("the sandbox loads the compose fixture");
 
     let keys = tempfile::tempdir().expect("temp dir");
-    partner_bridge::commands::keygen(keys.path()).expect("keygen");
+    partner_bridge::commands::keygen(keys.path(), false).expect("keygen");
     let issuer = compose_config("issuer.toml", keys.path());
     let receiver = compose_config("receiver.toml", keys.path());
     let client = |mut access: partner_bridge::config::DiditAccess| {
