@@ -429,12 +429,24 @@ impl Metrics {
         for &pipeline in pipelines {
             let labels = PipelineLabels { pipeline };
             let _ = self.in_flight.get_or_create(&labels);
-            let _ = self.amqp_connected.get_or_create(&labels);
             let _ = self.last_success.get_or_create(&labels);
-            for reason in PAUSE_REASONS {
-                let _ = self
-                    .paused
-                    .get_or_create(&PausedLabels { pipeline, reason });
+            // The webhook intake publishes over the onboarding pipeline's connection: it has none of its own.
+            if pipeline != pipeline::ISSUER_WEBHOOK {
+                let _ = self.amqp_connected.get_or_create(&labels);
+            }
+            // Only consumers pause.
+            if [
+                pipeline::ISSUER_ONBOARDING,
+                pipeline::ISSUER_RESHARE,
+                pipeline::RECEIVER_TOKENS,
+            ]
+            .contains(&pipeline)
+            {
+                for reason in PAUSE_REASONS {
+                    let _ = self
+                        .paused
+                        .get_or_create(&PausedLabels { pipeline, reason });
+                }
             }
         }
     }
