@@ -616,7 +616,7 @@ impl Config {
         }
         if self.issuer.enabled && self.receiver.enabled {
             if let (Some(webhook), admin) = (&self.issuer.webhook, self.admin.listen) {
-                if webhook.listen == admin {
+                if clash(webhook.listen, admin) {
                     return Err(ConfigError::new(
                         "issuer.webhook.listen",
                         "must differ from admin.listen",
@@ -624,7 +624,7 @@ impl Config {
                 }
             }
         } else if let Some(webhook) = &self.issuer.webhook {
-            if self.issuer.enabled && webhook.listen == self.admin.listen {
+            if self.issuer.enabled && clash(webhook.listen, self.admin.listen) {
                 return Err(ConfigError::new(
                     "issuer.webhook.listen",
                     "must differ from admin.listen",
@@ -995,6 +995,11 @@ impl Config {
         toml::to_string_pretty(self)
             .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
+}
+
+/// Two listeners on the same address cannot both bind, except on port 0, where the system picks a free port for each.
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a == b && a.port() != 0
 }
 
 fn signing_key_name(issuer: &IssuerConfig) -> &'static str {
