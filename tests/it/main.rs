@@ -7,6 +7,7 @@ mod client_sandbox;
 mod config;
 mod didit_client;
 mod e2e;
+mod issuer;
 mod ledger;
 mod sandbox;
 mod support;
