@@ -616,7 +616,7 @@ impl Config {
         }
         if self.issuer.enabled
             && let Some(webhook) = &self.issuer.webhook
-            && webhook.listen == self.admin.listen
+            && clash(webhook.listen, self.admin.listen)
         {
             return Err(ConfigError::new(
                 "issuer.webhook.listen",
@@ -987,6 +987,11 @@ impl Config {
         toml::to_string_pretty(self)
             .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
+}
+
+/// Two listeners on the same address cannot both bind, except on port 0, where the system picks a free port for each.
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a == b && a.port() != 0
 }
 
 fn signing_key_name(issuer: &IssuerConfig) -> &'static str {

@@ -8,6 +8,7 @@ mod config;
 mod deploy;
 mod didit_client;
 mod e2e;
+mod issuer;
 mod ledger;
 mod sandbox;
 mod support;
