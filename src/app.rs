@@ -251,6 +251,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 minter: minter.clone(),
                 partners: config.issuer.partners.clone(),
                 max_message_bytes: config.amqp.max_message_bytes,
+                max_attempts: config.retry.max_attempts,
             }),
             onboarding_pause,
             shutdown.clone(),

@@ -29,6 +29,8 @@ pub(crate) struct OnboardingHandler {
     pub minter: Arc<Minter>,
     pub partners: Vec<PartnerConfig>,
     pub max_message_bytes: usize,
+    /// `retry.max_attempts`: a retry of the last attempt is a dead-letter (`retries_exhausted`).
+    pub max_attempts: u32,
 }
 
 fn header_str<'a>(msg: &'a Incoming, name: &str) -> Option<&'a str> {
@@ -171,7 +173,19 @@ impl Handler for OnboardingHandler {
             return Decision::Pause { reason, detail };
         }
         if !retry.is_empty() {
-            metrics.event(source_label, "retried");
+            if msg.attempt >= self.max_attempts {
+                // The consumer dead-letters this retry as `retries_exhausted`; say so per partner.
+                for partner in selection
+                    .partners
+                    .iter()
+                    .filter(|p| retry.contains(&p.application_id))
+                {
+                    metrics.share(&partner.name, "exhausted");
+                }
+                metrics.event(source_label, "dead_lettered");
+            } else {
+                metrics.event(source_label, "retried");
+            }
             return split(
                 copies,
                 Decision::Retry {

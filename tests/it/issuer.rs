@@ -1198,7 +1198,9 @@ async fn a_share_that_keeps_failing_goes_through_the_retry_queue_then_to_dead() 
     let original: OnboardingFinished = serde_json::from_slice(&copy.body).unwrap();
     assert_eq!(original.event_id, event.event_id);
     wait_metric(&issuer, &dead_lettered(&queue, "retries_exhausted"), 1.0).await;
-    assert_eq!(value(&issuer, &events("amqp", "retried")), 3.0);
+    assert_eq!(value(&issuer, &events("amqp", "retried")), 2.0);
+    assert_eq!(value(&issuer, &events("amqp", "dead_lettered")), 1.0);
+    assert_eq!(value(&issuer, &shares("sponsor-bank", "exhausted")), 1.0);
     assert!(value(&issuer, &shares("sponsor-bank", "retried")) >= 3.0);
     assert!(tap.now().await.is_empty());
     assert_eq!(world.control.stats().await.unwrap().shares, 0);
