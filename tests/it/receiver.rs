@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use partner_bridge::didit::wire::SessionKind;
 use partner_bridge::envelope::{ReshareRequest, SigningKey};
+use partner_bridge::sandbox::{FaultEndpoint, FaultSettings};
 
 use crate::support::bridge::{Amqp, Got, World};
 use crate::support::t_receiver::{
@@ -832,6 +833,137 @@ async fn a_revoked_api_key_pauses_the_receiver_until_the_key_file_holds_the_new_
     assert_eq!(metric_of(&receiver, paused), 0.0);
     assert_eq!(amqp.depth(&receiver_dead_queue(&world)).await, 0);
     assert!(!receiver.metrics().encode().contains(new_key.expose()));
+
+    amqp.close().await;
+    receiver.stop().await.unwrap();
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_didit_refuses_with_400_or_without_a_workflow_of_its_kind_is_rejected() {
+    let world = World::new("rx-rejected").await;
+    // The KYC workflow setting names the partner's KYB workflow (Didit answers 400), and no KYB workflow is set.
+    let business_line = format!(
+        "workflow_business = \"{}\"\n",
+        world.partner_app.workflows.business
+    );
+    let toml = receiver_toml_with(
+        &world,
+        false,
+        &[(
+            "workflow_user",
+            &format!("\"{}\"", world.partner_app.workflows.business),
+        )],
+    );
+    assert!(toml.contains(&business_line));
+    let toml = toml.replacen(&business_line, "", 1);
+    let receiver = world.start(world.config(&toml)).await;
+    let amqp = Amqp::connect().await;
+    let results = Tap::start(&world.names.imports_exchange(), "import.#").await;
+
+    let kyc = hand_token(&world, SessionKind::User, "Approved", Some("p")).await;
+    let kyb = hand_token(&world, SessionKind::Business, "APPROVED", Some("q")).await;
+    let kyc_body = publish_signed(&world, &amqp, &kyc).await;
+    let kyb_body = publish_signed(&world, &amqp, &kyb).await;
+
+    let tapped = results.wait_count(2, WAIT).await;
+    for t in &tapped {
+        assert_eq!(t.routing_key, "import.rejected");
+        let body = t.got.json();
+        assert_eq!(body["outcome"], "rejected");
+        assert!(body["imported_session_id"].is_null());
+        assert!(body["reason"].is_string());
+    }
+    let dead = drain_n(&amqp, &receiver_dead_queue(&world), 2, WAIT).await;
+    let by_reason: BTreeMap<&str, &Vec<u8>> = dead
+        .iter()
+        .map(|g| (g.header("x-pb-reason").unwrap_or(""), &g.body))
+        .collect();
+    assert_eq!(
+        by_reason,
+        BTreeMap::from([("no_workflow", &kyb_body), ("rejected", &kyc_body)])
+    );
+    let stats = world.control.stats().await.unwrap();
+    assert!(stats.imports.is_empty());
+    assert_eq!(
+        stats.rejected("workflow_kind_mismatch"),
+        1,
+        "only the KYC token reached Didit"
+    );
+    assert_eq!(
+        metric_of(&receiver, &imports_series("fintech-a", "rejected")),
+        2.0
+    );
+    assert_eq!(metric_of(&receiver, &dead_series(&world, "rejected")), 1.0);
+    assert_eq!(
+        metric_of(&receiver, &dead_series(&world, "no_workflow")),
+        1.0
+    );
+    assert!(
+        receiver.health().check().is_ok(),
+        "a refused token is no reason to pause"
+    );
+
+    amqp.close().await;
+    receiver.stop().await.unwrap();
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_and_rate_limits_on_import_are_retried_until_each_token_is_imported_once() {
+    let world = World::new("rx-flaky").await;
+    let receiver = world.start_receiver(false).await;
+    let amqp = Amqp::connect().await;
+    let results = Tap::start(&world.names.imports_exchange(), "import.#").await;
+    world
+        .control
+        .set_faults(FaultSettings {
+            endpoint: FaultEndpoint::Import,
+            error_rate: 0.3,
+            rate_limit_rate: 0.1,
+            ..FaultSettings::default()
+        })
+        .await
+        .unwrap();
+
+    let mut sessions = BTreeSet::new();
+    // Enough tokens that a 40% fault rate cannot miss them all (0.6^20 is about 4 in 100,000).
+    for i in 0..20 {
+        let kind = if i % 2 == 0 {
+            SessionKind::User
+        } else {
+            SessionKind::Business
+        };
+        let envelope = hand_token(&world, kind, "Approved", Some(&format!("f{i}"))).await;
+        publish_signed(&world, &amqp, &envelope).await;
+        sessions.insert(envelope.source_session_id);
+    }
+
+    let counts = wait_imports_into(
+        &world,
+        &world.partner_app.application_id,
+        20,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(counts.keys().cloned().collect::<BTreeSet<_>>(), sessions);
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+    let tapped = results.wait_count(20, WAIT).await;
+    assert_eq!(tapped.len(), 20);
+    assert!(tapped.iter().all(|t| t.routing_key == "import.imported"));
+    let stats = world.control.stats().await.unwrap();
+    assert!(
+        stats.rejected("internal_error") + stats.rejected("rate_limited") > 0,
+        "the faults were injected: {:?}",
+        stats.rejections
+    );
+    assert!(
+        metric_of(
+            &receiver,
+            "partner_bridge_retries_total{operation=\"import\"}"
+        ) >= 1.0
+    );
+    assert_eq!(amqp.depth(&receiver_dead_queue(&world)).await, 0);
 
     amqp.close().await;
     receiver.stop().await.unwrap();
