@@ -178,12 +178,21 @@ async fn the_vendor_data_template_renders_every_placeholder_into_the_imported_se
     let results = Tap::start(&world.names.imports_exchange(), "import.#").await;
 
     let with_vendor = hand_token(&world, SessionKind::User, "Approved", Some("crm-7")).await;
+    // The issuer's value is data, not template: placeholders in it stay as they are.
+    let odd_vendor = hand_token(
+        &world,
+        SessionKind::User,
+        "Declined",
+        Some("crm-{issuer}-{source_session_id}"),
+    )
+    .await;
     // A partner whose policy withholds the issuer's vendor_data gets no `source_vendor_data`.
     let without_vendor = hand_token(&world, SessionKind::Business, "APPROVED", None).await;
     publish_signed(&world, &amqp, &with_vendor).await;
     publish_signed(&world, &amqp, &without_vendor).await;
+    publish_signed(&world, &amqp, &odd_vendor).await;
 
-    let tapped = results.wait_count(2, WAIT).await;
+    let tapped = results.wait_count(3, WAIT).await;
     let expected = [
         (
             &with_vendor,
@@ -194,6 +203,14 @@ async fn the_vendor_data_template_renders_every_placeholder_into_the_imported_se
             &without_vendor,
             format!("fintech-a|{}|", without_vendor.source_session_id),
             "APPROVED",
+        ),
+        (
+            &odd_vendor,
+            format!(
+                "fintech-a|{}|crm-{{issuer}}-{{source_session_id}}",
+                odd_vendor.source_session_id
+            ),
+            "Declined",
         ),
     ];
     for (envelope, vendor_data, status) in expected {
