@@ -986,3 +986,201 @@ async fn server_errors_and_rate_limits_on_import_are_retried_until_each_token_is
     receiver.stop().await.unwrap();
     world.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_different_tokens_for_one_session_arriving_together_import_it_once() {
+    const SESSIONS: usize = 10;
+    let world = World::new("rx-race").await;
+    let receiver = world.start_receiver(false).await;
+    let amqp = Amqp::connect().await;
+    let results = Tap::start(&world.names.imports_exchange(), "import.#").await;
+
+    // Two distinct tokens per session (different TTLs, so Didit itself would import both), published back to
+    // back so that the receiver handles them at the same time.
+    let mut envelopes = Vec::new();
+    for i in 0..SESSIONS {
+        let kind = if i % 2 == 0 {
+            SessionKind::User
+        } else {
+            SessionKind::Business
+        };
+        let session = world.session(kind, "Approved", &format!("r{i}")).await;
+        for ttl in [3600, 1800] {
+            let share = mint(
+                &world,
+                &world.issuer_app,
+                &session,
+                &world.partner_app.application_id,
+                ttl,
+            )
+            .await;
+            envelopes.push(envelope_for(&world, &share, &session, "Approved", None));
+        }
+    }
+    assert_ne!(envelopes[0].share_token, envelopes[1].share_token);
+    for envelope in &envelopes {
+        publish_signed(&world, &amqp, envelope).await;
+    }
+
+    let tapped = results.wait_count(2 * SESSIONS, WAIT).await;
+    assert_eq!(tapped.len(), 2 * SESSIONS);
+    let mut by_session: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for t in &tapped {
+        let body = t.got.json();
+        assert_eq!(
+            t.routing_key,
+            format!("import.{}", body["outcome"].as_str().unwrap())
+        );
+        by_session
+            .entry(body["source_session_id"].as_str().unwrap().to_string())
+            .or_default()
+            .push(body);
+    }
+    assert_eq!(by_session.len(), SESSIONS);
+    for (session, bodies) in &by_session {
+        let outcomes: BTreeSet<&str> = bodies
+            .iter()
+            .map(|b| b["outcome"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            outcomes,
+            BTreeSet::from(["duplicate", "imported"]),
+            "{session}"
+        );
+        assert_eq!(
+            bodies[0]["imported_session_id"], bodies[1]["imported_session_id"],
+            "the duplicate names the session the first token created"
+        );
+    }
+    let stats = world.control.stats().await.unwrap();
+    for session in by_session.keys() {
+        assert_eq!(
+            stats.import_count(session, &world.partner_app.application_id),
+            1
+        );
+    }
+    assert_eq!(
+        stats.rejected("already_imported"),
+        0,
+        "the ledger answered, not Didit"
+    );
+    assert_eq!(
+        metric_of(&receiver, &imports_series("fintech-a", "duplicate")),
+        SESSIONS as f64
+    );
+
+    amqp.close().await;
+    receiver.stop().await.unwrap();
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_token_for_an_already_imported_session_is_a_duplicate_not_a_reshare() {
+    let world = World::new("rx-stale-dup").await;
+    let amqp = Amqp::connect().await;
+    declare_issuer_queues(&world, &amqp).await;
+    let receiver = world.start_receiver(false).await;
+    let results = Tap::start(&world.names.imports_exchange(), "import.#").await;
+
+    let envelope = hand_token(&world, SessionKind::User, "Approved", Some("once")).await;
+    publish_signed(&world, &amqp, &envelope).await;
+    results.wait_count(1, WAIT).await;
+    let mut stale = envelope.clone();
+    stale.message_id = uuid::Uuid::now_v7().to_string();
+    stale.expires_at = Utc::now() - chrono::Duration::seconds(60);
+    publish_signed(&world, &amqp, &stale).await;
+
+    let tapped = results.wait_count(2, WAIT).await;
+    assert_eq!(tapped[1].routing_key, "import.duplicate");
+    assert_eq!(amqp.depth(&world.names.issuer_reshare_queue()).await, 0);
+    assert_eq!(
+        metric_of(
+            &receiver,
+            "partner_bridge_reshare_requests_total{direction=\"sent\"}"
+        ),
+        0.0
+    );
+    let stats = world.control.stats().await.unwrap();
+    assert_eq!(
+        stats.import_count(
+            &envelope.source_session_id,
+            &world.partner_app.application_id
+        ),
+        1
+    );
+    assert!(stats.rejections.values().all(|n| *n == 0));
+
+    amqp.close().await;
+    receiver.stop().await.unwrap();
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_issuers_are_imported_only_when_allowed_and_never_trusted() {
+    let world = World::new("rx-unknown-ok").await;
+    let toml = receiver_toml_with(&world, true, &[("allow_unknown_issuers", "true")]);
+    let receiver = world.start(world.config(&toml)).await;
+    let amqp = Amqp::connect().await;
+    let results = Tap::start(&world.names.imports_exchange(), "import.#").await;
+
+    let stranger = world.control.create_application("stranger").await.unwrap();
+    let session = world
+        .control
+        .create_session(
+            &stranger.application_id,
+            SessionKind::User,
+            "Approved",
+            Some("s"),
+        )
+        .await
+        .unwrap()
+        .session_id;
+    let share = mint(
+        &world,
+        &stranger,
+        &session,
+        &world.partner_app.application_id,
+        3600,
+    )
+    .await;
+    let mut foreign = envelope_for(&world, &share, &session, "Approved", None);
+    foreign.from_application_id = stranger.application_id.clone();
+    publish_signed_body(&world, &amqp, &body_of(&foreign), &SigningKey::generate()).await;
+    let known = hand_token(&world, SessionKind::User, "Approved", Some("k")).await;
+    publish_signed(&world, &amqp, &known).await;
+
+    let tapped = results.wait_count(2, WAIT).await;
+    let result_for = |id: &str| {
+        tapped
+            .iter()
+            .map(|t| t.got.json())
+            .find(|b| b["source_session_id"] == id)
+            .expect("a result")
+    };
+    let foreign_result = result_for(&session);
+    assert_eq!(foreign_result["outcome"], "imported");
+    assert_eq!(
+        foreign_result["from_application_id"],
+        stranger.application_id.as_str()
+    );
+    assert_eq!(
+        foreign_result["trust_review"], false,
+        "an unknown issuer's review is never trusted"
+    );
+    assert_eq!(foreign_result["status"], "In Review");
+    let known_result = result_for(&known.source_session_id);
+    assert_eq!(known_result["trust_review"], true);
+    assert_eq!(known_result["status"], "Approved");
+    assert_eq!(
+        metric_of(&receiver, &imports_series("unknown", "imported")),
+        1.0
+    );
+    assert_eq!(
+        metric_of(&receiver, &imports_series("fintech-a", "imported")),
+        1.0
+    );
+
+    amqp.close().await;
+    receiver.stop().await.unwrap();
+    world.cleanup().await;
+}
