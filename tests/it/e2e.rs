@@ -202,6 +202,17 @@ share_vendor_data = false
             );
         }
     }
+    for receiver in [&receiver_a, &receiver_b] {
+        let text = receiver.metrics().encode();
+        for series in [
+            "partner_bridge_imports_total{issuer=\"fintech-a\",outcome=\"imported\"}",
+            "partner_bridge_end_to_end_seconds_count",
+            "partner_bridge_token_age_at_import_seconds_count",
+            "partner_bridge_didit_requests_total{operation=\"import\",status=\"201\"}",
+        ] {
+            assert_eq!(metric(&text, series), EVENTS as f64, "{series}");
+        }
+    }
     let stats = world.control.stats().await.unwrap();
     assert_eq!(
         stats.shares,

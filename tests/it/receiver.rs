@@ -1184,3 +1184,86 @@ async fn unknown_issuers_are_imported_only_when_allowed_and_never_trusted() {
     receiver.stop().await.unwrap();
     world.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_didit_calls_invalid_is_answered_with_a_reshare_request() {
+    let world = World::new("rx-invalid").await;
+    let amqp = Amqp::connect().await;
+    declare_issuer_queues(&world, &amqp).await;
+    let receiver = world.start_receiver(false).await;
+    let results = Tap::start(&world.names.imports_exchange(), "import.#").await;
+
+    // The envelope is genuine (signed by the issuer) but the token in it is not one Didit can read.
+    let mut envelope = hand_token(&world, SessionKind::User, "Approved", Some("x")).await;
+    envelope.share_token = partner_bridge::secret::ShareToken::new("not-a-share-token");
+    publish_signed(&world, &amqp, &envelope).await;
+
+    let requests = drain_n(&amqp, &world.names.issuer_reshare_queue(), 1, WAIT).await;
+    let request: ReshareRequest = serde_json::from_slice(&requests[0].body).unwrap();
+    assert_eq!(request.source_session_id, envelope.source_session_id);
+    assert_eq!(request.attempt, 1);
+    assert_eq!(request.original_message_id, envelope.message_id);
+    let stats = world.control.stats().await.unwrap();
+    assert_eq!(stats.rejected("invalid_share_token"), 1);
+    assert!(stats.imports.is_empty());
+    assert!(results.all().is_empty());
+    assert!(amqp.drain(&receiver_dead_queue(&world)).await.is_empty());
+    assert!(
+        receiver.health().check().is_ok(),
+        "a bad token is not a bad key: no pause"
+    );
+
+    amqp.close().await;
+    receiver.stop().await.unwrap();
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_envelopes_are_dead_lettered_with_their_reason_and_the_consumer_keeps_going() {
+    let world = World::new("rx-malformed").await;
+    let receiver = world.start_receiver(false).await;
+    let amqp = Amqp::connect().await;
+
+    let good = hand_token(&world, SessionKind::Business, "IN_REVIEW", Some("m")).await;
+    let mut missing = serde_json::to_value(&good).unwrap();
+    missing.as_object_mut().unwrap().remove("source_session_id");
+    let mut oversized = serde_json::to_value(&good).unwrap();
+    oversized["padding"] = "x".repeat(300 * 1024).into();
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("malformed_json", b"{not json".to_vec()),
+        (
+            "unknown_type",
+            br#"{"type":"share_token_v9","message_id":"m"}"#.to_vec(),
+        ),
+        ("missing_field", serde_json::to_vec(&missing).unwrap()),
+        ("oversized", serde_json::to_vec(&oversized).unwrap()),
+    ];
+    for (_, body) in &bad {
+        publish_signed_body(&world, &amqp, body, &world.key).await;
+    }
+    publish_signed(&world, &amqp, &good).await;
+
+    let dead = drain_n(&amqp, &receiver_dead_queue(&world), bad.len(), WAIT).await;
+    let by_reason: BTreeMap<&str, &Vec<u8>> = dead
+        .iter()
+        .map(|g| (g.header("x-pb-reason").unwrap_or(""), &g.body))
+        .collect();
+    let expected: BTreeMap<&str, &Vec<u8>> = bad.iter().map(|(r, b)| (*r, b)).collect();
+    assert_eq!(by_reason, expected);
+    for (reason, _) in &bad {
+        assert_eq!(
+            metric_of(&receiver, &dead_series(&world, reason)),
+            1.0,
+            "{reason}"
+        );
+    }
+    let counts = wait_imports_into(&world, &world.partner_app.application_id, 1, WAIT).await;
+    assert_eq!(
+        counts,
+        BTreeMap::from([(good.source_session_id.clone(), 1)])
+    );
+
+    amqp.close().await;
+    receiver.stop().await.unwrap();
+    world.cleanup().await;
+}
