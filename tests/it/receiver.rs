@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use partner_bridge::didit::wire::SessionKind;
 use partner_bridge::envelope::{ReshareRequest, SigningKey};
 use partner_bridge::sandbox::{FaultEndpoint, FaultSettings};
+use partner_bridge::secret::ShareToken;
 
 use crate::support::bridge::{Amqp, Got, World};
 use crate::support::t_receiver::{
@@ -1197,7 +1198,7 @@ async fn a_token_didit_calls_invalid_is_answered_with_a_reshare_request() {
 
     // The envelope is genuine (signed by the issuer) but the token in it is not one Didit can read.
     let mut envelope = hand_token(&world, SessionKind::User, "Approved", Some("x")).await;
-    envelope.share_token = partner_bridge::secret::ShareToken::new("not-a-share-token");
+    envelope.share_token = ShareToken::new("not-a-share-token");
     publish_signed(&world, &amqp, &envelope).await;
 
     let requests = drain_n(&amqp, &world.names.issuer_reshare_queue(), 1, WAIT).await;
