@@ -6,16 +6,38 @@ use crate::envelope::ImportOutcome;
 
 /// Renders `receiver.vendor_data`: `{source_vendor_data}` (empty when the issuer did not share it),
 /// `{source_session_id}`, `{issuer}` (the issuer's configured name). An empty result means "no vendor_data".
+///
+/// One pass over the template: the values are data from the envelope, so a value that happens to contain
+/// `{issuer}` or `{source_session_id}` is copied as it is, never expanded (which would change the entity id the
+/// import lands on).
 pub fn render_vendor_data(
     template: &str,
     source_vendor_data: Option<&str>,
     source_session_id: &str,
     issuer: &str,
 ) -> Option<String> {
-    let rendered = template
-        .replace("{source_vendor_data}", source_vendor_data.unwrap_or(""))
-        .replace("{source_session_id}", source_session_id)
-        .replace("{issuer}", issuer);
+    let placeholders = [
+        ("{source_vendor_data}", source_vendor_data.unwrap_or("")),
+        ("{source_session_id}", source_session_id),
+        ("{issuer}", issuer),
+    ];
+    let mut rendered = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        rendered.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        match placeholders.iter().find(|(name, _)| tail.starts_with(name)) {
+            Some((name, value)) => {
+                rendered.push_str(value);
+                rest = &tail[name.len()..];
+            }
+            None => {
+                rendered.push('{');
+                rest = &tail[1..];
+            }
+        }
+    }
+    rendered.push_str(rest);
     let trimmed = rendered.trim();
     (!trimmed.is_empty()).then(|| trimmed.to_string())
 }
@@ -60,6 +82,27 @@ mod tests {
         assert_eq!(
             render_vendor_data("{issuer}:{source_session_id}", None, "s1", "fintech"),
             Some("fintech:s1".into())
+        );
+    }
+
+    #[test]
+    fn vendor_data_values_are_never_expanded() {
+        assert_eq!(
+            render_vendor_data(
+                "{issuer}/{source_vendor_data}",
+                Some("crm-{issuer}-{source_session_id}"),
+                "s1",
+                "fintech"
+            ),
+            Some("fintech/crm-{issuer}-{source_session_id}".into())
+        );
+        assert_eq!(
+            render_vendor_data("{source_session_id}|{issuer}", None, "{issuer}", "a{b"),
+            Some("{issuer}|a{b".into())
+        );
+        assert_eq!(
+            render_vendor_data("{x}{issuer}", None, "s1", "fintech"),
+            Some("{x}fintech".into())
         );
     }
 

@@ -10,7 +10,9 @@
 //!
 //! Ack ordering: import → ledger row → `import.result` confirmed → ack. A crash after the import but before the ledger
 //! row means a redelivery gets 403 already-imported (reported `duplicate`); a crash after the ledger row but before the
-//! result is published means the redelivery finds `result_published = false` and publishes `imported` then.
+//! result is published means the redelivery finds `result_published = false` and publishes `imported` then — once
+//! the crashed delivery's lease has run out, so that a second token handled while the first is still publishing
+//! waits and reports `duplicate` instead of a second `imported`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -207,23 +209,13 @@ impl TokenHandler {
                     Utc::now(),
                 )
                 .await;
-            match claim {
+            let until = match claim {
                 Ok(Claim::Acquired { .. }) => break,
-                Ok(Claim::Done(record)) => return self.already_imported(job, record).await,
-                Ok(Claim::Busy { until }) => {
-                    let wait = (until - Utc::now())
-                        .to_std()
-                        .unwrap_or_default()
-                        .min(Duration::from_millis(100));
-                    if Instant::now() + wait > job.deadline || self.shutdown.is_cancelled() {
-                        self.metrics.import(&job.peer.name, "retried");
-                        return Decision::Retry {
-                            detail: "another delivery is importing this session right now".into(),
-                            headers: Vec::new(),
-                        };
-                    }
-                    tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
-                }
+                Ok(Claim::Done(record)) => match self.result_pending_until(&record) {
+                    Some(until) => until,
+                    None => return self.already_imported(job, record).await,
+                },
+                Ok(Claim::Busy { until }) => until,
                 Err(e) => {
                     self.metrics.import(&job.peer.name, "retried");
                     return Decision::Retry {
@@ -231,7 +223,19 @@ impl TokenHandler {
                         headers: Vec::new(),
                     };
                 }
+            };
+            let wait = (until - Utc::now())
+                .to_std()
+                .unwrap_or_default()
+                .min(Duration::from_millis(100));
+            if Instant::now() + wait > job.deadline || self.shutdown.is_cancelled() {
+                self.metrics.import(&job.peer.name, "retried");
+                return Decision::Retry {
+                    detail: "another delivery is importing this session right now".into(),
+                    headers: Vec::new(),
+                };
             }
+            tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
         }
 
         let now = Utc::now();
@@ -320,6 +324,19 @@ impl TokenHandler {
                 }
             }
         }
+    }
+
+    /// A recorded import whose `import.result` is not confirmed yet still belongs to the delivery that made it,
+    /// for as long as that delivery's lease would have lasted: it is publishing the result right now (a second
+    /// token for the session, handled at the same moment, must then wait and report `duplicate`, not `imported`
+    /// again), or it died (then, after the lease, whoever comes next publishes `imported` for it).
+    fn result_pending_until(&self, record: &ImportRecord) -> Option<DateTime<Utc>> {
+        if record.result_published || record.imported_session_id.is_none() {
+            return None;
+        }
+        let lease = chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::MAX);
+        let until = record.imported_at.checked_add_signed(lease)?;
+        (until > Utc::now()).then_some(until)
     }
 
     async fn release(&self, job: &Job<'_>, holder: &str) {

@@ -10,5 +10,6 @@ mod didit_client;
 mod e2e;
 mod issuer;
 mod ledger;
+mod receiver;
 mod sandbox;
 mod support;

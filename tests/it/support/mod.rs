@@ -5,6 +5,7 @@
 pub mod bridge;
 pub mod proxy;
 pub mod stub_didit;
+pub mod t_receiver;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
