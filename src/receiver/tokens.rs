@@ -140,6 +140,22 @@ impl Handler for TokenHandler {
             );
             return self.finish_failed(&job, "misrouted", detail).await;
         }
+        // The ledger keys on the envelope's session and issuer: a token that says otherwise would be recorded under
+        // the wrong key and escape the one-import guarantee. Only the issuer's own key can sign such an envelope,
+        // but a bug there must not become a second import here.
+        if let Some(c) = &claims
+            && (c.session_id != envelope.source_session_id
+                || c.from_application_id != envelope.from_application_id)
+        {
+            return self.refuse(
+                &job.peer.name,
+                "invalid_field",
+                format!(
+                    "the token is for session {} from application {}, the envelope says session {} from {}",
+                    c.session_id, c.from_application_id, envelope.source_session_id, envelope.from_application_id
+                ),
+            );
+        }
         tracing::debug!(message_id = %envelope.message_id, source_session_id = %envelope.source_session_id, issuer = %job.peer.name, "token received");
         self.import(&job, claims.as_ref()).await
     }

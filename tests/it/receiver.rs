@@ -1270,3 +1270,40 @@ async fn malformed_envelopes_are_dead_lettered_with_their_reason_and_the_consume
     receiver.stop().await.unwrap();
     world.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_envelope_whose_token_names_another_session_is_refused() {
+    let world = World::new("rx-mismatch").await;
+    let receiver = world.start_receiver(false).await;
+    let amqp = Amqp::connect().await;
+
+    // A genuine token for session A, wrapped (and signed) as if it were about session B: the ledger would record
+    // the import under B, and A could later be imported a second time.
+    let token_a = hand_token(&world, SessionKind::User, "Approved", Some("a")).await;
+    let session_b = world.session(SessionKind::User, "Approved", "b").await;
+    let mut lying = token_a.clone();
+    lying.source_session_id = session_b.clone();
+    let body = body_of(&lying);
+    publish_signed_body(&world, &amqp, &body, &world.key).await;
+    // The honest envelope still goes through afterwards.
+    publish_signed(&world, &amqp, &token_a).await;
+
+    let dead = drain_n(&amqp, &receiver_dead_queue(&world), 1, WAIT).await;
+    assert_eq!(dead[0].header("x-pb-reason"), Some("invalid_field"));
+    assert!(
+        dead[0]
+            .header("x-pb-detail")
+            .unwrap_or("")
+            .contains(&session_b)
+    );
+    assert_eq!(dead[0].body, body, "kept exactly as sent");
+    let counts = wait_imports_into(&world, &world.partner_app.application_id, 1, WAIT).await;
+    assert_eq!(
+        counts,
+        BTreeMap::from([(token_a.source_session_id.clone(), 1)])
+    );
+
+    amqp.close().await;
+    receiver.stop().await.unwrap();
+    world.cleanup().await;
+}
