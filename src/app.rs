@@ -503,7 +503,9 @@ pub fn results_queue_plan(names: &Names, settings: &QueueSettings) -> Vec<Entity
 }
 
 /// Connects a link that has no consumer (the token publisher) and declares its plan, retrying until it works, so
-/// readiness reflects the token broker too and the first publish finds its exchange.
+/// readiness reflects the token broker too and the first publish finds its exchange. Nothing else uses this link
+/// while no token is published, so the task then stays to reconnect (and declare again) whenever the connection is
+/// lost; otherwise `/readyz` would stay 503 after a broker blip until the next token happened to be published.
 async fn declare_in_background(
     link: Link,
     plan: Vec<Entity>,
@@ -522,12 +524,16 @@ async fn declare_in_background(
                 .map_err(|e| crate::amqp::AmqpError::from_lapin("opening a channel", &e))?;
             topology::declare(&channel, &plan).await?;
             let _ = channel.close(200, "declared".into()).await;
-            Ok::<(), crate::amqp::AmqpError>(())
+            Ok::<_, crate::amqp::AmqpError>(connection)
         };
         match attempt.await {
-            Ok(()) => {
+            Ok(connection) => {
                 health.ready(&part);
-                return;
+                delay = Duration::from_millis(100);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = connection_lost(&connection) => {}
+                }
             }
             Err(e) => {
                 if shutdown.is_cancelled() {
@@ -542,6 +548,18 @@ async fn declare_in_background(
                 }
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
+        }
+    }
+}
+
+/// Resolves once `connection` is no longer connected (lapin reports the failure as an event; a channel error leaves
+/// the connection up and is ignored here).
+async fn connection_lost(connection: &lapin::Connection) {
+    use futures_util::StreamExt;
+    let mut events = Box::pin(connection.events_listener());
+    while connection.status().connected() {
+        if events.next().await.is_none() {
+            return;
         }
     }
 }
