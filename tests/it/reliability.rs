@@ -1032,7 +1032,9 @@ async fn readyz_follows_start_broker_loss_and_shutdown() {
     let http = http();
     let proxy = Proxy::start().await;
     proxy.refuse(true);
-    let config = world.config(&tuned(&both_toml(&world), &proxy.amqp_url(), 4));
+    // Didit's timeout well above the slow share below, so that share is still running when the drain starts.
+    let toml = tuned(&both_toml(&world), &proxy.amqp_url(), 4);
+    let config = world.config(&set_key(&toml, "timeout_ms", "8000"));
     let running = app::start(config, CancellationToken::new())
         .await
         .expect("the bridge starts without a broker");
@@ -1090,7 +1092,7 @@ async fn readyz_follows_start_broker_loss_and_shutdown() {
         .control
         .set_faults(FaultSettings {
             endpoint: FaultEndpoint::Share,
-            latency_ms: 3000,
+            latency_ms: 2000,
             ..FaultSettings::default()
         })
         .await
