@@ -39,6 +39,8 @@ use crate::secret::SecretUrl;
 /// How often the ledger is checked for writability (readiness) and pruned.
 const LEDGER_CHECK_EVERY: Duration = Duration::from_secs(10);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// The readiness part held while [`start`] is still building the parts.
+const STARTUP_PART: &str = "startup";
 
 /// A running bridge.
 pub struct Running {
@@ -128,6 +130,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
+    // Not ready until every part below has registered: the admin server answers from the start, and without this
+    // `/readyz` would say 200 while no link or consumer exists yet (before the ledger registers, and between the
+    // ledger being ready and the first broker link).
+    health.not_ready(STARTUP_PART, "starting");
     let tasks = TaskTracker::new();
     let grace = Duration::from_secs(config.shutdown.grace_s);
 
@@ -408,6 +414,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .map(|p| p.name.clone())
         .collect();
     metrics.init_known(&partners, &issuers, &queues, &pipelines);
+    health.remove(STARTUP_PART);
 
     Ok(Running {
         admin_addr,
