@@ -39,6 +39,8 @@ use crate::secret::SecretUrl;
 /// How often the ledger is checked for writability (readiness) and pruned.
 const LEDGER_CHECK_EVERY: Duration = Duration::from_secs(10);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How often the token publisher's idle link is checked for a lost connection.
+const CONNECTION_CHECK_EVERY: Duration = Duration::from_millis(250);
 /// The readiness part held while [`start`] is still building the parts.
 const STARTUP_PART: &str = "startup";
 
@@ -559,15 +561,11 @@ async fn declare_in_background(
     }
 }
 
-/// Resolves once `connection` is no longer connected (lapin reports the failure as an event; a channel error leaves
-/// the connection up and is ignored here).
+/// Resolves once `connection` is no longer connected. Polled: lapin hands each connection event to one listener
+/// only, and the link's own watcher must keep receiving them.
 async fn connection_lost(connection: &lapin::Connection) {
-    use futures_util::StreamExt;
-    let mut events = Box::pin(connection.events_listener());
     while connection.status().connected() {
-        if events.next().await.is_none() {
-            return;
-        }
+        tokio::time::sleep(CONNECTION_CHECK_EVERY).await;
     }
 }
 
