@@ -12,7 +12,7 @@
 //! work queue holds a message, nothing in flight), stopping them, and only then counting imports, so a late second
 //! import could not slip in after the count.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -87,6 +87,17 @@ fn tuned(toml: &str, amqp_url: &str, prefetch: u16) -> String {
     let toml = set_key(&toml, "hold_max_s", "2");
     let toml = set_key(&toml, "timeout_ms", "1000");
     set_key(&toml, "confirm_timeout_ms", "2000")
+}
+
+/// With `PB_TEST_LOG` set (a `tracing` filter, e.g. `partner_bridge=info`), the in-process bridges log to the test
+/// output: the way to see why a reliability test failed.
+fn test_logs() {
+    if let Ok(filter) = std::env::var("PB_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
 }
 
 // ---- sessions, queues, settling -----------------------------------------------------------------------------
@@ -222,6 +233,29 @@ fn sessions_with_results(results: &Collector) -> BTreeSet<String> {
         .collect()
 }
 
+/// [`wait_for`], with a check that says why it is not done yet: the last reason goes into the failure.
+async fn wait_explained<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let last = RefCell::new(String::new());
+    let waited = AssertUnwindSafe(wait_for(what, timeout, || {
+        let checked = check();
+        let last = &last;
+        async move { checked.await.map_err(|why| *last.borrow_mut() = why).ok() }
+    }))
+    .catch_unwind()
+    .await;
+    match waited {
+        Ok(value) => value,
+        Err(panic) => {
+            eprintln!("not done waiting for {what}: {}", last.borrow());
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
 /// Waits until every session has its `import.result`, no work queue holds a message and nothing is in flight in
 /// any bridge (`expositions` scrapes each bridge), seen on three polls in a row.
 async fn wait_settled<F, Fut>(
@@ -237,18 +271,29 @@ async fn wait_settled<F, Fut>(
 {
     let queues = work_queues(world);
     let streak = Cell::new(0);
-    wait_for(
+    wait_explained(
         "every session to have its result and every bridge to be idle",
         timeout,
         || {
             let (queues, expositions, streak) = (&queues, &expositions, &streak);
             async move {
                 let reported = sessions_with_results(results);
-                let settled = sessions.iter().all(|s| reported.contains(s))
-                    && non_empty(amqp, queues).await.is_empty()
-                    && expositions().await.iter().all(|t| in_flight(t) == 0.0);
-                streak.set(if settled { streak.get() + 1 } else { 0 });
-                (streak.get() >= 3).then_some(())
+                let missing = sessions.iter().filter(|s| !reported.contains(*s)).count();
+                let waiting = non_empty(amqp, queues).await;
+                let busy: Vec<f64> = expositions().await.iter().map(|t| in_flight(t)).collect();
+                if missing == 0 && waiting.is_empty() && busy.iter().all(|b| *b == 0.0) {
+                    streak.set(streak.get() + 1);
+                } else {
+                    streak.set(0);
+                }
+                if streak.get() >= 3 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{missing} sessions without a result; queues with messages {waiting:?}; in flight per \
+                         bridge {busy:?}"
+                    ))
+                }
             }
         },
     )
@@ -290,6 +335,48 @@ async fn assert_exactly_once(world: &World, amqp: &Amqp, sessions: &[String]) {
         twice.is_empty(),
         "sessions not imported exactly once: {twice:?}"
     );
+}
+
+/// Deletes the world's queues if the test panics (a passing test calls `World::cleanup` instead): leaked quorum
+/// queues slow the shared broker down for every other test.
+struct CleanupOnPanic {
+    plan: Vec<partner_bridge::amqp::topology::Entity>,
+}
+
+impl CleanupOnPanic {
+    fn new(world: &World) -> CleanupOnPanic {
+        let mut plans = Vec::new();
+        for toml in [world.issuer_toml(), world.receiver_toml(false)] {
+            if let Ok(config) = partner_bridge::config::Config::from_toml(&toml) {
+                plans.push(app::declared_topology(&config));
+            }
+        }
+        CleanupOnPanic {
+            plan: partner_bridge::amqp::topology::combine(plans),
+        }
+    }
+}
+
+impl Drop for CleanupOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let plan = std::mem::take(&mut self.plan);
+        // Drop cannot await, and this thread may be a runtime worker: delete from a thread of its own.
+        let deleting = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async {
+                let amqp = Amqp::connect().await;
+                let _ = partner_bridge::amqp::topology::delete(&amqp.channel, &plan).await;
+                amqp.close().await;
+            });
+        });
+        let _ = deleting.join();
+    }
 }
 
 // ---- the real binary ----------------------------------------------------------------------------------------
@@ -511,6 +598,8 @@ async fn republish(amqp: &Amqp, exchange: &str, routing_key: &str, got: &Got) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connection_cut_twice_mid_stream_imports_each_session_once() {
     let world = World::new("rel-cut").await;
+    let _cleanup = CleanupOnPanic::new(&world);
+    test_logs();
     let proxy = Proxy::start().await;
     world
         .control
@@ -547,18 +636,29 @@ async fn broker_connection_cut_twice_mid_stream_imports_each_session_once() {
             "cut {round} came after the stream ended ({so_far} of {n} imported)"
         );
         // Every link (issuer: onboarding, reshare, tokens; receiver: tokens) connects again before the next cut.
-        wait_for(
+        wait_explained(
             &format!("every link to reconnect after cut {round}"),
             Duration::from_secs(20),
             || async {
-                let reconnected = proxy.accepted() >= accepted + 4
-                    && [&issuer, &receiver].iter().all(|b| {
+                let reconnects: Vec<f64> = [&issuer, &receiver]
+                    .iter()
+                    .map(|b| {
                         metric(
                             &b.metrics().encode(),
                             "partner_bridge_amqp_reconnects_total",
-                        ) >= round
-                    });
-                reconnected.then_some(())
+                        )
+                    })
+                    .collect();
+                let new = proxy.accepted() - accepted;
+                if new >= 4 && reconnects.iter().all(|r| *r >= round) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{new} new connections; reconnects (issuer, receiver) {reconnects:?}; readyz {:?} {:?}",
+                        issuer.health().check(),
+                        receiver.health().check()
+                    ))
+                }
             },
         )
         .await;
@@ -584,6 +684,8 @@ async fn broker_connection_cut_twice_mid_stream_imports_each_session_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_and_restart_imports_each_session_once() {
     let world = World::new("rel-kill").await;
+    let _cleanup = CleanupOnPanic::new(&world);
+    test_logs();
     world
         .control
         .set_faults(FaultSettings {
@@ -643,6 +745,8 @@ async fn sigkill_mid_stream_and_restart_imports_each_session_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn didit_5xx_and_429_still_import_each_session_once() {
     let world = World::new("rel-faults").await;
+    let _cleanup = CleanupOnPanic::new(&world);
+    test_logs();
     world
         .control
         .set_faults(FaultSettings {
@@ -707,6 +811,8 @@ async fn didit_5xx_and_429_still_import_each_session_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_offline_past_token_expiry_imports_each_session_once_after_restart() {
     let world = World::new("rel-offline").await;
+    let _cleanup = CleanupOnPanic::new(&world);
+    test_logs();
     let receiver = world.start_receiver(false).await;
     let issuer = world.start_issuer().await;
     let results = Collector::start(&world.results_queue()).await;
@@ -800,6 +906,8 @@ async fn receiver_offline_past_token_expiry_imports_each_session_once_after_rest
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_and_redelivered_events_and_tokens_import_each_session_once() {
     let world = World::new("rel-dup").await;
+    let _cleanup = CleanupOnPanic::new(&world);
+    test_logs();
     let receiver = world.start_receiver(false).await;
     let issuer = world.start_issuer().await;
     let results = Collector::start(&world.results_queue()).await;
@@ -925,6 +1033,8 @@ async fn duplicate_and_redelivered_events_and_tokens_import_each_session_once() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_messages_in_flight_exits_zero_and_loses_nothing() {
     let world = World::new("rel-term").await;
+    let _cleanup = CleanupOnPanic::new(&world);
+    test_logs();
     world
         .control
         .set_faults(FaultSettings {
@@ -1029,6 +1139,8 @@ async fn wait_readyz(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_start_broker_loss_and_shutdown() {
     let world = World::new("rel-ready").await;
+    let _cleanup = CleanupOnPanic::new(&world);
+    test_logs();
     let http = http();
     let proxy = Proxy::start().await;
     proxy.refuse(true);
