@@ -1076,6 +1076,13 @@ async fn sigterm_with_messages_in_flight_exits_zero_and_loses_nothing() {
     );
     let at_stop = imported_sessions(&world).await;
     assert!(at_stop < n, "SIGTERM came after the stream ended");
+    // The work in flight finished within the grace instead of being abandoned (app and consumer say so if not).
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !logged.contains("grace period"),
+        "in-flight work did not drain within shutdown.grace_s\n{}",
+        log_tail(&log)
+    );
 
     let bridge = Binary::start(&config, admin, log.clone()).await;
     showing_log(
