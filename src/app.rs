@@ -39,6 +39,10 @@ use crate::secret::SecretUrl;
 /// How often the ledger is checked for writability (readiness) and pruned.
 const LEDGER_CHECK_EVERY: Duration = Duration::from_secs(10);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How often the token publisher's idle link is checked for a lost connection.
+const CONNECTION_CHECK_EVERY: Duration = Duration::from_millis(250);
+/// The readiness part held while [`start`] is still building the parts.
+const STARTUP_PART: &str = "startup";
 
 /// A running bridge.
 pub struct Running {
@@ -128,6 +132,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
+    // Not ready until every part below has registered: the admin server answers from the start, and without this
+    // `/readyz` would say 200 while no link or consumer exists yet (before the ledger registers, and between the
+    // ledger being ready and the first broker link).
+    health.not_ready(STARTUP_PART, "starting");
     let tasks = TaskTracker::new();
     let grace = Duration::from_secs(config.shutdown.grace_s);
 
@@ -419,6 +427,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .map(|p| p.name.clone())
         .collect();
     metrics.init_known(&partners, &issuers, &queues, &pipelines);
+    health.remove(STARTUP_PART);
 
     Ok(Running {
         admin_addr,
@@ -514,7 +523,9 @@ pub fn results_queue_plan(names: &Names, settings: &QueueSettings) -> Vec<Entity
 }
 
 /// Connects a link that has no consumer (the token publisher) and declares its plan, retrying until it works, so
-/// readiness reflects the token broker too and the first publish finds its exchange.
+/// readiness reflects the token broker too and the first publish finds its exchange. Nothing else uses this link
+/// while no token is published, so the task then stays to reconnect (and declare again) whenever the connection is
+/// lost; otherwise `/readyz` would stay 503 after a broker blip until the next token happened to be published.
 async fn declare_in_background(
     link: Link,
     plan: Vec<Entity>,
@@ -533,12 +544,16 @@ async fn declare_in_background(
                 .map_err(|e| crate::amqp::AmqpError::from_lapin("opening a channel", &e))?;
             topology::declare(&channel, &plan).await?;
             let _ = channel.close(200, "declared".into()).await;
-            Ok::<(), crate::amqp::AmqpError>(())
+            Ok::<_, crate::amqp::AmqpError>(connection)
         };
         match attempt.await {
-            Ok(()) => {
+            Ok(connection) => {
                 health.ready(&part);
-                return;
+                delay = Duration::from_millis(100);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = connection_lost(&connection) => {}
+                }
             }
             Err(e) => {
                 if shutdown.is_cancelled() {
@@ -554,6 +569,14 @@ async fn declare_in_background(
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+/// Resolves once `connection` is no longer connected. Polled: lapin hands each connection event to one listener
+/// only, and the link's own watcher must keep receiving them.
+async fn connection_lost(connection: &lapin::Connection) {
+    while connection.status().connected() {
+        tokio::time::sleep(CONNECTION_CHECK_EVERY).await;
     }
 }
 

@@ -47,6 +47,10 @@ use crate::metrics::Metrics;
 pub const MAX_DETAIL_BYTES: usize = 1000;
 /// Limit for each setup step of a session (open channel, qos, declare, consume).
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Limit for one ack, nack or reject. lapin can leave one pending forever when the connection fails under it;
+/// an unbounded wait would keep the handler's concurrency permit (and `in_flight`) for good, so every broker blip
+/// could take a permit until the consumer stopped taking deliveries at all.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backoff between sessions.
 const RESTART_MIN: Duration = Duration::from_millis(100);
 const RESTART_MAX: Duration = Duration::from_secs(10);
@@ -728,8 +732,11 @@ async fn settle<H: Handler>(
     how: Settle,
     message_id: &str,
 ) -> bool {
-    let (what, result) = match how {
-        Settle::Ack => ("ack", delivery.acker.ack(BasicAckOptions::default()).await),
+    let (what, settling) = match how {
+        Settle::Ack => (
+            "ack",
+            delivery.acker.ack(BasicAckOptions::default()).boxed(),
+        ),
         Settle::Requeue => (
             "nack",
             delivery
@@ -738,15 +745,19 @@ async fn settle<H: Handler>(
                     multiple: false,
                     requeue: true,
                 })
-                .await,
+                .boxed(),
         ),
         Settle::Reject => (
             "reject",
             delivery
                 .acker
                 .reject(BasicRejectOptions { requeue: false })
-                .await,
+                .boxed(),
         ),
+    };
+    let Ok(result) = tokio::time::timeout(SETTLE_TIMEOUT, settling).await else {
+        warn!(queue = %ctx.spec.queue, %message_id, what, timeout_ms = SETTLE_TIMEOUT.as_millis() as u64, "delivery not settled in time (connection lost under it?); the broker will redeliver it if it was not");
+        return false;
     };
     match result {
         Ok(true) => true,

@@ -11,5 +11,6 @@ mod e2e;
 mod issuer;
 mod ledger;
 mod receiver;
+mod reliability;
 mod sandbox;
 mod support;
