@@ -8,5 +8,6 @@ mod config;
 mod didit_client;
 mod e2e;
 mod ledger;
+mod ops;
 mod sandbox;
 mod support;
