@@ -39,6 +39,8 @@ use crate::secret::SecretUrl;
 /// How often the ledger is checked for writability (readiness) and pruned.
 const LEDGER_CHECK_EVERY: Duration = Duration::from_secs(10);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// The health part that keeps `/readyz` at 503 until `start` has created every part that gates readiness.
+const STARTUP_PART: &str = "startup";
 
 /// A running bridge.
 pub struct Running {
@@ -128,6 +130,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
+    // The admin server answers from the moment it is bound, while the parts that gate readiness (ledger, links,
+    // consumers) are still being created: without this part, an empty or half-filled health map reads as ready.
+    health.not_ready(STARTUP_PART, "starting");
     let tasks = TaskTracker::new();
     let grace = Duration::from_secs(config.shutdown.grace_s);
 
@@ -408,6 +413,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .map(|p| p.name.clone())
         .collect();
     metrics.init_known(&partners, &issuers, &queues, &pipelines);
+    // Every link's part exists by now (registered when the link was created, "not yet connected"), and the
+    // consumer and topology tasks register their own parts first thing: from here on the parts speak for
+    // themselves.
+    health.remove(STARTUP_PART);
 
     Ok(Running {
         admin_addr,
