@@ -1021,6 +1021,65 @@ async fn livez_readyz_and_the_healthcheck_command_agree() {
     world.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_never_answers_200_while_the_bridge_is_starting() {
+    // A bridge whose broker never answers can never be ready. `/readyz` is polled as fast as possible from before
+    // the admin port is bound until well after `app::start` returned: not one 200 may slip through, in particular
+    // not while the parts that will report "not connected" are still being created.
+    let world = World::new("ops-early-ready").await;
+    let dead_broker = format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed_port());
+    for round in 0..5 {
+        let admin = closed_port();
+        let toml = world
+            .issuer_toml()
+            .replace(&amqp_url(), &dead_broker)
+            .replace(
+                "[admin]\nlisten = \"127.0.0.1:0\"",
+                &format!("[admin]\nlisten = \"127.0.0.1:{admin}\""),
+            );
+        assert!(
+            toml.contains(&format!("127.0.0.1:{admin}")),
+            "admin port set"
+        );
+        let config = world.config(&toml);
+        let stop = CancellationToken::new();
+        let poller = {
+            let stop = stop.clone();
+            let http = http();
+            let url = format!("http://127.0.0.1:{admin}/readyz");
+            tokio::spawn(async move {
+                let (mut ok, mut unready) = (0u32, 0u32);
+                while !stop.is_cancelled() {
+                    match http.get(&url).send().await {
+                        Ok(r) if r.status() == 200 => ok += 1,
+                        Ok(_) => unready += 1,
+                        Err(_) => tokio::task::yield_now().await,
+                    }
+                }
+                (ok, unready)
+            })
+        };
+        let running = app::start(config, CancellationToken::new())
+            .await
+            .expect("starts without its broker");
+        assert!(running.health().check().is_err(), "round {round}");
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        tokio::time::sleep_until(deadline).await;
+        stop.cancel();
+        let (ok, unready) = poller.await.unwrap();
+        assert!(
+            unready > 0,
+            "round {round}: the poller never reached /readyz"
+        );
+        assert_eq!(
+            ok, 0,
+            "round {round}: /readyz said ready {ok} time(s) without a broker"
+        );
+        running.stop().await.unwrap();
+    }
+    world.cleanup().await;
+}
+
 /// A concrete routing key a binding key matches.
 fn key_for(binding: &str) -> String {
     binding.replace(['#', '*'], "any")
