@@ -40,8 +40,9 @@ use crate::secret::SecretUrl;
 const LEDGER_CHECK_EVERY: Duration = Duration::from_secs(10);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// How often the token publisher's idle link is checked for a lost connection.
-const CONNECTION_CHECK_EVERY: Duration = Duration::from_millis(250);
+/// The health part that keeps `/readyz` at 503 until `start` has created every part that gates readiness.
 /// The readiness part held while [`start`] is still building the parts.
+const CONNECTION_CHECK_EVERY: Duration = Duration::from_millis(250);
 const STARTUP_PART: &str = "startup";
 
 /// A running bridge.
@@ -133,7 +134,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
     // Not ready until every part below has registered: the admin server answers from the start, and without this
+    // The admin server answers from the moment it is bound, while the parts that gate readiness (ledger, links,
     // `/readyz` would say 200 while no link or consumer exists yet (before the ledger registers, and between the
+    // consumers) are still being created: without this part, an empty or half-filled health map reads as ready.
     // ledger being ready and the first broker link).
     health.not_ready(STARTUP_PART, "starting");
     let tasks = TaskTracker::new();
@@ -427,6 +430,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .map(|p| p.name.clone())
         .collect();
     metrics.init_known(&partners, &issuers, &queues, &pipelines);
+    // Every link's part exists by now (registered when the link was created, "not yet connected"), and the
+    // consumer and topology tasks register their own parts first thing: from here on the parts speak for
+    // themselves.
     health.remove(STARTUP_PART);
 
     Ok(Running {

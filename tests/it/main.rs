@@ -10,6 +10,7 @@ mod didit_client;
 mod e2e;
 mod issuer;
 mod ledger;
+mod ops;
 mod receiver;
 mod reliability;
 mod sandbox;
