@@ -1211,10 +1211,10 @@ async fn measure_ceiling(
         while let Some(Ok(delivery)) = sink.next().await {
             let _ = delivery.ack(BasicAckOptions::default()).await;
             count += 1;
-            if count == messages {
-                if let Some(done) = done.take() {
-                    let _ = done.send(Instant::now());
-                }
+            if count == messages
+                && let Some(done) = done.take()
+            {
+                let _ = done.send(Instant::now());
             }
         }
     });
@@ -1255,10 +1255,10 @@ async fn measure_ceiling(
                         delivery.properties.clone(),
                     )
                     .await;
-                if let Ok(confirm) = confirm {
-                    if matches!(confirm.await, Ok(Confirmation::Ack(None))) {
-                        let _ = delivery.ack(BasicAckOptions::default()).await;
-                    }
+                if let Ok(confirm) = confirm
+                    && matches!(confirm.await, Ok(Confirmation::Ack(None)))
+                {
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
                 }
             });
         }
@@ -1391,10 +1391,10 @@ impl Child {
         let url = format!("{}/readyz", self.admin);
         let deadline = since + Duration::from_secs(30);
         loop {
-            if let Ok(response) = http.get(&url).send().await {
-                if response.status() == 200 {
-                    return Ok(since.elapsed());
-                }
+            if let Ok(response) = http.get(&url).send().await
+                && response.status() == 200
+            {
+                return Ok(since.elapsed());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 bail!("partner-bridge run exited with {status} before it was ready");

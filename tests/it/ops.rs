@@ -254,13 +254,13 @@ impl Exposition {
             return Some(sample.to_string());
         }
         for suffix in ["_bucket", "_sum", "_count"] {
-            if let Some(base) = sample.strip_suffix(suffix) {
-                if self.families.get(base).is_some_and(|f| {
+            if let Some(base) = sample.strip_suffix(suffix)
+                && self.families.get(base).is_some_and(|f| {
                     matches!(f.kind.as_deref(), Some("histogram"))
                         || (suffix != "_bucket" && matches!(f.kind.as_deref(), Some("summary")))
-                }) {
-                    return Some(base.to_string());
-                }
+                })
+            {
+                return Some(base.to_string());
             }
         }
         None
