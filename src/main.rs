@@ -8,11 +8,25 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use partner_bridge::cli::{Cli, Command, DeadLetterAction, TopologyAction};
-use partner_bridge::config::{Config, LogFormat};
-use partner_bridge::{commands, telemetry};
+use partner_bridge::config::{Config, ConfigError, LogFormat};
+use partner_bridge::{app, commands, demo, sandbox, telemetry};
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
+
+/// Why a command failed, which decides the exit code.
+enum Failure {
+    /// The configuration is invalid: exit 64.
+    Config(ConfigError),
+    /// Anything else: exit 1.
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -26,65 +40,43 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(dispatch(cli.command))
-}
-
-fn load(path: &Path) -> Result<Config, ExitCode> {
-    let env: HashMap<String, String> = std::env::vars().collect();
-    Config::load(Some(path), env)
-        .and_then(|c| c.validate().map(|()| c))
-        .map_err(|e| {
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_CONFIG)
-        })
-}
-
-fn report(result: anyhow::Result<()>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        }
+        Err(Failure::Other(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn dispatch(command: Command) -> ExitCode {
+/// Loads and validates the configuration file with the process environment's overrides.
+fn load(path: &Path) -> Result<Config, Failure> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = Config::load(Some(path), env).map_err(Failure::Config)?;
+    config.validate().map_err(Failure::Config)?;
+    Ok(config)
+}
+
+async fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
-        Command::CheckConfig { config } => match load(&config) {
-            Ok(c) => {
-                print!("{}", commands::check_config(&c));
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
-        Command::Keygen { out, if_missing } => {
-            report(commands::keygen(&out, if_missing).map(|done| match done {
-                commands::Keygen::Created(id) => println!(
-                    "wrote {0}/signing.key and {0}/signing.pub; key id {id}",
-                    out.display()
-                ),
-                commands::Keygen::Kept(id) => {
-                    println!("kept the existing key in {}; key id {id}", out.display())
-                }
-            }))
+        Command::Run { config } => {
+            let config = load(&config)?;
+            telemetry::init(config.log.format, &config.log.level);
+            app::run(config).await?;
         }
-        Command::Healthcheck { url } => report(commands::healthcheck(&url).await),
+        Command::CheckConfig { config } => print!("{}", commands::check_config(&load(&config)?)),
         Command::Sandbox {
             listen,
             fixture,
             no_rate_limit,
         } => {
             telemetry::init(LogFormat::Pretty, "info");
-            report(partner_bridge::sandbox::run_cli(listen, fixture, !no_rate_limit).await)
+            sandbox::run_cli(listen, fixture, !no_rate_limit).await?;
         }
-        Command::Run { config } => match load(&config) {
-            Ok(c) => {
-                telemetry::init(c.log.format, &c.log.level);
-                report(partner_bridge::app::run(c).await)
-            }
-            Err(code) => code,
-        },
         Command::Demo {
             amqp_url,
             sessions,
@@ -93,70 +85,63 @@ async fn dispatch(command: Command) -> ExitCode {
             trust_review,
         } => {
             telemetry::init(LogFormat::Pretty, "warn");
-            report(
-                partner_bridge::demo::run(partner_bridge::demo::DemoOptions {
-                    amqp_url,
-                    sessions,
-                    keep_running,
-                    admin_listen,
-                    trust_review,
-                })
-                .await,
-            )
+            demo::run(demo::DemoOptions {
+                amqp_url,
+                sessions,
+                keep_running,
+                admin_listen,
+                trust_review,
+            })
+            .await?;
         }
-        Command::Topology { action } => match action {
-            TopologyAction::Show { config } => match load(&config) {
-                Ok(c) => {
-                    print!("{}", commands::topology_show(&c));
-                    ExitCode::SUCCESS
-                }
-                Err(code) => code,
-            },
-            TopologyAction::Declare { config } => match load(&config) {
-                Ok(c) => {
-                    telemetry::init(LogFormat::Pretty, "warn");
-                    report(
-                        commands::topology_declare(&c)
-                            .await
-                            .map(|out| print!("declared:\n{out}")),
-                    )
-                }
-                Err(code) => code,
-            },
+        Command::Topology {
+            action: TopologyAction::Show { config },
+        } => print!("{}", commands::topology_show(&load(&config)?)),
+        Command::Topology {
+            action: TopologyAction::Declare { config },
+        } => {
+            let config = load(&config)?;
+            telemetry::init(LogFormat::Pretty, "warn");
+            print!("declared:\n{}", commands::topology_declare(&config).await?);
+        }
+        Command::DeadLetters {
+            action:
+                DeadLetterAction::List {
+                    config,
+                    queue,
+                    limit,
+                },
+        } => {
+            let config = load(&config)?;
+            telemetry::init(LogFormat::Pretty, "warn");
+            print!(
+                "{}",
+                commands::dead_letters_list(&config, &queue, limit).await?
+            );
+        }
+        Command::DeadLetters {
+            action:
+                DeadLetterAction::Replay {
+                    config,
+                    queue,
+                    limit,
+                },
+        } => {
+            let config = load(&config)?;
+            telemetry::init(LogFormat::Pretty, "warn");
+            let moved = commands::dead_letters_replay(&config, &queue, limit).await?;
+            println!("moved {moved} message(s) from {queue}.dead back to {queue}");
+        }
+        Command::Keygen { out, if_missing } => match commands::keygen(&out, if_missing)? {
+            commands::Keygen::Created(id) => println!(
+                "wrote {0}/signing.key and {0}/signing.pub; key id {id}",
+                out.display()
+            ),
+            commands::Keygen::Kept(id) => {
+                println!("kept the existing key in {}; key id {id}", out.display())
+            }
         },
-        Command::DeadLetters { action } => match action {
-            DeadLetterAction::List {
-                config,
-                queue,
-                limit,
-            } => match load(&config) {
-                Ok(c) => {
-                    telemetry::init(LogFormat::Pretty, "warn");
-                    report(
-                        commands::dead_letters_list(&c, &queue, limit)
-                            .await
-                            .map(|out| print!("{out}")),
-                    )
-                }
-                Err(code) => code,
-            },
-            DeadLetterAction::Replay {
-                config,
-                queue,
-                limit,
-            } => match load(&config) {
-                Ok(c) => {
-                    telemetry::init(LogFormat::Pretty, "warn");
-                    report(
-                        commands::dead_letters_replay(&c, &queue, limit)
-                            .await
-                            .map(|n| {
-                                println!("moved {n} message(s) from {queue}.dead back to {queue}")
-                            }),
-                    )
-                }
-                Err(code) => code,
-            },
-        },
+        Command::Healthcheck { url } => commands::healthcheck(&url).await?,
     }
+    Ok(())
 }
