@@ -456,6 +456,7 @@ async fn cleanup(amqp_url: &str, issuer: &Config, receiver: &Config) {
     }
     if let Ok(channel) = connection.create_channel().await {
         let _ = topology::delete(&channel, &topology::combine(plans)).await;
+        let _ = channel.close(200, "demo cleanup".into()).await;
     }
     let _ = connection.close(200, "demo cleanup".into()).await;
 }
