@@ -76,6 +76,13 @@ pub struct Incoming {
     pub queue: String,
 }
 
+impl Incoming {
+    /// A string header's value (`x-pb-signature`, `x-pb-pending-partners`, …); `None` when absent or not a string.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(HeaderValue::as_str)
+    }
+}
+
 /// A dead-lettered copy made from one delivery (e.g. one partner's share failed while others succeeded).
 #[derive(Debug, Clone)]
 pub struct DeadLetterCopy {

@@ -33,17 +33,10 @@ pub(crate) struct OnboardingHandler {
     pub max_attempts: u32,
 }
 
-fn header_str<'a>(msg: &'a Incoming, name: &str) -> Option<&'a str> {
-    match msg.headers.get(name) {
-        Some(HeaderValue::Str(s)) => Some(s.as_str()),
-        _ => None,
-    }
-}
-
 impl Handler for OnboardingHandler {
     async fn handle(&self, msg: Incoming) -> Decision {
         let metrics = &self.minter.metrics;
-        let source_label = if header_str(&msg, HEADER_SOURCE) == Some("webhook") {
+        let source_label = if msg.header(HEADER_SOURCE) == Some("webhook") {
             "webhook"
         } else {
             "amqp"
@@ -77,13 +70,12 @@ impl Handler for OnboardingHandler {
             return Decision::Ack;
         }
         let kind = event.session_kind.unwrap_or(SessionKind::User);
-        let pending: Option<Vec<String>> =
-            header_str(&msg, envelope::HEADER_PENDING_PARTNERS).map(|s| {
-                s.split(',')
-                    .filter(|id| !id.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            });
+        let pending: Option<Vec<String>> = msg.header(envelope::HEADER_PENDING_PARTNERS).map(|s| {
+            s.split(',')
+                .filter(|id| !id.is_empty())
+                .map(str::to_string)
+                .collect()
+        });
         let selection = policy::select(
             &self.partners,
             status,

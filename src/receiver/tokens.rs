@@ -21,9 +21,9 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::Names;
 use crate::amqp::consumer::{Decision, Handler, Incoming};
 use crate::amqp::publisher::{Outgoing, Publisher};
-use crate::amqp::{HeaderValue, Names};
 use crate::config::RetryConfig;
 use crate::didit::client::DiditClient;
 use crate::didit::error::Disposition;
@@ -71,13 +71,6 @@ struct Job<'a> {
     envelope: &'a ShareTokenEnvelope,
     peer: Peer,
     deadline: Instant,
-}
-
-fn header_str<'a>(msg: &'a Incoming, name: &str) -> Option<&'a str> {
-    match msg.headers.get(name) {
-        Some(HeaderValue::Str(s)) => Some(s.as_str()),
-        _ => None,
-    }
 }
 
 impl Handler for TokenHandler {
@@ -169,7 +162,7 @@ impl TokenHandler {
     }
 
     fn check_signature(&self, msg: &Incoming, peer: &Peer) -> Result<(), Decision> {
-        let Some(signature) = header_str(msg, envelope::HEADER_SIGNATURE) else {
+        let Some(signature) = msg.header(envelope::HEADER_SIGNATURE) else {
             if self.allow_unsigned {
                 return Ok(());
             }
@@ -183,7 +176,7 @@ impl TokenHandler {
             // An unknown issuer, explicitly allowed: there is no key to check against.
             return Ok(());
         };
-        if let Some(key_id) = header_str(msg, envelope::HEADER_KEY_ID)
+        if let Some(key_id) = msg.header(envelope::HEADER_KEY_ID)
             && key_id != key.key_id()
         {
             return Err(self.refuse(
