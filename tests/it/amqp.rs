@@ -23,6 +23,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::bridge::metric;
 use crate::support::proxy::Proxy;
 use crate::support::{amqp_url, unique_prefix, wait_for};
 
@@ -207,19 +208,6 @@ impl Fixture {
         }
         self.link.close().await;
     }
-}
-
-/// The value of one exposition line, e.g. `partner_bridge_publish_confirms_total{result="ack"}`; 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            line.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
 }
 
 fn header(delivery: &lapin::message::Delivery, name: &str) -> Option<HeaderValue> {

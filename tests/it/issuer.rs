@@ -24,7 +24,7 @@ use partner_bridge::envelope::{OnboardingFinished, ReshareRequest, ShareTokenEnv
 use partner_bridge::sandbox::{FaultEndpoint, FaultSettings};
 use serde_json::{Value, json};
 
-use crate::support::bridge::{Amqp, World, metric};
+use crate::support::bridge::{Amqp, World, metric, metric_of};
 use crate::support::proxy::Proxy;
 use crate::support::{amqp_url, wait_for};
 
@@ -225,15 +225,10 @@ secret = "{WEBHOOK_SECRET}"
     )
 }
 
-/// Current value of one metric series of `running`.
-fn value(running: &Running, series: &str) -> f64 {
-    metric(&running.metrics().encode(), series)
-}
-
 /// Waits until `series` reaches at least `at_least`.
 async fn wait_metric(running: &Running, series: &str, at_least: f64) -> f64 {
     wait_for(&format!("{series} >= {at_least}"), WAIT, || async {
-        let v = value(running, series);
+        let v = metric_of(running, series);
         (v >= at_least).then_some(v)
     })
     .await
@@ -754,7 +749,7 @@ async fn an_event_redelivered_after_its_token_was_published_mints_nothing_new() 
     assert_eq!(tap.now().await.len(), 1, "the redelivery minted nothing");
     assert_eq!(world.control.stats().await.unwrap().shares, 1);
     assert_eq!(
-        value(&issuer, &shares("sponsor-bank", "skipped_valid")),
+        metric_of(&issuer, &shares("sponsor-bank", "skipped_valid")),
         1.0
     );
     let queue = world.names.issuer_onboarding_queue();
@@ -947,14 +942,14 @@ async fn a_revoked_key_pauses_the_pipeline_and_a_new_key_file_resumes_it() {
         "nothing dead-lettered"
     );
     assert_eq!(tap.now().await.len(), 1, "no token while paused");
-    assert!(value(&issuer, &shares("sponsor-bank", "paused")) >= 1.0);
+    assert!(metric_of(&issuer, &shares("sponsor-bank", "paused")) >= 1.0);
 
     // The operator rotates the secret file; the probe picks it up and the parked event is served.
     std::fs::write(&key_file, new_key.expose()).unwrap();
     let tokens = tap.wait_count(2).await;
     assert_eq!(tokens[1].envelope().source_session_id, during);
     wait_for("the pipeline resumed", WAIT, || async {
-        (value(&issuer, PAUSED) == 0.0 && readyz(&issuer).await.0 == 200).then_some(())
+        (metric_of(&issuer, PAUSED) == 0.0 && readyz(&issuer).await.0 == 200).then_some(())
     })
     .await;
     assert_eq!(tap.now().await.len(), 2);
@@ -1032,10 +1027,10 @@ async fn a_key_without_the_share_privilege_pauses_without_losing_or_exhausting_t
         "a pipeline fault is never dead-lettered"
     );
     assert_eq!(
-        value(&issuer, &dead_lettered(&queue, "retries_exhausted")),
+        metric_of(&issuer, &dead_lettered(&queue, "retries_exhausted")),
         0.0
     );
-    assert!(value(&issuer, &shares("sponsor-bank", "paused")) >= 3.0);
+    assert!(metric_of(&issuer, &shares("sponsor-bank", "paused")) >= 3.0);
     assert!(tap.now().await.is_empty());
     assert_eq!(world.control.stats().await.unwrap().shares, 0);
 
@@ -1091,7 +1086,7 @@ async fn server_errors_and_rate_limits_still_deliver_every_token_exactly_once() 
     assert_eq!(stats.shares, N as u64, "no token minted twice");
     let faults: u64 = stats.rejections.values().sum();
     assert!(faults > 0, "the faults happened: {:?}", stats.rejections);
-    assert!(value(&issuer, "partner_bridge_retries_total{operation=\"share\"}") > 0.0);
+    assert!(metric_of(&issuer, "partner_bridge_retries_total{operation=\"share\"}") > 0.0);
     let queue = world.names.issuer_onboarding_queue();
     assert_eq!(amqp.depth(&Names::dead_queue(&queue)).await, 0);
     assert_eq!(tap.now().await.len(), N, "nothing more arrived");
@@ -1198,10 +1193,13 @@ async fn a_share_that_keeps_failing_goes_through_the_retry_queue_then_to_dead() 
     let original: OnboardingFinished = serde_json::from_slice(&copy.body).unwrap();
     assert_eq!(original.event_id, event.event_id);
     wait_metric(&issuer, &dead_lettered(&queue, "retries_exhausted"), 1.0).await;
-    assert_eq!(value(&issuer, &events("amqp", "retried")), 2.0);
-    assert_eq!(value(&issuer, &events("amqp", "dead_lettered")), 1.0);
-    assert_eq!(value(&issuer, &shares("sponsor-bank", "exhausted")), 1.0);
-    assert!(value(&issuer, &shares("sponsor-bank", "retried")) >= 3.0);
+    assert_eq!(metric_of(&issuer, &events("amqp", "retried")), 2.0);
+    assert_eq!(metric_of(&issuer, &events("amqp", "dead_lettered")), 1.0);
+    assert_eq!(
+        metric_of(&issuer, &shares("sponsor-bank", "exhausted")),
+        1.0
+    );
+    assert!(metric_of(&issuer, &shares("sponsor-bank", "retried")) >= 3.0);
     assert!(tap.now().await.is_empty());
     assert_eq!(world.control.stats().await.unwrap().shares, 0);
     assert_eq!(amqp.depth(&queue).await, 0);
@@ -1417,7 +1415,7 @@ async fn reshare_requests_mint_fresh_tokens_up_to_max_reshares() {
     );
     assert_eq!(world.control.stats().await.unwrap().shares, 4);
     assert_eq!(
-        value(&issuer, &dead_lettered(&reshare_queue, "reshare_limit")),
+        metric_of(&issuer, &dead_lettered(&reshare_queue, "reshare_limit")),
         1.0
     );
     assert_eq!(amqp.depth(&reshare_queue).await, 0);
@@ -1550,7 +1548,7 @@ async fn a_verified_webhook_is_on_the_broker_before_its_200_and_becomes_a_token(
     );
 
     wait_metric(&issuer, &events("webhook", "processed"), 2.0).await;
-    assert_eq!(value(&issuer, &webhook_requests("accepted")), 2.0);
+    assert_eq!(metric_of(&issuer, &webhook_requests("accepted")), 2.0);
     assert_eq!(tokens.now().await.len(), 2);
 
     tokens.close().await;
@@ -1599,7 +1597,7 @@ async fn forged_stale_and_replayed_webhooks_are_refused_and_counted() {
         (status, answer["outcome"].as_str()),
         (401, Some("bad_signature"))
     );
-    assert_eq!(value(&issuer, &webhook_requests("bad_signature")), 3.0);
+    assert_eq!(metric_of(&issuer, &webhook_requests("bad_signature")), 3.0);
 
     // Correctly signed, ten minutes old.
     let stale = webhook_body(&session, "Approved", now - 600);
@@ -1610,7 +1608,7 @@ async fn forged_stale_and_replayed_webhooks_are_refused_and_counted() {
     )
     .await;
     assert_eq!((status, answer["outcome"].as_str()), (401, Some("stale")));
-    assert_eq!(value(&issuer, &webhook_requests("stale")), 1.0);
+    assert_eq!(metric_of(&issuer, &webhook_requests("stale")), 1.0);
     assert!(
         events_tap.now().await.is_empty(),
         "nothing refused reached the broker"
@@ -1622,7 +1620,7 @@ async fn forged_stale_and_replayed_webhooks_are_refused_and_counted() {
     assert_eq!(status, 200);
     let (status, answer) = post_webhook(&issuer, &bytes, &headers).await;
     assert_eq!((status, answer["outcome"].as_str()), (401, Some("replay")));
-    assert_eq!(value(&issuer, &webhook_requests("replay")), 1.0);
+    assert_eq!(metric_of(&issuer, &webhook_requests("replay")), 1.0);
 
     // An unfinished status: 200 (so Didit stops), nothing published.
     let pending = webhook_body(&session, "In Progress", now);
@@ -1633,9 +1631,9 @@ async fn forged_stale_and_replayed_webhooks_are_refused_and_counted() {
     )
     .await;
     assert_eq!((status, answer["outcome"].as_str()), (200, Some("ignored")));
-    assert_eq!(value(&issuer, &webhook_requests("ignored")), 1.0);
+    assert_eq!(metric_of(&issuer, &webhook_requests("ignored")), 1.0);
     assert_eq!(
-        value(&issuer, &events("webhook", "ignored_unfinished")),
+        metric_of(&issuer, &events("webhook", "ignored_unfinished")),
         1.0
     );
 
@@ -1647,7 +1645,7 @@ async fn forged_stale_and_replayed_webhooks_are_refused_and_counted() {
     tokens.wait_count(1).await;
     wait_metric(&issuer, &events("webhook", "processed"), 1.0).await;
     assert_eq!(tokens.now().await.len(), 1);
-    assert_eq!(value(&issuer, &webhook_requests("accepted")), 1.0);
+    assert_eq!(metric_of(&issuer, &webhook_requests("accepted")), 1.0);
 
     tokens.close().await;
     events_tap.close().await;
@@ -1679,7 +1677,10 @@ async fn a_webhook_while_the_broker_is_down_gets_503_and_its_retry_is_accepted()
         (503, Some("broker_unavailable")),
         "{answer}"
     );
-    assert_eq!(value(&issuer, &webhook_requests("broker_unavailable")), 1.0);
+    assert_eq!(
+        metric_of(&issuer, &webhook_requests("broker_unavailable")),
+        1.0
+    );
 
     // Didit delivers the same bytes again once the broker is back: accepted, not taken for a replay.
     proxy.refuse(false);
@@ -1698,7 +1699,7 @@ async fn a_webhook_while_the_broker_is_down_gets_503_and_its_retry_is_accepted()
     assert_eq!(token[0].envelope().source_session_id, session);
     wait_metric(&issuer, &events("webhook", "processed"), 1.0).await;
     assert_eq!(tokens.now().await.len(), 1);
-    assert_eq!(value(&issuer, &webhook_requests("replay")), 0.0);
+    assert_eq!(metric_of(&issuer, &webhook_requests("replay")), 0.0);
 
     tokens.close().await;
     issuer.stop().await.unwrap();

@@ -337,48 +337,6 @@ async fn assert_exactly_once(world: &World, amqp: &Amqp, sessions: &[String]) {
     );
 }
 
-/// Deletes the world's queues if the test panics (a passing test calls `World::cleanup` instead): leaked quorum
-/// queues slow the shared broker down for every other test.
-struct CleanupOnPanic {
-    plan: Vec<partner_bridge::amqp::topology::Entity>,
-}
-
-impl CleanupOnPanic {
-    fn new(world: &World) -> CleanupOnPanic {
-        let mut plans = Vec::new();
-        for toml in [world.issuer_toml(), world.receiver_toml(false)] {
-            if let Ok(config) = partner_bridge::config::Config::from_toml(&toml) {
-                plans.push(app::declared_topology(&config));
-            }
-        }
-        CleanupOnPanic {
-            plan: partner_bridge::amqp::topology::combine(plans),
-        }
-    }
-}
-
-impl Drop for CleanupOnPanic {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let plan = std::mem::take(&mut self.plan);
-        // Drop cannot await, and this thread may be a runtime worker: delete from a thread of its own.
-        let deleting = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            runtime.block_on(async {
-                let amqp = Amqp::connect().await;
-                let _ = partner_bridge::amqp::topology::delete(&amqp.channel, &plan).await;
-                amqp.close().await;
-            });
-        });
-        let _ = deleting.join();
-    }
-}
-
 // ---- the real binary ----------------------------------------------------------------------------------------
 
 /// A port free right now on 127.0.0.1 (the binary prints nothing about its admin port, so the test picks it).
@@ -598,7 +556,6 @@ async fn republish(amqp: &Amqp, exchange: &str, routing_key: &str, got: &Got) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connection_cut_twice_mid_stream_imports_each_session_once() {
     let world = World::new("rel-cut").await;
-    let _cleanup = CleanupOnPanic::new(&world);
     test_logs();
     let proxy = Proxy::start().await;
     world
@@ -684,7 +641,6 @@ async fn broker_connection_cut_twice_mid_stream_imports_each_session_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_and_restart_imports_each_session_once() {
     let world = World::new("rel-kill").await;
-    let _cleanup = CleanupOnPanic::new(&world);
     test_logs();
     world
         .control
@@ -745,7 +701,6 @@ async fn sigkill_mid_stream_and_restart_imports_each_session_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn didit_5xx_and_429_still_import_each_session_once() {
     let world = World::new("rel-faults").await;
-    let _cleanup = CleanupOnPanic::new(&world);
     test_logs();
     world
         .control
@@ -811,7 +766,6 @@ async fn didit_5xx_and_429_still_import_each_session_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_offline_past_token_expiry_imports_each_session_once_after_restart() {
     let world = World::new("rel-offline").await;
-    let _cleanup = CleanupOnPanic::new(&world);
     test_logs();
     let receiver = world.start_receiver(false).await;
     let issuer = world.start_issuer().await;
@@ -906,7 +860,6 @@ async fn receiver_offline_past_token_expiry_imports_each_session_once_after_rest
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_and_redelivered_events_and_tokens_import_each_session_once() {
     let world = World::new("rel-dup").await;
-    let _cleanup = CleanupOnPanic::new(&world);
     test_logs();
     let receiver = world.start_receiver(false).await;
     let issuer = world.start_issuer().await;
@@ -1033,7 +986,6 @@ async fn duplicate_and_redelivered_events_and_tokens_import_each_session_once() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_messages_in_flight_exits_zero_and_loses_nothing() {
     let world = World::new("rel-term").await;
-    let _cleanup = CleanupOnPanic::new(&world);
     test_logs();
     world
         .control
@@ -1146,7 +1098,6 @@ async fn wait_readyz(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_start_broker_loss_and_shutdown() {
     let world = World::new("rel-ready").await;
-    let _cleanup = CleanupOnPanic::new(&world);
     test_logs();
     let http = http();
     let proxy = Proxy::start().await;

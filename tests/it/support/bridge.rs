@@ -15,7 +15,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use partner_bridge::amqp::{Names, topology};
+use partner_bridge::amqp::{Entity, Names, topology};
 use partner_bridge::app::{self, Running};
 use partner_bridge::config::Config;
 use partner_bridge::didit::wire::SessionKind;
@@ -290,8 +290,39 @@ pub struct World {
     pub names: Names,
     /// Temporary directory for ledgers and key files.
     pub dir: tempfile::TempDir,
-    /// Extra TOML appended to every `[retry]`/`[amqp]` etc. is not possible; use these knobs instead.
+    /// `amqp.retry_delay_ms` of the configurations this world writes.
     pub retry_delay_ms: u64,
+    /// Deletes this world's queues when a test panics before [`World::cleanup`].
+    panic_cleanup: PanicCleanup,
+}
+
+/// Deletes a topology plan if the thread is panicking when it is dropped: a failing test never reaches
+/// [`World::cleanup`], and leaked quorum queues slow the shared broker down for every other test.
+#[derive(Default)]
+struct PanicCleanup {
+    plan: Vec<Entity>,
+}
+
+impl Drop for PanicCleanup {
+    fn drop(&mut self) {
+        if !std::thread::panicking() || self.plan.is_empty() {
+            return;
+        }
+        let plan = std::mem::take(&mut self.plan);
+        // Drop cannot await, and this thread may be a runtime worker: delete from a thread of its own.
+        let deleting = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async {
+                let amqp = Amqp::connect().await;
+                let _ = topology::delete(&amqp.channel, &plan).await;
+                amqp.close().await;
+            });
+        });
+        let _ = deleting.join();
+    }
 }
 
 impl World {
@@ -311,7 +342,7 @@ impl World {
         let issuer_app = control.create_application("fintech-a").await.unwrap();
         let partner_app = control.create_application("sponsor-bank").await.unwrap();
         let prefix = unique_prefix(name);
-        World {
+        let mut world = World {
             names: Names::new(&prefix),
             sandbox,
             control,
@@ -321,7 +352,21 @@ impl World {
             prefix,
             dir: tempfile::tempdir().unwrap(),
             retry_delay_ms: 300,
+            panic_cleanup: PanicCleanup::default(),
+        };
+        world.panic_cleanup.plan = world.topology();
+        world
+    }
+
+    /// Every queue and exchange both roles declare under this world's prefix.
+    pub fn topology(&self) -> Vec<Entity> {
+        let mut plans = Vec::new();
+        for toml in [self.issuer_toml(), self.receiver_toml(false)] {
+            if let Ok(config) = Config::from_toml(&toml) {
+                plans.push(app::declared_topology(&config));
+            }
         }
+        topology::combine(plans)
     }
 
     fn common_toml(&self, role: &str, application_id: &str, api_key: &str) -> String {
@@ -502,14 +547,8 @@ trust_review = {trust_review}
 
     /// Deletes every queue and exchange of both roles under this world's prefix.
     pub async fn cleanup(self) {
-        let mut plans = Vec::new();
-        for toml in [self.issuer_toml(), self.receiver_toml(false)] {
-            if let Ok(config) = Config::from_toml(&toml) {
-                plans.push(app::declared_topology(&config));
-            }
-        }
         let amqp = Amqp::connect().await;
-        let _ = topology::delete(&amqp.channel, &topology::combine(plans)).await;
+        let _ = topology::delete(&amqp.channel, &self.topology()).await;
         amqp.close().await;
         self.sandbox.shutdown().await;
     }
@@ -521,6 +560,11 @@ pub async fn wait_ready(running: &Running) {
         running.health().check().ok()
     })
     .await;
+}
+
+/// The value of one metric series of a running bridge (0 when absent).
+pub fn metric_of(running: &Running, series: &str) -> f64 {
+    metric(&running.metrics().encode(), series)
 }
 
 /// The value of one exposition line (`name{labels} value`), 0 when absent.

@@ -359,10 +359,7 @@ pub async fn wait_imports_into(
     .await
 }
 
-/// The value of one metric series of a running bridge (0 when absent).
-pub fn metric_of(running: &Running, series: &str) -> f64 {
-    super::bridge::metric(&running.metrics().encode(), series)
-}
+pub use super::bridge::metric_of;
 
 /// Every exposition line of a running bridge that starts with `prefix`.
 pub fn metric_lines(running: &Running, prefix: &str) -> Vec<String> {
