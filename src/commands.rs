@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::envelope::SigningKey;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::secret::SecretUrl;
 
 /// `check-config`: the effective configuration, secrets redacted, plus a one-line summary of the roles.
 pub fn check_config(config: &Config) -> String {
@@ -129,15 +130,15 @@ pub fn topology_show(config: &Config) -> String {
     out
 }
 
-/// A link to the main broker for the one-shot commands (no readiness, no metrics that anyone scrapes).
-fn one_shot_link(config: &Config) -> anyhow::Result<Link> {
-    Ok(Link::new(
-        config.amqp_url()?,
+/// A link for the one-shot commands (no readiness, no metrics that anyone scrapes).
+fn one_shot_link(config: &Config, url: SecretUrl) -> Link {
+    Link::new(
+        url,
         "cli",
         std::sync::Arc::new(Metrics::new()),
         std::sync::Arc::new(Health::new()),
         LinkOptions::from_config(&config.amqp, "partner-bridge cli"),
-    ))
+    )
 }
 
 async fn one_shot_channel(link: &Link) -> anyhow::Result<lapin::Channel> {
@@ -152,18 +153,12 @@ async fn one_shot_channel(link: &Link) -> anyhow::Result<lapin::Channel> {
 /// that is another one. Returns what was declared.
 pub async fn topology_declare(config: &Config) -> anyhow::Result<String> {
     let plan = crate::app::declared_topology(config);
-    let link = one_shot_link(config)?;
+    let link = one_shot_link(config, config.amqp_url()?);
     let channel = one_shot_channel(&link).await?;
     topology::declare(&channel, &plan).await?;
     let mut out = topology_show(config);
     if config.issuer.enabled && config.tokens_url()?.expose() != config.amqp_url()?.expose() {
-        let tokens = Link::new(
-            config.tokens_url()?,
-            "cli",
-            std::sync::Arc::new(Metrics::new()),
-            std::sync::Arc::new(Health::new()),
-            LinkOptions::from_config(&config.amqp, "partner-bridge cli"),
-        );
+        let tokens = one_shot_link(config, config.tokens_url()?);
         let channel = one_shot_channel(&tokens).await?;
         let names = crate::amqp::Names::new(&config.amqp.prefix);
         topology::declare(&channel, &topology::issuer_tokens_plan(&names)).await?;
@@ -183,7 +178,7 @@ pub async fn dead_letters_list(
     queue: &str,
     limit: usize,
 ) -> anyhow::Result<String> {
-    let link = one_shot_link(config)?;
+    let link = one_shot_link(config, config.amqp_url()?);
     let channel = one_shot_channel(&link).await?;
     let infos = dead_letters::list_dead(&channel, queue, limit).await?;
     let mut out = format!("{} message(s) shown from {}.dead\n", infos.len(), queue);
@@ -211,7 +206,7 @@ pub async fn dead_letters_replay(
     queue: &str,
     limit: usize,
 ) -> anyhow::Result<usize> {
-    let link = one_shot_link(config)?;
+    let link = one_shot_link(config, config.amqp_url()?);
     let channel = one_shot_channel(&link).await?;
     let publisher = Publisher::new(
         link.clone(),
