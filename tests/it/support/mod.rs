@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod bridge;
+pub mod faults;
 pub mod proxy;
 pub mod stub_didit;
 pub mod t_receiver;
