@@ -526,7 +526,8 @@ fn control(
         "responses": responses,
     });
     if let Some(schema) = body {
-        op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema}}});
+        op["requestBody"] =
+            json!({"required": true, "content": {"application/json": {"schema": schema}}});
     }
     if !params.is_empty() {
         op["parameters"] = Value::Array(
@@ -557,8 +558,18 @@ fn array_of(name: &str) -> Value {
 
 /// The `/sandbox/...` routes of `super::control`.
 fn control_paths() -> Value {
-    let app = || ok("The application, with its API key.", schema_ref("SandboxApplication"));
-    let session = || ok("The session and its full decision.", schema_ref("SandboxSession"));
+    let app = || {
+        ok(
+            "The application, with its API key.",
+            schema_ref("SandboxApplication"),
+        )
+    };
+    let session = || {
+        ok(
+            "The session and its full decision.",
+            schema_ref("SandboxSession"),
+        )
+    };
     json!({
         "/sandbox/applications": {
             "post": control("sandboxCreateApplication", "Create an application with a key and one workflow per kind",
