@@ -1,6 +1,8 @@
 //! `/openapi.json`: an OpenAPI 3.0 description of the Didit routes the sandbox serves, kept honest to what the
 //! handlers in [`super::routes`] do (statuses, bodies, error codes, the `x-api-key` scheme, the rate-limit
-//! headers), so contract tools can be pointed at it. The control routes are not described: they are not Didit's.
+//! headers), so contract tools can be pointed at it. Didit's operations are tagged `didit`; the sandbox's own
+//! control routes (`/sandbox/...`, no API key) are described too, tagged `test-only`, because tests, demos and people
+//! drive the sandbox through them — a client generated for Didit should leave that tag out.
 
 use std::sync::OnceLock;
 
@@ -174,7 +176,7 @@ fn build() -> Value {
         decision_props.insert(name.to_string(), feature_array());
     }
 
-    let paths = json!({
+    let mut paths = json!({
         "/v3/session/": {"post": operation(
             "createSession", "Create a verification session", Some("CreateSessionRequest"),
             ("201", json_ok("The new session, or the caller's unfinished session for the same workflow and \
@@ -451,6 +453,20 @@ fn build() -> Value {
         }
     }});
     components["schemas"] = schemas;
+    if let (Some(paths), Some(control)) = (paths.as_object_mut(), control_paths().as_object()) {
+        for operations in paths.values_mut().filter_map(Value::as_object_mut) {
+            for operation in operations.values_mut() {
+                operation["tags"] = json!(["didit"]);
+            }
+        }
+        paths.extend(control.clone());
+    }
+    if let (Some(schemas), Some(control)) = (
+        components["schemas"].as_object_mut(),
+        control_schemas().as_object(),
+    ) {
+        schemas.extend(control.clone());
+    }
     json!({
         "openapi": "3.0.3",
         "info": {
@@ -459,11 +475,300 @@ fn build() -> Value {
             "description": "The Didit routes served by the partner-bridge sandbox, with Didit's B2B Reusable KYC \
                 semantics. Every error answer is {\"detail\", \"code\"}. Writes (POST, PATCH, DELETE) are limited \
                 per API key (default 300 per 60 s sliding window) and carry X-RateLimit-* headers. 5xx answers only \
-                occur when faults are injected; a 503 may have no body."
+                occur when faults are injected; a 503 may have no body. Operations tagged test-only are the \
+                sandbox's control routes: they exist only here, need no API key, and answer errors in the same shape."
         },
+        "tags": [
+            {"name": "didit", "description": "Didit's verification API, as the sandbox emulates it."},
+            {"name": "test-only", "description": "Sandbox control routes for tests, demos and people: create \
+                applications and sessions, play the end user, inject faults, move the clock, read what happened. \
+                Not part of Didit's API."}
+        ],
         "servers": [{"url": "/"}],
         "security": [{"ApiKeyAuth": []}],
         "paths": paths,
         "components": components
+    })
+}
+
+/// One control operation: tagged `test-only`, no API key, JSON in and out, errors as `{"detail", "code"}`.
+fn control(
+    id: &str,
+    summary: &str,
+    body: Option<Value>,
+    success: (&str, Value),
+    params: &[&str],
+) -> Value {
+    let (status, ok) = success;
+    let mut responses = serde_json::Map::new();
+    responses.insert(status.to_string(), ok);
+    if body.is_some() {
+        responses.insert(
+            "400".into(),
+            error_response(
+                "Malformed body or an unknown field (named in detail).",
+                &[codes::VALIDATION_ERROR],
+            ),
+        );
+    }
+    if !params.is_empty() {
+        responses.insert(
+            "404".into(),
+            json!({"description": "No such application, session or workflow.",
+                   "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}),
+        );
+    }
+    let mut op = json!({
+        "operationId": id,
+        "summary": summary,
+        "tags": ["test-only"],
+        "security": [],
+        "responses": responses,
+    });
+    if let Some(schema) = body {
+        op["requestBody"] =
+            json!({"required": true, "content": {"application/json": {"schema": schema}}});
+    }
+    if !params.is_empty() {
+        op["parameters"] = Value::Array(
+            params
+                .iter()
+                .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+                .collect(),
+        );
+    }
+    op
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn ok(description: &str, schema: Value) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": schema}}})
+}
+
+fn no_content(description: &str) -> (&'static str, Value) {
+    ("204", json!({"description": description}))
+}
+
+fn array_of(name: &str) -> Value {
+    json!({"type": "array", "items": schema_ref(name)})
+}
+
+/// The `/sandbox/...` routes of `super::control`.
+fn control_paths() -> Value {
+    let app = || {
+        ok(
+            "The application, with its API key.",
+            schema_ref("SandboxApplication"),
+        )
+    };
+    let session = || {
+        ok(
+            "The session and its full decision.",
+            schema_ref("SandboxSession"),
+        )
+    };
+    json!({
+        "/sandbox/applications": {
+            "post": control("sandboxCreateApplication", "Create an application with a key and one workflow per kind",
+                Some(json!({"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
+                    "name": {"type": "string"},
+                    "privileges": {"type": "array", "items": {"type": "string", "enum": ["read:sessions", "write:sessions"]},
+                                   "description": "Default: both."}}})),
+                ("201", app()), &[]),
+            "get": control("sandboxListApplications", "List the applications with their keys", None,
+                ("200", ok("Every application.", array_of("SandboxApplication"))), &[])
+        },
+        "/sandbox/applications/{id}": {
+            "delete": control("sandboxDeleteApplication", "Delete an application (its key stops working)", None,
+                no_content("Deleted."), &["id"])
+        },
+        "/sandbox/applications/{id}/revoke-key": {
+            "post": control("sandboxRevokeKey", "Revoke the application's key and issue a new one", None,
+                ("200", ok("The new key; the old one answers 401 from now on.", json!({"type": "object",
+                    "required": ["application_id", "api_key"],
+                    "properties": {"application_id": {"type": "string"}, "api_key": {"type": "string"}}}))),
+                &["id"])
+        },
+        "/sandbox/applications/{id}/workflows": {
+            "post": control("sandboxAddWorkflow", "Add a workflow of one kind",
+                Some(json!({"type": "object", "required": ["kind"], "additionalProperties": false,
+                            "properties": {"kind": schema_ref("SessionKind")}})),
+                ("201", ok("The new workflow.", json!({"type": "object",
+                    "required": ["workflow_id", "kind", "application_id"],
+                    "properties": {"workflow_id": {"type": "string", "format": "uuid"}, "kind": schema_ref("SessionKind"),
+                                   "application_id": {"type": "string"}}}))),
+                &["id"])
+        },
+        "/sandbox/applications/{id}/workflows/{workflow_id}": {
+            "delete": control("sandboxRemoveWorkflow", "Remove a workflow (imports into it answer workflow_not_found)",
+                None, no_content("Removed."), &["id", "workflow_id"])
+        },
+        "/sandbox/applications/{id}/entities": {
+            "get": control("sandboxEntities", "The application's vendor entities (users and businesses)", None,
+                ("200", ok("Every entity.", array_of("SandboxEntity"))), &["id"])
+        },
+        "/sandbox/sessions": {
+            "post": control("sandboxCreateSession", "Create a session in any status, with a realistic decision",
+                Some(json!({"type": "object", "required": ["application_id", "session_kind", "status"],
+                    "additionalProperties": false, "properties": {
+                        "application_id": {"type": "string"},
+                        "session_kind": schema_ref("SessionKind"),
+                        "status": schema_ref("SessionStatus"),
+                        "vendor_data": {"type": "string"},
+                        "workflow_id": {"type": "string", "description": "Default: the application's workflow of that kind."},
+                        "metadata": {"type": "object"},
+                        "session_id": {"type": "string", "format": "uuid", "description": "Default: a fresh one."}}})),
+                ("201", session()), &[])
+        },
+        "/sandbox/sessions/{id}": {
+            "get": control("sandboxGetSession", "Any application's session", None, ("200", session()), &["id"]),
+            "delete": control("sandboxDeleteSession", "Delete a session (its imports then answer session_not_found)",
+                None, no_content("Deleted."), &["id"])
+        },
+        "/sandbox/sessions/{id}/status": {
+            "post": control("sandboxSetStatus", "Play the end user: move a session to any status (a webhook is sent)",
+                Some(json!({"type": "object", "required": ["status"], "additionalProperties": false,
+                            "properties": {"status": schema_ref("SessionStatus")}})),
+                ("200", session()), &["id"])
+        },
+        "/sandbox/sessions/{id}/webhook": {
+            "post": control("sandboxResendWebhook",
+                "Send the current status.updated again (same event_id, fresh timestamp) to every destination", None,
+                ("200", ok("What was sent.", json!({"type": "object", "required": ["sent"],
+                    "properties": {"sent": array_of("SandboxSentWebhook")}}))),
+                &["id"])
+        },
+        "/sandbox/faults": {
+            "post": control("sandboxSetFaults", "Inject faults into share, import or every /v3 route; {} clears them",
+                Some(schema_ref("SandboxFaultSettings")),
+                ("200", ok("The faults in force.", schema_ref("SandboxFaultState"))), &[]),
+            "get": control("sandboxGetFaults", "The faults in force", None,
+                ("200", ok("The faults in force.", schema_ref("SandboxFaultState"))), &[])
+        },
+        "/sandbox/clock": {
+            "post": control("sandboxAdvanceClock", "Move the sandbox's clock forward (token expiry without waiting)",
+                Some(json!({"type": "object", "required": ["advance_seconds"], "additionalProperties": false,
+                            "properties": {"advance_seconds": {"type": "integer", "minimum": 0}}})),
+                ("200", ok("The virtual time.", schema_ref("SandboxClock"))), &[]),
+            "get": control("sandboxGetClock", "The sandbox's virtual time", None,
+                ("200", ok("The virtual time.", schema_ref("SandboxClock"))), &[])
+        },
+        "/sandbox/settings": {
+            "post": control("sandboxSetSettings", "Switch the per-key write limit or change it",
+                Some(json!({"type": "object", "additionalProperties": false, "properties": {
+                    "rate_limit": {"type": "boolean"}, "writes_per_minute": {"type": "integer", "minimum": 1}}})),
+                ("200", ok("The settings in force.", schema_ref("SandboxSettings"))), &[]),
+            "get": control("sandboxGetSettings", "The write-limit settings", None,
+                ("200", ok("The settings in force.", schema_ref("SandboxSettings"))), &[])
+        },
+        "/sandbox/stats": {
+            "get": control("sandboxStats", "What happened: shares, imports per source session, rejections by code",
+                None, ("200", ok("The counters.", schema_ref("SandboxStats"))), &[])
+        },
+        "/sandbox/webhook-deliveries": {
+            "get": control("sandboxWebhookDeliveries", "Finished webhook deliveries, oldest first", None,
+                ("200", ok("Every finished delivery.", array_of("SandboxWebhookDelivery"))), &[])
+        }
+    })
+}
+
+/// The shapes of `super::model` the control routes answer with.
+fn control_schemas() -> Value {
+    let string = json!({"type": "string"});
+    let nullable_int = json!({"type": "integer", "nullable": true});
+    json!({
+        "SandboxApplication": {
+            "type": "object",
+            "required": ["name", "application_id", "api_key", "workflows", "privileges"],
+            "properties": {
+                "name": string, "application_id": {"type": "string", "format": "uuid"}, "api_key": string,
+                "workflows": {"type": "object", "required": ["user", "business"],
+                              "properties": {"user": {"type": "string", "format": "uuid"},
+                                             "business": {"type": "string", "format": "uuid"}}},
+                "privileges": {"type": "array", "items": string}
+            }
+        },
+        "SandboxSession": {
+            "type": "object",
+            "required": ["application_id", "session_id", "session_number", "session_kind", "status", "workflow_id",
+                         "decision"],
+            "properties": {
+                "application_id": string, "session_id": {"type": "string", "format": "uuid"},
+                "session_number": {"type": "integer"}, "session_kind": schema_ref("SessionKind"),
+                "status": schema_ref("SessionStatus"), "vendor_data": {"type": "string", "nullable": true},
+                "workflow_id": string, "decision": schema_ref("Decision")
+            }
+        },
+        "SandboxEntity": {
+            "type": "object",
+            "required": ["entity_id", "application_id", "session_kind", "vendor_data", "sessions"],
+            "properties": {"entity_id": string, "application_id": string, "session_kind": schema_ref("SessionKind"),
+                           "vendor_data": string, "sessions": {"type": "integer"}}
+        },
+        "SandboxFaultSettings": {
+            "type": "object",
+            "additionalProperties": false,
+            "description": "Rates are probabilities in 0..1 (missing = 0). One draw per request decides between hang, \
+                error and rate limit, in that order; latency applies to every matching request.",
+            "properties": {
+                "endpoint": {"type": "string", "enum": ["share", "import", "*"], "default": "*"},
+                "latency_ms": {"type": "integer", "minimum": 0},
+                "error_rate": {"type": "number", "minimum": 0, "maximum": 1, "description": "Answers 500, 502 or 503."},
+                "rate_limit_rate": {"type": "number", "minimum": 0, "maximum": 1,
+                                    "description": "Answers 429 with Retry-After: 1."},
+                "hang_rate": {"type": "number", "minimum": 0, "maximum": 1,
+                              "description": "Never answered (until shutdown or 120 s)."}
+            }
+        },
+        "SandboxFaultState": {
+            "type": "object", "required": ["faults"],
+            "properties": {"faults": array_of("SandboxFaultSettings")}
+        },
+        "SandboxClock": {
+            "type": "object", "required": ["now", "offset_seconds"],
+            "properties": {"now": {"type": "integer", "description": "Virtual time, unix seconds."},
+                           "offset_seconds": {"type": "integer", "description": "How far ahead of the real clock."}}
+        },
+        "SandboxSettings": {
+            "type": "object", "required": ["rate_limit", "writes_per_minute"],
+            "properties": {"rate_limit": {"type": "boolean"}, "writes_per_minute": {"type": "integer"}}
+        },
+        "SandboxStats": {
+            "type": "object", "required": ["shares", "imports", "rejections"],
+            "properties": {
+                "shares": {"type": "integer", "description": "Share tokens minted."},
+                "imports": {"type": "array", "items": {"type": "object",
+                    "required": ["source_session_id", "application_id", "count"],
+                    "properties": {"source_session_id": string, "application_id": string,
+                                   "count": {"type": "integer"}}},
+                    "description": "Successful imports per (source session, importing application)."},
+                "rejections": {"type": "object", "additionalProperties": {"type": "integer"},
+                               "description": "Error answers of the Didit routes by code (faults and 429s included)."},
+                "entities": {"type": "integer"}, "sessions": {"type": "integer"},
+                "webhook_deliveries": {"type": "integer"}
+            }
+        },
+        "SandboxSentWebhook": {
+            "type": "object",
+            "required": ["destination_uuid", "url", "body", "headers", "attempts", "delivered"],
+            "properties": {"destination_uuid": string, "url": string,
+                           "body": {"type": "string", "description": "The raw body, byte for byte."},
+                           "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                           "status_code": nullable_int, "attempts": {"type": "integer"},
+                           "delivered": {"type": "boolean"}}
+        },
+        "SandboxWebhookDelivery": {
+            "type": "object",
+            "required": ["delivery_id", "event_id", "destination_uuid", "url", "application_id", "session_id",
+                         "status", "webhook_type", "attempts", "delivered"],
+            "properties": {"delivery_id": string, "event_id": string, "destination_uuid": string, "url": string,
+                           "application_id": string, "session_id": string, "status": string,
+                           "webhook_type": string, "attempts": {"type": "integer"},
+                           "status_code": nullable_int, "delivered": {"type": "boolean"},
+                           "error": {"type": "string", "nullable": true}}
+        }
     })
 }

@@ -7,6 +7,7 @@ mod client_sandbox;
 mod config;
 mod deploy;
 mod didit_client;
+mod docs;
 mod e2e;
 mod issuer;
 mod ledger;
