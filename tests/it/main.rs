@@ -15,3 +15,4 @@ mod receiver;
 mod reliability;
 mod sandbox;
 mod support;
+mod webhook_edges;
