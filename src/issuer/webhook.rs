@@ -235,19 +235,14 @@ async fn receive(
             );
         }
     };
-    let value: Value = match serde_json::from_slice(&bytes) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => {
-            return answer(
-                metrics,
-                StatusCode::BAD_REQUEST,
-                "malformed",
-                "body is not a JSON object",
-            );
-        }
-    };
-    let Value::Object(fields) = &value else {
-        unreachable!("matched an object above")
+    let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let Some(fields) = value.as_object() else {
+        return answer(
+            metrics,
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "body is not a JSON object",
+        );
     };
     let secret = match state.secret.load() {
         Ok(secret) => secret,
@@ -541,5 +536,50 @@ async fn queue_event(
             tracing::warn!(error = %e, source_session_id = %session_id, "broker did not confirm the event; answering 503");
             Err(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn the_delivery_key_is_per_event() {
+        let k = delivery_key("s", "Approved", "status.updated", 100);
+        assert_eq!(k, delivery_key("s", "Approved", "status.updated", 100));
+        assert!(k.starts_with("event:"));
+        for other in [
+            delivery_key("s", "Declined", "status.updated", 100),
+            delivery_key("s", "Approved", "user.status.updated", 100),
+            delivery_key("s", "Approved", "status.updated", 101),
+            delivery_key("t", "Approved", "status.updated", 100),
+            // The separator keeps fields from running into each other.
+            delivery_key("sA", "pproved", "status.updated", 100),
+        ] {
+            assert_ne!(k, other);
+        }
+    }
+
+    #[test]
+    fn fields_are_named_when_they_do_not_parse() {
+        let body = map(json!({"a": "x", "n": 5, "f": 5.0, "h": 5.5, "e": " ", "z": null}));
+        assert_eq!(req_str(&body, "a").unwrap(), "x");
+        assert_eq!(req_str(&body, "missing").unwrap_err().field, "missing");
+        assert_eq!(req_str(&body, "z").unwrap_err().problem, "is missing");
+        assert_eq!(req_str(&body, "e").unwrap_err().problem, "is empty");
+        assert_eq!(
+            req_str(&body, "n").unwrap_err().to_string(),
+            "field `n` must be a string, not a number"
+        );
+        assert_eq!(opt_int(&body, "n").unwrap(), Some(5));
+        assert_eq!(opt_int(&body, "f").unwrap(), Some(5));
+        assert_eq!(opt_int(&body, "z").unwrap(), None);
+        assert_eq!(opt_int(&body, "h").unwrap_err().field, "h");
+        assert_eq!(opt_int(&body, "a").unwrap_err().field, "a");
+        assert_eq!(opt_str(&body, "missing").unwrap(), None);
     }
 }
