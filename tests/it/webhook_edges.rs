@@ -170,6 +170,13 @@ async fn a_bridge_killed_before_the_confirm_takes_the_retried_delivery_and_impor
         (200, Some("accepted")),
         "{answer}"
     );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("an earlier attempt left it pending"),
+        "the retry took over the key the killed process left pending\n{}",
+        log_tail(&log)
+    );
     let sessions = vec![session.clone()];
     showing_log(
         &log,
@@ -200,6 +207,82 @@ async fn a_bridge_killed_before_the_confirm_takes_the_retried_delivery_and_impor
     results.stop();
     amqp.close().await;
     world.cleanup().await;
+}
+
+/// The same delivery twice at once: while the first waits for its confirm (the broker connection frozen), the
+/// second finds the key pending under a live lease and, after a short wait, answers 503 `busy` (Didit retries)
+/// without publishing; once the broker answers, the first is accepted and a later retry is a `duplicate`. On the old
+/// code the second was answered `401 replay` while the first could still fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_already_being_queued_is_answered_503_busy() {
+    let world = World::new("wh-busy").await;
+    let proxy = Proxy::start().await;
+    let toml = set_key(
+        &webhooks::both_with_intake(&world),
+        "url",
+        &format!("\"{}\"", proxy.amqp_url()),
+    );
+    let toml = set_key(&toml, "confirm_timeout_ms", "60000");
+    let running = world.start(world.config(&toml)).await;
+    let tap = Tap::start(&world.names.onboarding_exchange(), "onboarding.finished").await;
+    let results = Collector::start(&world.results_queue()).await;
+    let session = world
+        .session(SessionKind::User, "Approved", "hook-busy")
+        .await;
+    let body = webhooks::body(&session, "Approved", Utc::now().timestamp());
+    let bytes = webhooks::bytes_of(&body);
+    let headers = webhooks::headers(&body, Sig::V2, None);
+    let intake = running.webhook_addr().unwrap();
+    let http = webhooks::patient_http();
+
+    proxy.freeze(true);
+    let first = tokio::spawn({
+        let (http, bytes, headers) = (http.clone(), bytes.clone(), headers.clone());
+        async move { webhooks::post(&http, intake, &bytes, &headers).await }
+    });
+    let ledger_file = webhooks::issuer_ledger_file(&world);
+    wait_for("the first delivery's key", WAIT, || async {
+        (webhooks::stored_delivery_keys(&ledger_file) >= 1).then_some(())
+    })
+    .await;
+    let (status, answer) = webhooks::post(&http, intake, &bytes, &headers)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, answer["outcome"].as_str()),
+        (503, Some("busy")),
+        "{answer}"
+    );
+    assert!(
+        !first.is_finished(),
+        "the first still waits for its confirm"
+    );
+    proxy.freeze(false);
+    let (status, answer) = first.await.unwrap().unwrap();
+    assert_eq!(
+        (status, answer["outcome"].as_str()),
+        (200, Some("accepted")),
+        "{answer}"
+    );
+    let (status, answer) = post_in_process(&running, &bytes, &headers).await;
+    assert_eq!(
+        (status, answer["outcome"].as_str()),
+        (200, Some("duplicate"))
+    );
+    let marker = marker(&world, &running, &tap).await;
+    assert_eq!(events_for(&tap, &session), 1);
+    assert_eq!(metric_of(&running, &requests("busy")), 1.0);
+
+    world.wait_imports(2, WAIT).await;
+    wait_for("both results", WAIT, || async {
+        (sessions_with_results(&results).len() == 2).then_some(())
+    })
+    .await;
+    running.stop().await.unwrap();
+    let amqp = Amqp::connect().await;
+    assert_exactly_once(&world, &amqp, &[session.clone(), marker]).await;
+    assert_result_names_import(&results, &session);
+    tap_done(tap, results, amqp, world).await;
 }
 
 // ---- duplicates and replays ------------------------------------------------------------------------------------
