@@ -320,6 +320,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 accept_simple: webhook_config.accept_simple_signature,
                 max_skew_s: webhook_config.max_skew_s,
                 max_body_bytes: webhook_config.max_body_bytes,
+                // Opening a publishing channel (two steps) and the confirm are each bounded by the confirm timeout.
+                lease: 3 * confirm_timeout + Duration::from_secs(5),
                 publisher: onboarding_publisher,
                 names: names.clone(),
                 ledger: ledger.clone(),

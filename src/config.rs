@@ -336,7 +336,8 @@ pub struct WebhookConfig {
     pub accept_raw_signature: bool,
     /// Also accept `X-Signature-Simple` (covers only a few fields) when the others are absent.
     pub accept_simple_signature: bool,
-    /// Deliveries whose timestamp is further than this from now are refused.
+    /// Deliveries whose signed timestamp (the body's `timestamp`, else `created_at`; never `X-Timestamp` alone) is
+    /// further than this from now are refused.
     pub max_skew_s: u64,
     /// Larger bodies are refused with 413.
     pub max_body_bytes: usize,

@@ -188,9 +188,13 @@ pub const EVENT_OUTCOMES: [&str; 7] = [
     "retried",
     "dead_lettered",
 ];
-/// Webhook request outcomes.
-pub const WEBHOOK_OUTCOMES: [&str; 9] = [
+/// Webhook request outcomes. `duplicate`: a retry of a delivery whose event is already queued (200); `busy`: the same
+/// delivery is being queued by another request (503). `replay` is no longer answered (a replayed delivery is a
+/// `duplicate` or `stale`); it stays so that dashboards and alerts that name it keep working.
+pub const WEBHOOK_OUTCOMES: [&str; 11] = [
     "accepted",
+    "duplicate",
+    "busy",
     "ignored",
     "bad_signature",
     "stale",

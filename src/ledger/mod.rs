@@ -6,7 +6,10 @@
 //!   acked without minting again.
 //! - Receiver side, key (issuer application, source session): the import Didit made, forever (until pruned), plus
 //!   the count of reshare requests sent for that session.
-//! - Webhook delivery keys, for replay protection.
+//! - Webhook delivery keys, one per Didit event: *pending* (held by one attempt, with a lease) from the moment a
+//!   delivery is taken in until the broker confirms its event, then *final*. A key is final only once its event is
+//!   confirmed, so a process that dies in between leaves a pending key that the same delivery, retried by Didit,
+//!   takes over ([`Ledger::claim_webhook`]).
 //!
 //! Duplicates can be handled concurrently (prefetch, several replicas), so a read-then-write is not enough: a key is
 //! first *claimed* with a lease ([`Ledger::claim_share`], [`Ledger::claim_import`]), the Didit call happens, and the
@@ -133,6 +136,46 @@ pub enum Claim<R> {
         /// When that lease expires if not completed or released before.
         until: DateTime<Utc>,
     },
+}
+
+/// The answer to a claim on a webhook delivery key ([`Ledger::claim_webhook`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryClaim {
+    /// Never seen: the key is now pending, held by the caller, who must publish the event and then
+    /// [`Ledger::confirm_webhook`] (or [`Ledger::release_webhook`] when the publish failed).
+    Fresh,
+    /// Left pending by an attempt that is gone (its lease lapsed, or it belonged to an earlier run): the caller holds
+    /// it now and publishes again, as for [`DeliveryClaim::Fresh`]. The earlier attempt's event may have reached the
+    /// broker too; the share ledger absorbs the duplicate.
+    Retaken,
+    /// Final: the event was confirmed by the broker. A duplicate delivery; do nothing.
+    Done,
+    /// Another attempt holds the key and is publishing right now: do nothing until `until`.
+    Busy {
+        /// When that attempt's lease ends if it neither confirms nor releases before.
+        until: DateTime<Utc>,
+    },
+    /// Never seen, and the caller asked not to record a first sighting (a delivery too old to be taken in).
+    Unknown,
+}
+
+/// The webhook key rule, shared by both backends. `row` is the stored key, if any: whether it is final, and its
+/// lease. `first_sight` says whether an unseen key may be recorded.
+pub(crate) fn decide_webhook(
+    row: Option<(bool, Option<&Lease>)>,
+    holder: &str,
+    now: DateTime<Utc>,
+    first_sight: bool,
+) -> DeliveryClaim {
+    match row {
+        None if first_sight => DeliveryClaim::Fresh,
+        None => DeliveryClaim::Unknown,
+        Some((true, _)) => DeliveryClaim::Done,
+        Some((false, lease)) => match busy(lease, holder, now) {
+            Some(until) => DeliveryClaim::Busy { until },
+            None => DeliveryClaim::Retaken,
+        },
+    }
 }
 
 /// A lease on a key: who holds it, and until when.
@@ -273,7 +316,8 @@ impl Ledger {
     }
 
     /// Voids the leases of an earlier run of this process, so that deliveries it held when it died (SIGKILL, OOM,
-    /// power loss) are taken up at once instead of waiting out their leases. Only for the embedded SQLite ledger,
+    /// power loss) are taken up at once instead of waiting out their leases — webhook delivery keys left pending
+    /// included (they stay pending, without a holder). Only for the embedded SQLite ledger,
     /// which belongs to exactly one process (replicas share PostgreSQL, where a lease may be a live replica's and
     /// must expire by itself). Returns how many leases were voided.
     pub async fn void_leases_of_previous_run(&self) -> Result<u64, LedgerError> {
@@ -410,24 +454,35 @@ impl Ledger {
         dispatch!(self.bump_reshares(issuer_application_id, source_session_id))
     }
 
-    /// Webhook replay protection: `true` when `key` was not seen before (and is now recorded at `seen_at`), `false`
-    /// for a replay.
+    /// Claims the webhook delivery key `key` for `holder` until `now + lease`, by [`decide_webhook`]'s rule:
+    /// `Fresh` (recorded now, pending) when never seen and `first_sight`; `Unknown` when never seen and not
+    /// `first_sight` (nothing is written); `Done` once final; `Busy` while another holder's lease is live; else
+    /// `Retaken` (a pending key whose holder is gone, now held by `holder`). A holder may re-claim its own key.
     pub async fn claim_webhook(
         &self,
         key: &str,
-        seen_at: DateTime<Utc>,
-    ) -> Result<bool, LedgerError> {
-        dispatch!(self.claim_webhook(key, seen_at))
+        holder: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+        first_sight: bool,
+    ) -> Result<DeliveryClaim, LedgerError> {
+        dispatch!(self.claim_webhook(key, holder, lease, now, first_sight))
     }
 
-    /// Forgets a webhook delivery key (the event it carried could not be queued, so Didit's retry of the same
-    /// delivery must not be refused as a replay).
-    pub async fn release_webhook(&self, key: &str) -> Result<(), LedgerError> {
-        dispatch!(self.release_webhook(key))
+    /// Makes a webhook delivery key final: its event was confirmed by the broker. Final whoever holds the lease (the
+    /// event is queued, whichever attempt queued it), and recorded even if the key was pruned meanwhile.
+    pub async fn confirm_webhook(&self, key: &str, now: DateTime<Utc>) -> Result<(), LedgerError> {
+        dispatch!(self.confirm_webhook(key, now))
+    }
+
+    /// Forgets a pending webhook delivery key held by `holder` (its event could not be queued, so Didit's retry of
+    /// the same delivery is taken in as new). No effect on a final key or on another holder's.
+    pub async fn release_webhook(&self, key: &str, holder: &str) -> Result<(), LedgerError> {
+        dispatch!(self.release_webhook(key, holder))
     }
 
     /// Deletes rows last touched before `older_than` (completed records, abandoned claims, reshare counters) and
-    /// webhook keys seen before it; a row whose lease is still live (at `older_than` or at the wall clock, whichever
+    /// webhook keys first seen before it; a row whose lease is still live (at `older_than` or at the wall clock, whichever
     /// is earlier) is kept. Returns how many rows were deleted.
     pub async fn prune(&self, older_than: DateTime<Utc>) -> Result<u64, LedgerError> {
         dispatch!(self.prune(older_than))
@@ -559,6 +614,37 @@ mod tests {
         assert_eq!(
             decide_import(None, Some(&lease("b", 9_000)), "a", t(9_001)),
             Claim::Acquired { previous: None }
+        );
+    }
+
+    #[test]
+    fn webhook_rule_row_by_row() {
+        use DeliveryClaim::*;
+        assert_eq!(decide_webhook(None, "a", t(0), true), Fresh);
+        assert_eq!(decide_webhook(None, "a", t(0), false), Unknown);
+        // Final is final, whatever the lease or the caller's freshness.
+        assert_eq!(decide_webhook(Some((true, None)), "a", t(0), false), Done);
+        assert_eq!(
+            decide_webhook(Some((true, Some(&lease("b", 9_000)))), "a", t(0), true),
+            Done
+        );
+        // Pending, another holder's lease live: busy; lapsed (at exactly its end, too) or voided: retaken.
+        assert_eq!(
+            decide_webhook(Some((false, Some(&lease("b", 9_000)))), "a", t(0), true),
+            Busy { until: t(9_000) }
+        );
+        assert_eq!(
+            decide_webhook(Some((false, Some(&lease("b", 9_000)))), "a", t(9_000), true),
+            Retaken
+        );
+        assert_eq!(
+            decide_webhook(Some((false, None)), "a", t(0), false),
+            Retaken
+        );
+        // The holder itself may claim again.
+        assert_eq!(
+            decide_webhook(Some((false, Some(&lease("a", 9_000)))), "a", t(0), true),
+            Retaken
         );
     }
 

@@ -32,13 +32,13 @@ use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use super::sqlite::{PRUNE_CHUNK, lease_of, required};
 use super::{
-    Claim, ImportRecord, Lease, LedgerError, ShareRecord, after, decide_import, decide_share,
-    from_millis, millis, parse_kind, to_u32,
+    Claim, DeliveryClaim, ImportRecord, Lease, LedgerError, ShareRecord, after, decide_import,
+    decide_share, decide_webhook, from_millis, millis, parse_kind, to_u32,
 };
 use crate::secret::SecretUrl;
 
 /// The schema this binary writes (kept in `ledger_meta`, key `schema_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,7 +46,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a refused claim is re-tried when the row changed between the claim and the read that explains it.
 const CLAIM_ATTEMPTS: usize = 10;
 
-const SCHEMA_V1: &str = "
+/// Version 1, as released (public so that tests can build a v1 database and check that it migrates); `ledger_meta`
+/// is created before it, outside this text.
+pub const SCHEMA_V1: &str = "
 CREATE TABLE shares (
     source_session_id      TEXT    NOT NULL,
     partner_application_id TEXT    NOT NULL,
@@ -90,6 +92,15 @@ CREATE TABLE webhook_deliveries (
 CREATE INDEX webhook_deliveries_seen_at ON webhook_deliveries (seen_at);
 ";
 
+/// Version 2, applied after [`SCHEMA_V1`] (on a fresh database too). Every helper's block is one `-- <task>:` section.
+const SCHEMA_V2: &str = "
+-- webhook-intake: a delivery key is pending (held by one attempt until lease_until) until its event is confirmed,
+-- then final (confirmed). Keys written by version 1 migrate as pending without a holder (see the SQLite backend).
+ALTER TABLE webhook_deliveries ADD COLUMN confirmed BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE webhook_deliveries ADD COLUMN lease_holder TEXT;
+ALTER TABLE webhook_deliveries ADD COLUMN lease_until BIGINT;
+";
+
 const SHARE_COLUMNS: &str = "message_id, event_id, session_kind, status, vendor_data, occurred_at, minted_at, expires_at, reshares";
 const IMPORT_COLUMNS: &str = "imported_session_id, session_number, status, session_kind, vendor_data, trust_review, \
                               imported_at, result_published";
@@ -110,6 +121,9 @@ struct Statements {
     mark_published: Statement,
     bump_reshares: Statement,
     claim_webhook: Statement,
+    read_webhook: Statement,
+    confirm_webhook: Statement,
+    release_webhook: Statement,
     prune_shares: Statement,
     prune_imports: Statement,
     prune_webhooks: Statement,
@@ -231,8 +245,33 @@ impl Statements {
                      RETURNING reshares",
                 )
                 .await?,
+            // The rule of `decide_webhook` as SQL: insert when new, take over a pending key whose lease is gone or
+            // is the caller's own; `xmax = 0` tells an insert from an update.
             claim_webhook: client
-                .prepare("INSERT INTO webhook_deliveries (key, seen_at) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+                .prepare(
+                    "INSERT INTO webhook_deliveries (key, seen_at, confirmed, lease_holder, lease_until)
+                     VALUES ($1, $2, FALSE, $3, $4)
+                     ON CONFLICT (key) DO UPDATE SET
+                         lease_holder = EXCLUDED.lease_holder, lease_until = EXCLUDED.lease_until
+                     WHERE NOT webhook_deliveries.confirmed
+                       AND (webhook_deliveries.lease_holder IS NULL OR webhook_deliveries.lease_until <= $2
+                            OR webhook_deliveries.lease_holder = $3)
+                     RETURNING (xmax = 0) AS inserted",
+                )
+                .await?,
+            read_webhook: client
+                .prepare("SELECT confirmed, lease_holder, lease_until FROM webhook_deliveries WHERE key = $1")
+                .await?,
+            confirm_webhook: client
+                .prepare(
+                    "INSERT INTO webhook_deliveries (key, seen_at, confirmed) VALUES ($1, $2, TRUE)
+                     ON CONFLICT (key) DO UPDATE SET confirmed = TRUE, lease_holder = NULL, lease_until = NULL",
+                )
+                .await?,
+            release_webhook: client
+                .prepare(
+                    "DELETE FROM webhook_deliveries WHERE key = $1 AND NOT confirmed AND lease_holder = $2",
+                )
                 .await?,
             prune_shares: client
                 .prepare(
@@ -251,7 +290,8 @@ impl Statements {
             prune_webhooks: client
                 .prepare(
                     "DELETE FROM webhook_deliveries WHERE key IN (
-                         SELECT key FROM webhook_deliveries WHERE seen_at < $1 LIMIT $2)",
+                         SELECT key FROM webhook_deliveries
+                         WHERE seen_at < $1 AND (lease_holder IS NULL OR lease_until <= $2) LIMIT $3)",
                 )
                 .await?,
         })
@@ -786,22 +826,94 @@ impl PostgresLedger {
     pub async fn claim_webhook(
         &self,
         key: &str,
-        seen_at: DateTime<Utc>,
-    ) -> Result<bool, LedgerError> {
+        holder: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+        first_sight: bool,
+    ) -> Result<DeliveryClaim, LedgerError> {
         let c = self.conn().await?;
-        let inserted = c
-            .client
-            .execute(&c.st.claim_webhook, &[&key, &millis(seen_at)])
+        for _ in 0..CLAIM_ATTEMPTS {
+            // A delivery that may not be seen for the first time never inserts: read, and take over only a
+            // pending key.
+            if first_sight {
+                let taken = c
+                    .client
+                    .query_opt(
+                        &c.st.claim_webhook,
+                        &[&key, &millis(now), &holder, &millis(after(now, lease))],
+                    )
+                    .await
+                    .map_err(|e| self.err(e))?;
+                if let Some(row) = taken {
+                    let inserted: bool = row.try_get(0).map_err(|e| self.err(e))?;
+                    return Ok(if inserted {
+                        DeliveryClaim::Fresh
+                    } else {
+                        DeliveryClaim::Retaken
+                    });
+                }
+            }
+            let row = c
+                .client
+                .query_opt(&c.st.read_webhook, &[&key])
+                .await
+                .map_err(|e| self.err(e))?;
+            let row = match row {
+                None => None,
+                Some(row) => {
+                    let confirmed: bool = row.try_get(0).map_err(|e| self.err(e))?;
+                    let lease = lease_from(&row, 1).map_err(|e| self.err_or(e))?;
+                    Some((confirmed, lease))
+                }
+            };
+            let decided = decide_webhook(
+                row.as_ref().map(|(c, l)| (*c, l.as_ref())),
+                holder,
+                now,
+                first_sight,
+            );
+            match decided {
+                DeliveryClaim::Retaken if !first_sight => {
+                    // Take it over only if nobody did in between (the row is still pending and not live).
+                    let updated = c
+                        .client
+                        .execute(
+                            "UPDATE webhook_deliveries SET lease_holder = $2, lease_until = $3
+                             WHERE key = $1 AND NOT confirmed
+                               AND (lease_holder IS NULL OR lease_until <= $4 OR lease_holder = $2)",
+                            &[&key, &holder, &millis(after(now, lease)), &millis(now)],
+                        )
+                        .await
+                        .map_err(|e| self.err(e))?;
+                    if updated == 1 {
+                        return Ok(DeliveryClaim::Retaken);
+                    }
+                }
+                // The row changed between the claim and the read: claim again.
+                DeliveryClaim::Fresh | DeliveryClaim::Retaken => {}
+                decided => return Ok(decided),
+            }
+        }
+        Err(LedgerError::Io(format!(
+            "claim on webhook key {key} kept changing under contention; try again"
+        )))
+    }
+
+    /// See [`super::Ledger::confirm_webhook`].
+    pub async fn confirm_webhook(&self, key: &str, now: DateTime<Utc>) -> Result<(), LedgerError> {
+        let c = self.conn().await?;
+        c.client
+            .execute(&c.st.confirm_webhook, &[&key, &millis(now)])
             .await
             .map_err(|e| self.err(e))?;
-        Ok(inserted == 1)
+        Ok(())
     }
 
     /// See [`super::Ledger::release_webhook`].
-    pub async fn release_webhook(&self, key: &str) -> Result<(), LedgerError> {
+    pub async fn release_webhook(&self, key: &str, holder: &str) -> Result<(), LedgerError> {
         let c = self.conn().await?;
         c.client
-            .execute("DELETE FROM webhook_deliveries WHERE key = $1", &[&key])
+            .execute(&c.st.release_webhook, &[&key, &holder])
             .await
             .map_err(|e| self.err(e))?;
         Ok(())
@@ -815,18 +927,17 @@ impl PostgresLedger {
         let live_from = cutoff.min(millis(Utc::now()));
         let chunk = PRUNE_CHUNK;
         let mut deleted = 0;
-        for (st, live) in [
-            (&c.st.prune_shares, true),
-            (&c.st.prune_imports, true),
-            (&c.st.prune_webhooks, false),
+        for st in [
+            &c.st.prune_shares,
+            &c.st.prune_imports,
+            &c.st.prune_webhooks,
         ] {
             loop {
-                let n = if live {
-                    c.client.execute(st, &[&cutoff, &live_from, &chunk]).await
-                } else {
-                    c.client.execute(st, &[&cutoff, &chunk]).await
-                }
-                .map_err(|e| self.err(e))?;
+                let n = c
+                    .client
+                    .execute(st, &[&cutoff, &live_from, &chunk])
+                    .await
+                    .map_err(|e| self.err(e))?;
                 deleted += n;
                 if n < chunk as u64 {
                     break;
@@ -883,6 +994,9 @@ async fn migrate(client: &mut Client) -> Result<(), MigrateError> {
     }
     if version < 1 {
         tx.batch_execute(SCHEMA_V1).await?;
+    }
+    if version < 2 {
+        tx.batch_execute(SCHEMA_V2).await?;
     }
     // Later versions add `if version < N { … }` steps here.
     if version < SCHEMA_VERSION {

@@ -30,12 +30,12 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavio
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Claim, ImportRecord, Lease, LedgerError, ShareRecord, decide_import, decide_share, from_millis,
-    millis, parse_kind, to_u32,
+    Claim, DeliveryClaim, ImportRecord, Lease, LedgerError, ShareRecord, decide_import,
+    decide_share, decide_webhook, from_millis, millis, parse_kind, to_u32,
 };
 
 /// The schema this binary writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The most jobs committed in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -46,9 +46,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Jobs waiting for the writer thread; senders wait (asynchronously) when it is full.
 const QUEUE_DEPTH: usize = 4096;
 
-/// Version 1. The same tables and columns as the PostgreSQL backend. A share or import row exists as soon as its key
+/// Version 1, as released (public so that tests can build a v1 file and check that it migrates). The same tables and columns as the PostgreSQL backend. A share or import row exists as soon as its key
 /// is claimed; it holds a completed record once `message_id` (shares) or `imported_at` (imports) is set.
-const SCHEMA_V1: &str = "
+pub const SCHEMA_V1: &str = "
 CREATE TABLE shares (
     source_session_id      TEXT    NOT NULL,
     partner_application_id TEXT    NOT NULL,
@@ -94,6 +94,17 @@ CREATE TABLE ledger_meta (
     key   TEXT NOT NULL PRIMARY KEY,
     value TEXT NOT NULL
 ) WITHOUT ROWID;
+";
+
+/// Version 2, applied after [`SCHEMA_V1`] (on a fresh file too). Every helper's block is one `-- <task>:` section.
+const SCHEMA_V2: &str = "
+-- webhook-intake: a delivery key is pending (held by one attempt until lease_until) until its event is confirmed,
+-- then final (confirmed = 1). Keys written by version 1 cannot tell a confirmed event from a crash before the
+-- confirm, so they migrate as pending without a holder: a retry of their delivery publishes again (the share
+-- ledger absorbs the duplicate) instead of being lost.
+ALTER TABLE webhook_deliveries ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE webhook_deliveries ADD COLUMN lease_holder TEXT;
+ALTER TABLE webhook_deliveries ADD COLUMN lease_until INTEGER;
 ";
 
 /// The SQLite backend. Clones share the one writer thread, which ends when the last clone is dropped.
@@ -232,7 +243,7 @@ impl SqliteLedger {
     pub async fn void_all_leases(&self) -> Result<u64, LedgerError> {
         self.call(false, |conn| {
             let mut n = 0;
-            for table in ["shares", "imports"] {
+            for table in ["shares", "imports", "webhook_deliveries"] {
                 n += conn
                     .execute(
                         &format!(
@@ -568,28 +579,83 @@ impl SqliteLedger {
     pub async fn claim_webhook(
         &self,
         key: &str,
-        seen_at: DateTime<Utc>,
-    ) -> Result<bool, LedgerError> {
+        holder: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+        first_sight: bool,
+    ) -> Result<DeliveryClaim, LedgerError> {
+        let (k, h) = (key.to_string(), holder.to_string());
+        self.call(false, move |conn| {
+            let row = conn
+                .prepare_cached(
+                    "SELECT confirmed, lease_holder, lease_until FROM webhook_deliveries WHERE key = ?1",
+                )
+                .and_then(|mut st| {
+                    st.query_row(params![k], |row| {
+                        Ok((
+                            row.get::<_, bool>(0)?,
+                            row.get::<_, Option<String>>(1)?,
+                            row.get::<_, Option<i64>>(2)?,
+                        ))
+                    })
+                    .optional()
+                })
+                .map_err(db_error)?;
+            let row = match row {
+                Some((confirmed, holder, until)) => Some((confirmed, lease_of(holder, until)?)),
+                None => None,
+            };
+            let claim = decide_webhook(
+                row.as_ref().map(|(c, l)| (*c, l.as_ref())),
+                &h,
+                now,
+                first_sight,
+            );
+            let until = millis(super::after(now, lease));
+            match claim {
+                DeliveryClaim::Fresh => conn
+                    .prepare_cached(
+                        "INSERT INTO webhook_deliveries (key, seen_at, confirmed, lease_holder, lease_until)
+                         VALUES (?1, ?2, 0, ?3, ?4)",
+                    )
+                    .and_then(|mut st| st.execute(params![k, millis(now), h, until])),
+                DeliveryClaim::Retaken => conn
+                    .prepare_cached(
+                        "UPDATE webhook_deliveries SET lease_holder = ?2, lease_until = ?3 WHERE key = ?1",
+                    )
+                    .and_then(|mut st| st.execute(params![k, h, until])),
+                _ => Ok(0),
+            }
+            .map_err(db_error)?;
+            Ok(claim)
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::confirm_webhook`].
+    pub async fn confirm_webhook(&self, key: &str, now: DateTime<Utc>) -> Result<(), LedgerError> {
         let k = key.to_string();
         self.call(false, move |conn| {
-            let inserted = conn
-                .prepare_cached(
-                    "INSERT INTO webhook_deliveries (key, seen_at) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
-                )
-                .and_then(|mut st| st.execute(params![k, millis(seen_at)]))
-                .map_err(db_error)?;
-            Ok(inserted == 1)
+            conn.prepare_cached(
+                "INSERT INTO webhook_deliveries (key, seen_at, confirmed) VALUES (?1, ?2, 1)
+                 ON CONFLICT (key) DO UPDATE SET confirmed = 1, lease_holder = NULL, lease_until = NULL",
+            )
+            .and_then(|mut st| st.execute(params![k, millis(now)]))
+            .map_err(db_error)?;
+            Ok(())
         })
         .await
     }
 
     /// See [`super::Ledger::release_webhook`].
-    pub async fn release_webhook(&self, key: &str) -> Result<(), LedgerError> {
-        let k = key.to_string();
+    pub async fn release_webhook(&self, key: &str, holder: &str) -> Result<(), LedgerError> {
+        let (k, h) = (key.to_string(), holder.to_string());
         self.call(false, move |conn| {
-            conn.prepare_cached("DELETE FROM webhook_deliveries WHERE key = ?1")
-                .and_then(|mut st| st.execute(params![k]))
-                .map_err(db_error)?;
+            conn.prepare_cached(
+                "DELETE FROM webhook_deliveries WHERE key = ?1 AND confirmed = 0 AND lease_holder = ?2",
+            )
+            .and_then(|mut st| st.execute(params![k, h]))
+            .map_err(db_error)?;
             Ok(())
         })
         .await
@@ -606,12 +672,8 @@ impl SqliteLedger {
                 let n = self
                     .call(false, move |conn| {
                         let mut st = conn.prepare_cached(sql).map_err(db_error)?;
-                        let n = if sql == PRUNE_WEBHOOKS {
-                            st.execute(params![cutoff, PRUNE_CHUNK])
-                        } else {
-                            st.execute(params![cutoff, live_from, PRUNE_CHUNK])
-                        };
-                        n.map_err(db_error)
+                        st.execute(params![cutoff, live_from, PRUNE_CHUNK])
+                            .map_err(db_error)
                     })
                     .await?;
                 deleted += n as u64;
@@ -636,7 +698,8 @@ const PRUNE_IMPORTS: &str =
     SELECT issuer_application_id, source_session_id FROM imports
     WHERE touched_at < ?1 AND (lease_holder IS NULL OR lease_until <= ?2) LIMIT ?3)";
 const PRUNE_WEBHOOKS: &str = "DELETE FROM webhook_deliveries WHERE key IN (
-    SELECT key FROM webhook_deliveries WHERE seen_at < ?1 LIMIT ?2)";
+    SELECT key FROM webhook_deliveries
+    WHERE seen_at < ?1 AND (lease_holder IS NULL OR lease_until <= ?2) LIMIT ?3)";
 
 /// Opens the file with the pragmas this module's doc argues for, and creates or migrates the schema.
 fn open_connection(path: &Path) -> Result<Connection, LedgerError> {
@@ -687,6 +750,9 @@ fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
     }
     if version < 1 {
         tx.execute_batch(SCHEMA_V1).map_err(db_error)?;
+    }
+    if version < 2 {
+        tx.execute_batch(SCHEMA_V2).map_err(db_error)?;
     }
     // Later versions add `if version < N { … }` steps here.
     if version < SCHEMA_VERSION {

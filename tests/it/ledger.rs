@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use partner_bridge::didit::wire::SessionKind;
-use partner_bridge::ledger::{Claim, ImportRecord, Ledger, LedgerError, ShareRecord};
+use partner_bridge::ledger::{
+    Claim, DeliveryClaim, ImportRecord, Ledger, LedgerError, ShareRecord,
+};
 use partner_bridge::secret::SecretUrl;
 
 use crate::support;
@@ -186,6 +188,21 @@ async fn claim_share(
     )
     .await
     .unwrap()
+}
+
+/// Takes a webhook delivery in as the intake does (claim, then final): `true` when it was new.
+async fn seen_webhook(l: &Ledger, key: &str, at: DateTime<Utc>) -> bool {
+    match l
+        .claim_webhook(key, "intake", LEASE, at, true)
+        .await
+        .unwrap()
+    {
+        DeliveryClaim::Fresh | DeliveryClaim::Retaken => {
+            l.confirm_webhook(key, at).await.unwrap();
+            true
+        }
+        _ => false,
+    }
 }
 
 async fn claim_import(
@@ -598,14 +615,18 @@ async fn reshares_count_per_session(f: Fixture) {
 async fn webhook_keys_are_claimed_once(f: Fixture) {
     let l = &f.ledger;
     let t = now();
-    assert!(l.claim_webhook("delivery-1", t).await.unwrap());
-    assert!(!l.claim_webhook("delivery-1", t + secs(1)).await.unwrap());
-    assert!(!l.claim_webhook("delivery-1", t).await.unwrap());
-    assert!(l.claim_webhook("delivery-2", t).await.unwrap());
+    assert!(seen_webhook(l, "delivery-1", t).await);
+    assert!(!seen_webhook(l, "delivery-1", t + secs(1)).await);
+    assert!(!seen_webhook(l, "delivery-1", t).await);
     // A released key (its event could not be queued) can be claimed again by Didit's retry.
-    l.release_webhook("delivery-2").await.unwrap();
-    assert!(l.claim_webhook("delivery-2", t).await.unwrap());
-    assert!(!l.claim_webhook("delivery-2", t).await.unwrap());
+    let claim = l
+        .claim_webhook("delivery-2", "h", LEASE, t, true)
+        .await
+        .unwrap();
+    assert_eq!(claim, DeliveryClaim::Fresh);
+    l.release_webhook("delivery-2", "h").await.unwrap();
+    assert!(seen_webhook(l, "delivery-2", t).await);
+    assert!(!seen_webhook(l, "delivery-2", t).await);
 }
 
 async fn prune_keeps_live_leases(f: Fixture) {
@@ -632,12 +653,8 @@ async fn prune_keeps_live_leases(f: Fixture) {
         Claim::Acquired { .. }
     ));
     l.bump_reshares("issuer-app", "counted").await.unwrap();
-    assert!(l.claim_webhook("old-delivery", long_ago).await.unwrap());
-    assert!(
-        l.claim_webhook("new-delivery", t + TimeDelta::days(1))
-            .await
-            .unwrap()
-    );
+    assert!(seen_webhook(l, "old-delivery", long_ago).await);
+    assert!(seen_webhook(l, "new-delivery", t + TimeDelta::days(1)).await);
     // Live leases: one running past the cutoff, one ending before it but live now.
     let long_lease = Duration::from_secs(7200);
     let live = l
@@ -667,7 +684,7 @@ async fn prune_keeps_live_leases(f: Fixture) {
         "the abandoned claim and the old webhook"
     );
     assert!(
-        l.claim_webhook("old-delivery", t).await.unwrap(),
+        seen_webhook(l, "old-delivery", t).await,
         "its key was forgotten"
     );
     assert_eq!(
@@ -687,7 +704,7 @@ async fn prune_keeps_live_leases(f: Fixture) {
     assert_eq!(l.share("done", "partner-app").await.unwrap(), None);
     assert_eq!(l.import("issuer-app", "done").await.unwrap(), None);
     assert_eq!(l.bump_reshares("issuer-app", "counted").await.unwrap(), 1);
-    assert!(!l.claim_webhook("new-delivery", t).await.unwrap());
+    assert!(!seen_webhook(l, "new-delivery", t).await);
     assert_eq!(
         claim_share(l, "working", "other", None, t + secs(1)).await,
         Claim::Busy {
@@ -710,7 +727,7 @@ async fn prune_works_through_large_backlogs(f: Fixture) {
     let claimed: Vec<bool> = futures_util::stream::iter(0..total)
         .map(|n| {
             let l = f.ledger.clone();
-            async move { l.claim_webhook(&format!("delivery-{n}"), t).await.unwrap() }
+            async move { seen_webhook(&l, &format!("delivery-{n}"), t).await }
         })
         .buffer_unordered(64)
         .collect()
@@ -724,7 +741,7 @@ async fn prune_works_through_large_backlogs(f: Fixture) {
         f.ledger.prune(now() - TimeDelta::days(30)).await.unwrap(),
         0
     );
-    assert!(f.ledger.claim_webhook("delivery-0", now()).await.unwrap());
+    assert!(seen_webhook(&f.ledger, "delivery-0", now()).await);
 }
 
 async fn data_survives_reopening(f: Fixture) {
@@ -748,7 +765,7 @@ async fn data_survives_reopening(f: Fixture) {
             claim_share(l, "s3", "holder", None, t).await,
             Claim::Acquired { .. }
         ));
-        assert!(l.claim_webhook("delivery-1", t).await.unwrap());
+        assert!(seen_webhook(l, "delivery-1", t).await);
     }
     let Fixture {
         ledger,
@@ -771,7 +788,7 @@ async fn data_survives_reopening(f: Fixture) {
             until: t + secs(30)
         }
     );
-    assert!(!l.claim_webhook("delivery-1", t).await.unwrap());
+    assert!(!seen_webhook(&l, "delivery-1", t).await);
     l.check_writable().await.unwrap();
 }
 
@@ -1021,7 +1038,7 @@ async fn sqlite_read_only_file_is_not_writable() {
             "{err:?}"
         );
         assert!(err.is_retryable());
-        let write = l.claim_webhook("k", now()).await;
+        let write = l.claim_webhook("k", "h", LEASE, now(), true).await;
         assert!(matches!(write, Err(LedgerError::Io(_))), "{write:?}");
     }
     drop(l);
@@ -1108,7 +1125,7 @@ async fn postgres_reconnects_after_losing_its_connection() {
     );
     let url = SecretUrl::new(format!("{}&application_name={app}", f.url.expose()));
     let l = Ledger::open(&url).await.unwrap();
-    assert!(l.claim_webhook("before", now()).await.unwrap());
+    assert!(seen_webhook(&l, "before", now()).await);
     let admin = pg_admin().await.unwrap();
     let old = pg_backends(&admin, &app).await;
     assert_eq!(old.len(), 1, "one connection per ledger: {old:?}");
@@ -1136,7 +1153,7 @@ async fn postgres_reconnects_after_losing_its_connection() {
     assert_eq!(new.len(), 1, "{new:?}");
     assert_ne!(new, old);
     assert!(
-        !l.claim_webhook("before", now()).await.unwrap(),
+        !seen_webhook(&l, "before", now()).await,
         "same data after reconnecting"
     );
 }

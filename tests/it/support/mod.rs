@@ -7,6 +7,7 @@ pub mod faults;
 pub mod proxy;
 pub mod stub_didit;
 pub mod t_receiver;
+pub mod webhooks;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
