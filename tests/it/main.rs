@@ -13,5 +13,6 @@ mod ledger;
 mod ops;
 mod receiver;
 mod reliability;
+mod replay_edges;
 mod sandbox;
 mod support;
