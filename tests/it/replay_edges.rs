@@ -697,12 +697,14 @@ async fn sigterm_against_a_broker_that_stopped_answering_exits_within_the_deadli
     );
 
     proxy.freeze(true);
+    let signalled = std::time::Instant::now();
     binary.terminate();
     let status = showing_log(
         &log,
         binary.exited_within(Duration::from_secs(grace_s + 10)),
     )
     .await;
+    eprintln!("exited {:?} after SIGTERM", signalled.elapsed());
     assert!(
         status.success(),
         "a drain that ran out of time still exits 0: {status:?}"
