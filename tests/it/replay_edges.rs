@@ -473,6 +473,37 @@ impl Lib {
     }
 }
 
+/// Deletes a plan when dropped during a panic: a failing library-level test never reaches its own cleanup, and
+/// leaked quorum queues slow the shared broker down for everyone.
+struct DeleteOnPanic(Vec<partner_bridge::amqp::Entity>);
+
+impl Drop for DeleteOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let plan = std::mem::take(&mut self.0);
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async {
+                let amqp = Amqp::connect().await;
+                for entity in &plan {
+                    let _ = partner_bridge::amqp::topology::delete(
+                        &amqp.channel,
+                        std::slice::from_ref(entity),
+                    )
+                    .await;
+                }
+                amqp.close().await;
+            });
+        })
+        .join();
+    }
+}
+
 /// A `tracing` writer into a shared buffer (the test's log, read back by the test).
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -517,6 +548,15 @@ async fn the_no_dlx_fallback_settles_each_delivery_once() {
     let lib = Lib::new("edge-nodlx").await;
     let queue = format!("{}.work", lib.names.prefix());
     let operator_dead = format!("{}.operator-dead", lib.names.prefix());
+    let _cleanup = DeleteOnPanic(
+        [&queue, &operator_dead]
+            .iter()
+            .map(|name| partner_bridge::amqp::Entity::Queue {
+                name: name.to_string(),
+                arguments: Vec::new(),
+            })
+            .collect(),
+    );
     let channel = &lib.amqp.channel;
     channel
         .queue_declare(
@@ -606,6 +646,7 @@ async fn a_requeued_split_does_not_publish_its_copies_again() {
     let queue = lib.names.receiver_tokens_queue();
     let dead = Names::dead_queue(&queue);
     let retry = Names::retry_queue(&queue);
+    let _cleanup = DeleteOnPanic(plan.clone());
     let handler = Recorder::new(|msg| {
         if msg.attempt > 1 {
             return Decision::Ack;
