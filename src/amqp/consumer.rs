@@ -751,6 +751,7 @@ async fn apply<H: Handler>(
         }
         decision = *then;
     }
+    // `true` once the delivery is settled for good (acked or rejected).
     let settled = match decision {
         Decision::Ack => {
             let settled = settle(ctx, delivery, Settle::Ack, &message_id).await;
@@ -759,7 +760,11 @@ async fn apply<H: Handler>(
             }
             settled
         }
-        Decision::Requeue => settle(ctx, delivery, Settle::Requeue, &message_id).await,
+        Decision::Requeue => {
+            // Handed back, not done: the redelivery must still find the copies confirmed so far.
+            settle(ctx, delivery, Settle::Requeue, &message_id).await;
+            false
+        }
         Decision::Retry { detail, headers } => {
             let next = attempt.saturating_add(1);
             if next > ctx.spec.max_attempts {
@@ -1033,6 +1038,35 @@ mod tests {
         assert!(h.contains_key("keep"));
         assert_eq!(*copy.delivery_mode(), Some(2));
         assert_eq!(copy.message_id().as_ref().map(|s| s.as_str()), Some("m"));
+    }
+
+    #[test]
+    fn the_split_memory_remembers_until_forgotten_and_stays_bounded() {
+        let mut memory = SplitMemory::default();
+        memory.insert(1, 10);
+        memory.insert(1, 11);
+        assert!(memory.contains(1, 10) && memory.contains(1, 11));
+        assert!(!memory.contains(1, 12) && !memory.contains(2, 10));
+        memory.forget(1);
+        assert!(!memory.contains(1, 10));
+        for delivery in 0..(SPLIT_MEMORY as u64 + 10) {
+            memory.insert(delivery, 0);
+        }
+        assert_eq!(memory.done.len(), SPLIT_MEMORY);
+        assert!(!memory.contains(0, 0), "the oldest is forgotten first");
+        assert!(memory.contains(SPLIT_MEMORY as u64 + 9, 0));
+    }
+
+    #[test]
+    fn copies_differing_only_in_their_partner_are_told_apart() {
+        let copy = |partner: &str| DeadLetterCopy {
+            body: b"{}".to_vec(),
+            reason: "share_rejected",
+            detail: "400".into(),
+            headers: vec![("x-pb-partner".into(), HeaderValue::Str(partner.into()))],
+        };
+        assert_eq!(copy_key(&copy("a")), copy_key(&copy("a")));
+        assert_ne!(copy_key(&copy("a")), copy_key(&copy("b")));
     }
 
     #[test]
