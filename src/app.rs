@@ -7,7 +7,8 @@
 //! Shutdown (SIGTERM/SIGINT cancels the token): `/readyz` turns 503 at once; consumers stop taking deliveries and
 //! drain in-flight work within `shutdown.grace_s` (what is left goes back to the broker, unacked); the webhook
 //! listener stops accepting and finishes its requests; every broker connection is closed; the admin server stops
-//! last, so the scrape that sees the drain still works.
+//! last, so the scrape that sees the drain still works. One deadline, `shutdown.grace_s` + [`DRAIN_MARGIN`] from
+//! the signal, bounds all of it, whatever the broker does (see [`Running::wait`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,6 +45,10 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// The readiness part held while [`start`] is still building the parts.
 const CONNECTION_CHECK_EVERY: Duration = Duration::from_millis(250);
 const STARTUP_PART: &str = "startup";
+/// The drain ends at most this long after `shutdown.grace_s`: the whole shutdown (consumers cancelled and drained,
+/// the webhook listener, every broker connection closed, the admin server) fits in `grace_s` + this margin, so a
+/// `terminationGracePeriodSeconds` of `grace_s` + 10 s is never overrun, even by a broker that stopped answering.
+pub const DRAIN_MARGIN: Duration = Duration::from_secs(5);
 
 /// A running bridge.
 pub struct Running {
@@ -85,14 +90,17 @@ impl Running {
         self.shutdown.clone()
     }
 
-    /// Waits for the shutdown token, then shuts down in order (see the module doc).
+    /// Waits for the shutdown token, then shuts down in order (see the module doc), all of it within
+    /// `shutdown.grace_s` + [`DRAIN_MARGIN`].
     pub async fn wait(self) -> anyhow::Result<()> {
         self.shutdown.cancelled().await;
+        let deadline = tokio::time::Instant::now() + self.grace + DRAIN_MARGIN;
         self.health.set_draining();
         tracing::info!(grace_s = self.grace.as_secs(), "draining");
         self.tasks.close();
-        // Consumers bound their own drain by the grace; the margin covers a webhook request finishing its confirm.
-        if tokio::time::timeout(self.grace + Duration::from_secs(5), self.tasks.wait())
+        // Consumers bound their own drain by the grace; the margin covers a webhook request finishing its confirm
+        // and the connection closes below.
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
             .await
             .is_err()
         {
@@ -100,14 +108,21 @@ impl Running {
                 "some tasks did not finish within the grace period; their messages return to the broker"
             );
         }
-        for link in &self.links {
-            link.close().await;
+        // Every link closes at once, under the same deadline (each also bounds its own close): a broker that stopped
+        // answering costs the margin once, not once per link. What is not closed by then is dropped with the
+        // process, and the broker returns its unacked deliveries to their queues.
+        let closing = futures_util::future::join_all(self.links.iter().map(Link::close));
+        if tokio::time::timeout_at(deadline, closing).await.is_err() {
+            tracing::warn!("broker connections not closed within the drain deadline; leaving them");
         }
         self.admin_stop.cancel();
-        match self.admin_task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "admin server ended with an error"),
-            Err(e) => tracing::warn!(error = %e, "admin server task failed"),
+        // The admin server stops last but does not get to stretch the deadline either (a slow scrape).
+        let admin_deadline = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+        match tokio::time::timeout_at(admin_deadline, self.admin_task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "admin server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "admin server task failed"),
+            Err(_) => tracing::warn!("admin server did not stop in time; leaving it"),
         }
         tracing::info!("stopped");
         Ok(())

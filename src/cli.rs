@@ -121,7 +121,8 @@ pub enum DeadLetterAction {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
-    /// Move dead-lettered messages back into their queue for another try.
+    /// Move dead-lettered messages back into their queue for another try: at most the ones there when it starts
+    /// (messages that fail again meanwhile stay in `.dead`), each marked `x-pb-replayed`.
     Replay {
         /// The TOML configuration file.
         #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]

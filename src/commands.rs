@@ -200,12 +200,13 @@ pub async fn dead_letters_list(
     Ok(out)
 }
 
-/// `dead-letters replay`: moves up to `limit` messages from `<queue>.dead` back into `queue`.
+/// `dead-letters replay`: moves up to `limit` of the messages present in `<queue>.dead` when it starts back into
+/// `queue` (never the ones that fail again while it runs), and tells how many moved.
 pub async fn dead_letters_replay(
     config: &Config,
     queue: &str,
     limit: usize,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<dead_letters::Replayed> {
     let link = one_shot_link(config, config.amqp_url()?);
     let channel = one_shot_channel(&link).await?;
     let publisher = Publisher::new(

@@ -33,6 +33,9 @@ pub const HEADER_ATTEMPT: &str = "x-pb-attempt";
 pub const HEADER_PARTNER: &str = "x-pb-partner";
 /// On retried onboarding events: the partner application ids still to be served (comma-separated).
 pub const HEADER_PENDING_PARTNERS: &str = "x-pb-pending-partners";
+/// Set by `dead-letters replay` on every message it moves back (the replay run's id): the receiver resets the
+/// session's reshare counter when it sees it, so a replayed `expired` token gets a fresh round of reshares.
+pub const HEADER_REPLAYED: &str = "x-pb-replayed";
 
 /// Message `type` values.
 pub mod types {

@@ -40,7 +40,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let result = runtime.block_on(dispatch(cli.command));
+    // Dropping a runtime waits for its blocking tasks without limit; the drain has had its deadline already.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(e)) => {
             eprintln!("error: {e}");
@@ -129,8 +132,20 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         } => {
             let config = load(&config)?;
             telemetry::init(LogFormat::Pretty, "warn");
-            let moved = commands::dead_letters_replay(&config, &queue, limit).await?;
-            println!("moved {moved} message(s) from {queue}.dead back to {queue}");
+            let replayed = commands::dead_letters_replay(&config, &queue, limit).await?;
+            println!(
+                "moved {} message(s) from {queue}.dead back to {queue}",
+                replayed.moved
+            );
+            let left = usize::try_from(replayed.present)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(replayed.moved);
+            if left > 0 {
+                println!(
+                    "{left} of the {} message(s) there at the start were not moved and stay in {queue}.dead",
+                    replayed.present
+                );
+            }
         }
         Command::Keygen { out, if_missing } => match commands::keygen(&out, if_missing)? {
             commands::Keygen::Created(id) => println!(

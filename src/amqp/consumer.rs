@@ -15,11 +15,32 @@
 //! go back to the queue; consuming resumes when the pipeline calls [`PauseControl::resume`]. On shutdown the
 //! subscription is cancelled, in-flight handlers get `grace` to finish, and whatever is still unacked returns to
 //! the queue when the channel closes.
+//!
+//! **One deadline bounds the drain.** The first time a consumer sees the shutdown it fixes its drain deadline at
+//! `now + grace`; cancelling the subscription and waiting for in-flight handlers share it (a broker that stopped
+//! answering cannot stretch `basic.cancel` past it), and closing the channel afterwards is bounded by
+//! [`CLOSE_TIMEOUT`]. [`crate::app`] bounds the whole process's drain (consumers, webhook, connection closes) by
+//! `grace` plus a fixed margin on top of that.
+//!
+//! **One settle per delivery, always.** A decision is carried out with at most one ack, nack or reject of the
+//! delivery. Without a known dead-letter exchange (no `x-dead-letter-exchange` for the queue in the plan), a
+//! decision that dead-letters anything ends in a single `reject` of the whole original — the broker dead-letters it
+//! per the queue's own arguments or policy — and nothing else of that decision is carried out (no copy, no retry,
+//! no ack after it).
+//!
+//! **A split is not repeated by a requeue.** [`Decision::Split`] publishes its dead-letter copies before it carries
+//! out `then`; if a later step fails (a copy or the retry publish is not confirmed), the delivery is requeued and
+//! the handler decides the same split again on the redelivery. The consumer remembers, per delivery (message id,
+//! attempt and body) and in this process, which copies the broker already confirmed, and publishes only the
+//! missing ones; the memory is dropped once the delivery is settled. A crash of the process between a confirmed
+//! copy and the settle, or a redelivery to another replica, can still repeat a copy once (at-least-once; a replay
+//! of a repeated copy is absorbed by the ledger).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -31,6 +52,7 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -51,6 +73,10 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// an unbounded wait would keep the handler's concurrency permit (and `in_flight`) for good, so every broker blip
 /// could take a permit until the consumer stopped taking deliveries at all.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limit for closing a consumer channel once the drain is over (the drain deadline itself is `grace`).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deliveries whose confirmed split copies are remembered at once (oldest forgotten first).
+const SPLIT_MEMORY: usize = 4096;
 /// Backoff between sessions.
 const RESTART_MIN: Duration = Duration::from_millis(100);
 const RESTART_MAX: Duration = Duration::from_secs(10);
@@ -286,6 +312,85 @@ struct Ctx<H> {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     part: String,
+    /// Set the first time the shutdown is seen: `now + grace`, shared by every step of the drain.
+    drain_deadline: OnceLock<Instant>,
+    grace: Duration,
+    /// Split copies confirmed for deliveries not settled yet (see the module doc).
+    split_done: Mutex<SplitMemory>,
+}
+
+impl<H> Ctx<H> {
+    /// The one deadline of this consumer's drain, fixed when first asked for.
+    fn drain_deadline(&self) -> Instant {
+        *self
+            .drain_deadline
+            .get_or_init(|| Instant::now() + self.grace)
+    }
+}
+
+/// Which dead-letter copies of which deliveries the broker already confirmed. Keys are hashes: a delivery by its
+/// message id, attempt and body; a copy by its body, reason, detail and headers.
+#[derive(Default)]
+struct SplitMemory {
+    done: HashMap<u64, HashSet<u64>>,
+    order: VecDeque<u64>,
+}
+
+impl SplitMemory {
+    fn contains(&self, delivery: u64, copy: u64) -> bool {
+        self.done.get(&delivery).is_some_and(|c| c.contains(&copy))
+    }
+
+    fn insert(&mut self, delivery: u64, copy: u64) {
+        if !self.done.contains_key(&delivery) {
+            self.order.push_back(delivery);
+            while self.order.len() > SPLIT_MEMORY {
+                if let Some(old) = self.order.pop_front() {
+                    self.done.remove(&old);
+                }
+            }
+        }
+        self.done.entry(delivery).or_default().insert(copy);
+    }
+
+    fn forget(&mut self, delivery: u64) {
+        if self.done.remove(&delivery).is_some() {
+            self.order.retain(|d| *d != delivery);
+        }
+    }
+}
+
+fn delivery_key(delivery: &Delivery, attempt: u32) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str())
+        .hash(&mut hasher);
+    attempt.hash(&mut hasher);
+    delivery.data.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn copy_key(copy: &DeadLetterCopy) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    copy.body.hash(&mut hasher);
+    copy.reason.hash(&mut hasher);
+    copy.detail.hash(&mut hasher);
+    for (name, value) in &copy.headers {
+        name.hash(&mut hasher);
+        format!("{value:?}").hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// What publishing a dead-letter copy did.
+enum DeadLettered {
+    /// The copy is confirmed in `<queue>.dead`; the original is still unsettled.
+    Copied,
+    /// No dead-letter exchange is known: the original itself was rejected, which was its one settle.
+    RejectedOriginal,
 }
 
 enum SessionEnd {
@@ -336,6 +441,9 @@ pub async fn run_consumer<H: Handler>(
         health,
         part,
         spec,
+        drain_deadline: OnceLock::new(),
+        grace,
+        split_done: Mutex::new(SplitMemory::default()),
     });
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(ctx.spec.concurrency.max(1)));
@@ -353,7 +461,7 @@ pub async fn run_consumer<H: Handler>(
                 _ = ctx.pause.wait_resumed() => continue,
             }
         }
-        match session(&ctx, &tracker, &permits, &shutdown, grace).await {
+        match session(&ctx, &tracker, &permits, &shutdown).await {
             SessionEnd::Shutdown { drained: done } => {
                 drained = done;
                 break;
@@ -375,9 +483,10 @@ pub async fn run_consumer<H: Handler>(
         }
     }
     if !drained {
-        // Handlers of earlier sessions may still run (their acks will fail and the broker redelivers).
+        // Handlers of earlier sessions may still run (their acks will fail and the broker redelivers); they get
+        // what is left of the one drain deadline, not a grace of their own.
         tracker.close();
-        let _ = tokio::time::timeout(grace, tracker.wait()).await;
+        let _ = tokio::time::timeout_at(ctx.drain_deadline(), tracker.wait()).await;
     }
     ctx.health.not_ready(&ctx.part, "stopped (shutting down)");
     info!(queue = %ctx.spec.queue, "consumer stopped");
@@ -388,7 +497,6 @@ async fn session<H: Handler>(
     tracker: &TaskTracker,
     permits: &Arc<Semaphore>,
     shutdown: &CancellationToken,
-    grace: Duration,
 ) -> SessionEnd {
     let connection = match ctx.link.connection(shutdown).await {
         Ok(connection) => connection,
@@ -458,11 +566,17 @@ async fn session<H: Handler>(
     match stop {
         Stop::Shutdown => {
             ctx.health.not_ready(&ctx.part, "draining (shutting down)");
-            cancel_subscription(&channel, tag).await;
+            let deadline = ctx.drain_deadline();
             tracker.close();
-            let drained = tokio::time::timeout(grace, tracker.wait()).await.is_ok();
+            // The cancel and the in-flight handlers share the deadline: a broker that stopped answering must not
+            // hold `basic.cancel` for its own timeout on top of the grace.
+            let drained = tokio::time::timeout_at(deadline, async {
+                tokio::join!(cancel_subscription(&channel, tag), tracker.wait());
+            })
+            .await
+            .is_ok();
             if !drained {
-                warn!(queue = %ctx.spec.queue, grace_ms = grace.as_millis() as u64, "handlers still running after the grace period; their messages go back to the queue");
+                warn!(queue = %ctx.spec.queue, grace_ms = ctx.grace.as_millis() as u64, "handlers still running after the grace period; their messages go back to the queue");
             }
             close_channel(&channel).await;
             SessionEnd::Shutdown { drained }
@@ -477,7 +591,7 @@ async fn session<H: Handler>(
                 _ = session_tasks.wait() => {}
                 _ = shutdown.cancelled() => {
                     tracker.close();
-                    let drained = tokio::time::timeout(grace, tracker.wait()).await.is_ok();
+                    let drained = tokio::time::timeout_at(ctx.drain_deadline(), tracker.wait()).await.is_ok();
                     close_channel(&channel).await;
                     return SessionEnd::Shutdown { drained };
                 }
@@ -552,7 +666,7 @@ async fn close_channel(channel: &Channel) {
     if channel.status().connected() {
         let _ = super::timed(
             "closing a consumer channel",
-            SETUP_TIMEOUT,
+            CLOSE_TIMEOUT,
             channel.close(200, "OK".into()),
         )
         .await;
@@ -598,7 +712,8 @@ async fn handle_delivery<H: Handler>(
     }
 }
 
-/// Carries out `decision`; `Err` means a republish failed and the delivery is still unsettled.
+/// Carries out `decision` with at most one settle of `delivery` (see the module doc); `Err` means a republish
+/// failed and the delivery is still unsettled.
 async fn apply<H: Handler>(
     ctx: &Ctx<H>,
     delivery: &Delivery,
@@ -612,9 +727,15 @@ async fn apply<H: Handler>(
         .map(|id| id.to_string())
         .unwrap_or_default();
     let queue = ctx.spec.queue.as_str();
+    let key = delivery_key(delivery, attempt);
     while let Decision::Split { copies, then } = decision {
         for copy in copies {
-            dead_letter(
+            let copy_id = copy_key(&copy);
+            if lock(&ctx.split_done).contains(key, copy_id) {
+                info!(%queue, %message_id, reason = copy.reason, "dead-letter copy already confirmed before a requeue; not publishing it again");
+                continue;
+            }
+            match dead_letter(
                 ctx,
                 delivery,
                 &copy.body,
@@ -622,24 +743,33 @@ async fn apply<H: Handler>(
                 &copy.detail,
                 &copy.headers,
             )
-            .await?;
+            .await?
+            {
+                DeadLettered::Copied => lock(&ctx.split_done).insert(key, copy_id),
+                DeadLettered::RejectedOriginal => return Ok(()),
+            }
         }
         decision = *then;
     }
-    match decision {
+    // `true` once the delivery is settled for good (acked or rejected).
+    let settled = match decision {
         Decision::Ack => {
-            if settle(ctx, delivery, Settle::Ack, &message_id).await {
+            let settled = settle(ctx, delivery, Settle::Ack, &message_id).await;
+            if settled {
                 ctx.metrics.success(ctx.spec.pipeline);
             }
+            settled
         }
         Decision::Requeue => {
+            // Handed back, not done: the redelivery must still find the copies confirmed so far.
             settle(ctx, delivery, Settle::Requeue, &message_id).await;
+            false
         }
         Decision::Retry { detail, headers } => {
             let next = attempt.saturating_add(1);
             if next > ctx.spec.max_attempts {
                 warn!(%queue, %message_id, attempt, %detail, "retries exhausted; dead-lettering");
-                dead_letter(
+                match dead_letter(
                     ctx,
                     delivery,
                     &delivery.data,
@@ -647,8 +777,11 @@ async fn apply<H: Handler>(
                     &detail,
                     &headers,
                 )
-                .await?;
-                settle(ctx, delivery, Settle::Ack, &message_id).await;
+                .await?
+                {
+                    DeadLettered::Copied => settle(ctx, delivery, Settle::Ack, &message_id).await,
+                    DeadLettered::RejectedOriginal => true,
+                }
             } else {
                 let mut set = headers;
                 set.push((
@@ -660,12 +793,14 @@ async fn apply<H: Handler>(
                     .publish_raw("", &Names::retry_queue(queue), &delivery.data, properties)
                     .await?;
                 info!(%queue, %message_id, attempt = next, retry_in_ms = ctx.spec.retry_delay_ms, %detail, "retry scheduled");
-                settle(ctx, delivery, Settle::Ack, &message_id).await;
+                settle(ctx, delivery, Settle::Ack, &message_id).await
             }
         }
         Decision::DeadLetter { reason, detail } => {
-            dead_letter(ctx, delivery, &delivery.data, reason, &detail, &[]).await?;
-            settle(ctx, delivery, Settle::Ack, &message_id).await;
+            match dead_letter(ctx, delivery, &delivery.data, reason, &detail, &[]).await? {
+                DeadLettered::Copied => settle(ctx, delivery, Settle::Ack, &message_id).await,
+                DeadLettered::RejectedOriginal => true,
+            }
         }
         Decision::Pause { reason, detail } => {
             let properties = copy_properties(&delivery.properties, &[], &[])?;
@@ -673,14 +808,28 @@ async fn apply<H: Handler>(
                 .publish_raw("", &Names::retry_queue(queue), &delivery.data, properties)
                 .await?;
             info!(%queue, %message_id, reason, %detail, "message parked in the retry queue while pausing");
-            settle(ctx, delivery, Settle::Ack, &message_id).await;
+            settle(ctx, delivery, Settle::Ack, &message_id).await
         }
         Decision::Split { .. } => unreachable!("splits were unrolled above"),
+    };
+    if settled {
+        // Settled for good: a later delivery of the same bytes is a new one, whose copies are its own. When the
+        // settle failed, the broker redelivers it, and the copies already confirmed must not be published again.
+        lock(&ctx.split_done).forget(key);
     }
     Ok(())
 }
 
-/// Publishes a dead-letter copy of `delivery` (with `body`) to `<queue>.dead` and counts it.
+fn lock(memory: &Mutex<SplitMemory>) -> std::sync::MutexGuard<'_, SplitMemory> {
+    // The memory holds no invariant a panic could break halfway: a poisoned lock is still usable.
+    memory
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Publishes a dead-letter copy of `delivery` (with `body`) to `<queue>.dead` and counts it. Without a known
+/// dead-letter exchange it rejects the original instead — that reject is the delivery's one settle, and the caller
+/// must not settle it again.
 async fn dead_letter<H: Handler>(
     ctx: &Ctx<H>,
     delivery: &Delivery,
@@ -688,7 +837,7 @@ async fn dead_letter<H: Handler>(
     reason: &'static str,
     detail: &str,
     extra: &[(String, HeaderValue)],
-) -> Result<(), PublishError> {
+) -> Result<DeadLettered, PublishError> {
     let queue = ctx.spec.queue.as_str();
     let Some(exchange) = ctx.dead_letter_exchange.as_deref() else {
         // No dead-letter exchange known: let the broker dead-letter the original per the queue's arguments.
@@ -698,9 +847,10 @@ async fn dead_letter<H: Handler>(
             .as_ref()
             .map(|id| id.to_string())
             .unwrap_or_default();
+        warn!(%queue, %message_id, reason, detail = %truncate(detail, MAX_DETAIL_BYTES), "no dead-letter exchange known; rejecting the whole message (the rest of its decision is dropped)");
         settle(ctx, delivery, Settle::Reject, &message_id).await;
         ctx.metrics.dead_lettered(queue, reason);
-        return Ok(());
+        return Ok(DeadLettered::RejectedOriginal);
     };
     let mut set: Vec<(String, HeaderValue)> = extra.to_vec();
     set.push((
@@ -723,7 +873,7 @@ async fn dead_letter<H: Handler>(
         detail = %truncate(detail, MAX_DETAIL_BYTES),
         "message dead-lettered"
     );
-    Ok(())
+    Ok(DeadLettered::Copied)
 }
 
 enum Settle {
@@ -888,6 +1038,35 @@ mod tests {
         assert!(h.contains_key("keep"));
         assert_eq!(*copy.delivery_mode(), Some(2));
         assert_eq!(copy.message_id().as_ref().map(|s| s.as_str()), Some("m"));
+    }
+
+    #[test]
+    fn the_split_memory_remembers_until_forgotten_and_stays_bounded() {
+        let mut memory = SplitMemory::default();
+        memory.insert(1, 10);
+        memory.insert(1, 11);
+        assert!(memory.contains(1, 10) && memory.contains(1, 11));
+        assert!(!memory.contains(1, 12) && !memory.contains(2, 10));
+        memory.forget(1);
+        assert!(!memory.contains(1, 10));
+        for delivery in 0..(SPLIT_MEMORY as u64 + 10) {
+            memory.insert(delivery, 0);
+        }
+        assert_eq!(memory.done.len(), SPLIT_MEMORY);
+        assert!(!memory.contains(0, 0), "the oldest is forgotten first");
+        assert!(memory.contains(SPLIT_MEMORY as u64 + 9, 0));
+    }
+
+    #[test]
+    fn copies_differing_only_in_their_partner_are_told_apart() {
+        let copy = |partner: &str| DeadLetterCopy {
+            body: b"{}".to_vec(),
+            reason: "share_rejected",
+            detail: "400".into(),
+            headers: vec![("x-pb-partner".into(), HeaderValue::Str(partner.into()))],
+        };
+        assert_eq!(copy_key(&copy("a")), copy_key(&copy("a")));
+        assert_ne!(copy_key(&copy("a")), copy_key(&copy("b")));
     }
 
     #[test]

@@ -6,8 +6,20 @@
 //! listing never makes the broker drop or move a message.
 //!
 //! [`replay_dead`] moves messages from `<queue>.dead` back into `<queue>` through the default exchange: each is
-//! republished with a confirm (without `x-pb-reason` and `x-pb-detail`, with `x-pb-attempt` back at 1) and only
-//! then acked in `.dead`, so a failure leaves it in `.dead`, never nowhere.
+//! republished with a confirm (without `x-pb-reason` and `x-pb-detail`, with `x-pb-attempt` back at 1 and
+//! `x-pb-replayed` set to this replay's id) and only then acked in `.dead`, so a failure leaves it in `.dead`, never
+//! nowhere.
+//!
+//! A replay moves **at most the messages present when it starts**: it reads the `.dead` queue's message count with
+//! a passive declare first and stops after that many (or `limit`, if smaller). A replayed message that fails again
+//! while the replay is still running is dead-lettered to the back of `.dead`, behind the ones counted, so it is not
+//! taken a second time; as a second guard, a message that already carries this run's `x-pb-replayed` id is handed
+//! back and ends the replay. The count returned is the number of messages confirmed in `<queue>` and removed from
+//! `.dead`.
+//!
+//! What a replayed message means to its consumer: the receiver resets the session's reshare counter on a token
+//! carrying `x-pb-replayed` (a replayed `expired` token asks for a fresh token again); the issuer serves a
+//! dead-lettered onboarding copy (`x-pb-partner`) for that one partner only.
 //!
 //! Bodies are shown only as a short preview, with the values of JSON fields that look like secrets (`share_token`,
 //! anything named `*token*`, `*secret*`, `*password*`, `*api_key*`) masked.
@@ -19,7 +31,7 @@ use lapin::types::AMQPValue;
 use super::consumer::copy_properties;
 use super::publisher::Publisher;
 use super::{AmqpError, HeaderValue, Names, short, truncate};
-use crate::envelope::{HEADER_ATTEMPT, HEADER_DETAIL, HEADER_REASON};
+use crate::envelope::{HEADER_ATTEMPT, HEADER_DETAIL, HEADER_REASON, HEADER_REPLAYED};
 
 /// Bytes of body shown in a listing.
 pub const PREVIEW_BYTES: usize = 200;
@@ -82,16 +94,29 @@ pub async fn list_dead(
     result.map(|()| infos)
 }
 
-/// Moves up to `limit` messages from `<queue>.dead` back into `queue` (see the module doc). Returns how many.
+/// What [`replay_dead`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// Messages confirmed in `queue` and removed from `.dead`.
+    pub moved: usize,
+    /// Messages `.dead` held when the replay started.
+    pub present: u32,
+}
+
+/// Moves up to `limit` of the messages present in `<queue>.dead` when it starts back into `queue` (see the module
+/// doc).
 pub async fn replay_dead(
     channel: &Channel,
     publisher: &Publisher,
     queue: &str,
     limit: usize,
-) -> Result<usize, AmqpError> {
+) -> Result<Replayed, AmqpError> {
     let dead = Names::dead_queue(queue);
+    let present = super::queue_depth(channel, &dead).await?;
+    let budget = limit.min(usize::try_from(present).unwrap_or(usize::MAX));
+    let run = uuid::Uuid::new_v4().to_string();
     let mut replayed = 0;
-    while replayed < limit {
+    while replayed < budget {
         let got = super::timed(
             &format!("queue {dead}"),
             std::time::Duration::from_secs(15),
@@ -100,9 +125,30 @@ pub async fn replay_dead(
         .await?;
         let Some(message) = got else { break };
         let delivery = message.delivery;
+        let ours = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(HEADER_REPLAYED))
+            .and_then(HeaderValue::from_amqp)
+            .is_some_and(|v| v.as_str() == Some(run.as_str()));
+        if ours {
+            // Replayed by this very run and failed again already: everything present at the start is done.
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await;
+            break;
+        }
         let properties = copy_properties(
             &delivery.properties,
-            &[(HEADER_ATTEMPT.to_string(), HeaderValue::Int(1))],
+            &[
+                (HEADER_ATTEMPT.to_string(), HeaderValue::Int(1)),
+                (HEADER_REPLAYED.to_string(), HeaderValue::Str(run.clone())),
+            ],
             &[HEADER_REASON, HEADER_DETAIL],
         )?;
         if let Err(error) = publisher
@@ -136,7 +182,10 @@ pub async fn replay_dead(
             }
         }
     }
-    Ok(replayed)
+    Ok(Replayed {
+        moved: replayed,
+        present,
+    })
 }
 
 fn describe(delivery: &lapin::message::Delivery) -> DeadLetterInfo {

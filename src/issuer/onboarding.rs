@@ -5,6 +5,12 @@
 //! by the broker, was still valid, or that partner's failure is dead-lettered (a copy of the event with
 //! `x-pb-partner` and the reason). Partners that need more time go back through the retry queue with their ids in
 //! `x-pb-pending-partners`, so the ones already served are not served twice.
+//!
+//! A dead-lettered copy that comes back (`dead-letters replay`, which also sets `x-pb-replayed`, or an operator's
+//! shovel) is about one partner: an event carrying `x-pb-partner` is served for that partner only, whatever its
+//! `partners` field or `x-pb-pending-partners` say, so replaying one partner's failure never re-runs the others. A
+//! partner that is still not configured is dead-lettered again as `unknown_partner`. A replayed `retries_exhausted`
+//! event has no `x-pb-partner` but keeps its `x-pb-pending-partners`, so it too serves only the partners left.
 
 use std::sync::Arc;
 
@@ -70,12 +76,28 @@ impl Handler for OnboardingHandler {
             return Decision::Ack;
         }
         let kind = event.session_kind.unwrap_or(SessionKind::User);
-        let pending: Option<Vec<String>> = msg.header(envelope::HEADER_PENDING_PARTNERS).map(|s| {
-            s.split(',')
-                .filter(|id| !id.is_empty())
-                .map(str::to_string)
-                .collect()
-        });
+        let only_partner = msg
+            .header(envelope::HEADER_PARTNER)
+            .filter(|id| !id.is_empty());
+        if let Some(id) = only_partner
+            && !self.partners.iter().any(|p| p.application_id == id)
+        {
+            metrics.event(source_label, "dead_lettered");
+            return Decision::DeadLetter {
+                reason: "unknown_partner",
+                detail: format!("no [[issuer.partners]] entry has application_id {id}"),
+            };
+        }
+        let pending: Option<Vec<String>> = match only_partner {
+            // A dead-lettered copy for one partner, back again: that partner only.
+            Some(id) => Some(vec![id.to_string()]),
+            None => msg.header(envelope::HEADER_PENDING_PARTNERS).map(|s| {
+                s.split(',')
+                    .filter(|id| !id.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }),
+        };
         let selection = policy::select(
             &self.partners,
             status,

@@ -444,8 +444,30 @@ impl Ledger {
         dispatch!(self.import(issuer_application_id, source_session_id))
     }
 
+    /// The receiver's reshare counter for (issuer application, source session): the number of reshare requests
+    /// the broker confirmed since the last reset (0 when there is no row).
+    pub async fn reshares(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<u32, LedgerError> {
+        dispatch!(self.reshares(issuer_application_id, source_session_id))
+    }
+
+    /// Sets the reshare counter back to 0: after a successful import, and when an operator replays the token
+    /// (`x-pb-replayed`), so that a replayed `expired` token gets a fresh round of reshare requests. No effect
+    /// when there is no row.
+    pub async fn reset_reshares(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.reset_reshares(issuer_application_id, source_session_id))
+    }
+
     /// The receiver's reshare counter for (issuer application, source session): increments it atomically and
-    /// returns the new count (1 after the first call).
+    /// returns the new count (1 after the first call). Call it only once a reshare request is confirmed by the
+    /// broker: a request that was never sent must not use up one of `receiver.max_reshares`.
     pub async fn bump_reshares(
         &self,
         issuer_application_id: &str,

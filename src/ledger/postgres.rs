@@ -799,6 +799,50 @@ impl PostgresLedger {
             .0)
     }
 
+    /// See [`super::Ledger::reshares`].
+    pub async fn reshares(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<u32, LedgerError> {
+        let c = self.conn().await?;
+        let row = c
+            .client
+            .query_opt(
+                "SELECT reshares FROM imports WHERE issuer_application_id = $1 AND source_session_id = $2",
+                &[&issuer_application_id, &source_session_id],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        let n: i64 = match row {
+            Some(row) => row.try_get(0).map_err(|e| self.err(e))?,
+            None => 0,
+        };
+        to_u32(n, "reshares")
+    }
+
+    /// See [`super::Ledger::reset_reshares`].
+    pub async fn reset_reshares(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<(), LedgerError> {
+        let c = self.conn().await?;
+        c.client
+            .execute(
+                "UPDATE imports SET reshares = 0, touched_at = $3
+                 WHERE issuer_application_id = $1 AND source_session_id = $2 AND reshares <> 0",
+                &[
+                    &issuer_application_id,
+                    &source_session_id,
+                    &millis(Utc::now()),
+                ],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// See [`super::Ledger::bump_reshares`].
     pub async fn bump_reshares(
         &self,

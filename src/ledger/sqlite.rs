@@ -549,6 +549,50 @@ impl SqliteLedger {
             .await
     }
 
+    /// See [`super::Ledger::reshares`].
+    pub async fn reshares(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<u32, LedgerError> {
+        let (i, s) = (
+            issuer_application_id.to_string(),
+            source_session_id.to_string(),
+        );
+        self.call(false, move |conn| {
+            let n: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT reshares FROM imports WHERE issuer_application_id = ?1 AND source_session_id = ?2",
+                )
+                .and_then(|mut st| st.query_row(params![i, s], |row| row.get(0)).optional())
+                .map_err(db_error)?;
+            to_u32(n.unwrap_or(0), "reshares")
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::reset_reshares`].
+    pub async fn reset_reshares(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<(), LedgerError> {
+        let (i, s) = (
+            issuer_application_id.to_string(),
+            source_session_id.to_string(),
+        );
+        self.call(false, move |conn| {
+            conn.prepare_cached(
+                "UPDATE imports SET reshares = 0, touched_at = ?3
+                 WHERE issuer_application_id = ?1 AND source_session_id = ?2 AND reshares <> 0",
+            )
+            .and_then(|mut st| st.execute(params![i, s, millis(Utc::now())]))
+            .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
     /// See [`super::Ledger::bump_reshares`].
     pub async fn bump_reshares(
         &self,

@@ -71,6 +71,8 @@ struct Job<'a> {
     envelope: &'a ShareTokenEnvelope,
     peer: Peer,
     deadline: Instant,
+    /// `dead-letters replay` moved this token back (`x-pb-replayed`): its reshare counter starts again.
+    replayed: bool,
 }
 
 impl Handler for TokenHandler {
@@ -120,6 +122,7 @@ impl Handler for TokenHandler {
             envelope: &envelope,
             peer,
             deadline,
+            replayed: msg.header(envelope::HEADER_REPLAYED).is_some(),
         };
         let claims = ShareTokenClaims::peek(envelope.share_token.expose());
         let claimed_for = claims.as_ref().map(|c| c.for_application_id.as_str());
@@ -389,6 +392,13 @@ impl TokenHandler {
         if let Err(e) = self.ledger.complete_import(&record, holder).await {
             // The import happened; without the row a redelivery gets 403 already-imported and reports duplicate.
             tracing::warn!(error = %e, message_id = %envelope.message_id, "imported but not recorded in the ledger");
+        } else if let Err(e) = self
+            .ledger
+            .reset_reshares(&job.peer.application_id, &envelope.source_session_id)
+            .await
+        {
+            // Only a later expired token for an imported session would read it, and that one is a duplicate.
+            tracing::warn!(error = %e, "could not reset the reshare counter after the import");
         }
         self.metrics
             .import(&job.peer.name, ImportOutcome::Imported.as_str());
@@ -531,13 +541,25 @@ impl TokenHandler {
     }
 
     /// Asks the issuer for a fresh token, or gives up with `expired` after `max_reshares` requests.
+    ///
+    /// The counter counts requests the broker confirmed: it is read first, and bumped only after the publish is
+    /// confirmed, so a request that failed (unroutable, nacked, timed out) is retried without using up one of
+    /// `max_reshares`. A token replayed by `dead-letters replay` (`x-pb-replayed`) resets it first: the operator
+    /// asks for a new round. Two expired tokens of one session handled at the very same moment may both send a
+    /// request for the same count (one extra request, which the issuer answers with one more token and this
+    /// ledger absorbs as a duplicate); the bound still holds once the counter is bumped.
     async fn reshare(&self, job: &Job<'_>, why: &str) -> Decision {
         let envelope = job.envelope;
-        let attempt = match self
-            .ledger
-            .bump_reshares(&job.peer.application_id, &envelope.source_session_id)
-            .await
+        let (issuer, session) = (&job.peer.application_id, &envelope.source_session_id);
+        if job.replayed
+            && let Err(e) = self.ledger.reset_reshares(issuer, session).await
         {
+            return Decision::Retry {
+                detail: format!("ledger: {e}"),
+                headers: Vec::new(),
+            };
+        }
+        let sent = match self.ledger.reshares(issuer, session).await {
             Ok(n) => n,
             Err(e) => {
                 return Decision::Retry {
@@ -546,7 +568,7 @@ impl TokenHandler {
                 };
             }
         };
-        if attempt > self.max_reshares {
+        if sent >= self.max_reshares {
             return self
                 .finish_failed(
                     job,
@@ -558,6 +580,7 @@ impl TokenHandler {
                 )
                 .await;
         }
+        let attempt = sent + 1;
         let request = ReshareRequest {
             kind: envelope::types::RESHARE_REQUEST.to_string(),
             source_session_id: envelope.source_session_id.clone(),
@@ -583,6 +606,11 @@ impl TokenHandler {
             .await;
         match published {
             Ok(()) => {
+                if let Err(e) = self.ledger.bump_reshares(issuer, session).await {
+                    // The request is out: retrying would send another. The count stays one short, which at worst
+                    // allows one more request than max_reshares.
+                    tracing::warn!(error = %e, "reshare requested but not counted in the ledger");
+                }
                 self.metrics.reshare_request("sent");
                 self.metrics.import(&job.peer.name, "reshare_requested");
                 tracing::info!(message_id = %envelope.message_id, source_session_id = %envelope.source_session_id, issuer = %job.peer.name, attempt, "reshare requested");

@@ -986,7 +986,7 @@ async fn dead_letters_list_and_replay_round_trip() {
     let replayed = replay_dead(&f.channel().await, &f.publisher, &queue, 10)
         .await
         .unwrap();
-    assert_eq!(replayed, 3);
+    assert_eq!(replayed.moved, 3);
     f.wait_depth(&queue, 3).await;
     assert_eq!(f.depth(&dead).await, 0);
     let back = f.take(&queue).await.unwrap();

@@ -610,6 +610,18 @@ async fn reshares_count_per_session(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(l.bump_reshares("issuer-app", "s1").await.unwrap(), 4);
+    // Reading does not count; a reset starts the session's count again, and touches no other session.
+    assert_eq!(l.reshares("issuer-app", "s1").await.unwrap(), 4);
+    assert_eq!(l.reshares("issuer-app", "never").await.unwrap(), 0);
+    l.reset_reshares("issuer-app", "s1").await.unwrap();
+    l.reset_reshares("issuer-app", "never").await.unwrap();
+    assert_eq!(l.reshares("issuer-app", "s1").await.unwrap(), 0);
+    assert_eq!(l.reshares("issuer-app", "s2").await.unwrap(), 1);
+    assert_eq!(l.bump_reshares("issuer-app", "s1").await.unwrap(), 1);
+    assert!(
+        l.import("issuer-app", "s1").await.unwrap().is_some(),
+        "a reset keeps the import"
+    );
 }
 
 async fn webhook_keys_are_claimed_once(f: Fixture) {

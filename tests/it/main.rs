@@ -14,6 +14,7 @@ mod ledger;
 mod ops;
 mod receiver;
 mod reliability;
+mod replay_edges;
 mod sandbox;
 mod support;
 mod webhook_edges;
