@@ -1,6 +1,8 @@
 //! `/openapi.json`: an OpenAPI 3.0 description of the Didit routes the sandbox serves, kept honest to what the
 //! handlers in [`super::routes`] do (statuses, bodies, error codes, the `x-api-key` scheme, the rate-limit
-//! headers), so contract tools can be pointed at it. The control routes are not described: they are not Didit's.
+//! headers), so contract tools can be pointed at it. The control routes are not described — they are not Didit's —
+//! except `POST /sandbox/faults`, marked test-only (`x-test-only`), because its lost-answer faults change what a
+//! Didit route's answer means.
 
 use std::sync::OnceLock;
 
@@ -227,8 +229,21 @@ fn build() -> Value {
         "/v3/sessions/": {"get": {
             "operationId": "listSessions",
             "summary": "List the caller's sessions, newest first",
+            "description": "Filters are ANDed. session_kind=all concatenates one page of KYC and one of KYB \
+                sessions (up to 2 x limit rows); next and previous keep the filters.",
             "security": [{"ApiKeyAuth": []}],
             "parameters": [
+                {"name": "vendor_data", "in": "query", "schema": {"type": "string"},
+                 "description": "Exact match."},
+                {"name": "status", "in": "query", "schema": {"type": "string"},
+                 "description": "A status in either casing (APPROVED, In Review, ...)."},
+                {"name": "session_kind", "in": "query",
+                 "schema": {"type": "string", "enum": ["user", "business", "all"], "default": "user"}},
+                {"name": "workflow_id", "in": "query", "schema": {"type": "string", "format": "uuid"}},
+                {"name": "date_from", "in": "query", "schema": {"type": "string"},
+                 "description": "Created on or after: a date (YYYY-MM-DD, from its first second) or an ISO 8601 time."},
+                {"name": "date_to", "in": "query", "schema": {"type": "string"},
+                 "description": "Created on or before: a date (through its last second) or an ISO 8601 time."},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
                 {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}}
             ],
@@ -265,6 +280,36 @@ fn build() -> Value {
                 }
             }
         },
+        "/sandbox/faults": {"post": {
+            "operationId": "setSandboxFaults",
+            "summary": "Test-only (sandbox control route, not Didit's): inject faults into the share and import routes",
+            "x-test-only": true,
+            "description": "Rates are probabilities in 0..1, one draw per request, taken in this order: hang_rate \
+                (never answered), error_rate (500/502/503), rate_limit_rate (429), drop_response_rate (the request \
+                is carried out in full, then the connection is reset without an answer: Didit acted, the client \
+                sees a connection error), hang_after_rate (carried out, then the answer is withheld until the \
+                sandbox stops or 120 s pass: lets a test kill the client between Didit's action and the client's \
+                record of it). latency_ms delays every matching request. endpoint is share, import or *; {} \
+                clears every fault. No API key.",
+            "security": [],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                "type": "object",
+                "additionalProperties": false,
+                "properties": {
+                    "endpoint": {"type": "string", "enum": ["share", "import", "*"], "default": "*"},
+                    "latency_ms": {"type": "integer", "minimum": 0},
+                    "error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+                    "rate_limit_rate": {"type": "number", "minimum": 0, "maximum": 1},
+                    "hang_rate": {"type": "number", "minimum": 0, "maximum": 1},
+                    "drop_response_rate": {"type": "number", "minimum": 0, "maximum": 1},
+                    "hang_after_rate": {"type": "number", "minimum": 0, "maximum": 1}
+                }
+            }}}},
+            "responses": {
+                "200": {"description": "The faults in force: {\"faults\": [settings per endpoint]}."},
+                "400": validation.clone()
+            }
+        }},
         "/v3/webhook/destinations/{destinationUuid}/": {"get": operation(
             "getWebhookDestination", "Get one webhook destination with its secret", None,
             ("200", json_ok("The destination.", "WebhookDestination")),
