@@ -8,6 +8,7 @@ mod config;
 mod deploy;
 mod didit_client;
 mod e2e;
+mod import_edges;
 mod issuer;
 mod ledger;
 mod ops;
