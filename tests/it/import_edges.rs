@@ -335,8 +335,10 @@ async fn a_failed_ledger_write_after_didits_import_is_not_acked_and_ends_importe
     let result: ImportResult = serde_json::from_slice(&tapped[0].got.body).unwrap();
     let id = result.imported_session_id.expect("names the session");
     clone_of(&world, &id, &session).await;
+    let tokens = world.names.receiver_tokens_queue();
+    let queues = [partner_bridge::amqp::Names::retry_queue(&tokens), tokens];
     wait_for("the receiver to settle", WAIT, || async {
-        let waiting = non_empty(&amqp, &work_queues(&world)).await;
+        let waiting = non_empty(&amqp, &queues).await;
         (waiting.is_empty() && in_flight(&receiver.metrics().encode()) == 0.0).then_some(())
     })
     .await;
