@@ -435,7 +435,11 @@ impl Ledger {
         source_session_id: &str,
         token_digest: &str,
     ) -> Result<(), LedgerError> {
-        dispatch!(self.abandon_import_intent(issuer_application_id, source_session_id, token_digest))
+        dispatch!(self.abandon_import_intent(
+            issuer_application_id,
+            source_session_id,
+            token_digest
+        ))
     }
 
     /// The unresolved import intent for the key, if any.

@@ -600,7 +600,8 @@ impl SqliteLedger {
             issuer_application_id.to_string(),
             source_session_id.to_string(),
         );
-        self.call(false, move |conn| read_intent(conn, &i, &s)).await
+        self.call(false, move |conn| read_intent(conn, &i, &s))
+            .await
     }
 
     /// See [`super::Ledger::mark_result_published`].
@@ -1003,7 +1004,13 @@ impl ImportColumns {
 
 /// The unresolved import intent of a key, if any.
 fn read_intent(conn: &Connection, i: &str, s: &str) -> Result<Option<ImportIntent>, LedgerError> {
-    type Columns = (Option<String>, Option<String>, Option<String>, Option<String>, Option<i64>);
+    type Columns = (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+    );
     let row: Option<Columns> = conn
         .prepare_cached(
             "SELECT intent_digest, intent_message_id, intent_holder, intent_vendor_data, intent_at
@@ -1011,7 +1018,13 @@ fn read_intent(conn: &Connection, i: &str, s: &str) -> Result<Option<ImportInten
         )
         .and_then(|mut st| {
             st.query_row(params![i, s], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
             })
             .optional()
         })

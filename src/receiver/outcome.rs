@@ -191,23 +191,40 @@ mod tests {
     #[test]
     fn the_import_is_the_row_shared_from_the_source() {
         let rows = [row("own", Some(None)), row("imp", Some(Some("src")))];
-        assert!(matches!(locate_import(&rows, true, "src", false), Located::Found(r) if r.session_id == "imp"));
+        assert!(
+            matches!(locate_import(&rows, true, "src", false), Located::Found(r) if r.session_id == "imp")
+        );
         // Provenance reported, no match: it did not happen — unless the list was cut short.
         let own = [row("own", Some(None))];
         assert_eq!(locate_import(&own, true, "src", false), Located::Absent);
-        assert!(matches!(locate_import(&own, false, "src", false), Located::Unknown(_)));
+        assert!(matches!(
+            locate_import(&own, false, "src", false),
+            Located::Unknown(_)
+        ));
         // Imported twice already: not guessed.
         let twice = [row("a", Some(Some("src"))), row("b", Some(Some("src")))];
-        assert!(matches!(locate_import(&twice, true, "src", true), Located::Unknown(_)));
+        assert!(matches!(
+            locate_import(&twice, true, "src", true),
+            Located::Unknown(_)
+        ));
     }
 
     #[test]
     fn without_provenance_only_a_vendor_data_naming_the_source_decides() {
         let one = [row("x", None)];
-        assert!(matches!(locate_import(&one, true, "src", true), Located::Found(_)));
-        assert!(matches!(locate_import(&one, true, "src", false), Located::Unknown(_)));
+        assert!(matches!(
+            locate_import(&one, true, "src", true),
+            Located::Found(_)
+        ));
+        assert!(matches!(
+            locate_import(&one, true, "src", false),
+            Located::Unknown(_)
+        ));
         let two = [row("x", None), row("y", None)];
-        assert!(matches!(locate_import(&two, true, "src", true), Located::Unknown(_)));
+        assert!(matches!(
+            locate_import(&two, true, "src", true),
+            Located::Unknown(_)
+        ));
         assert_eq!(locate_import(&[], true, "src", false), Located::Absent);
         assert!(vendor_data_names_the_source("{issuer}:{source_session_id}"));
         assert!(!vendor_data_names_the_source("{source_vendor_data}"));

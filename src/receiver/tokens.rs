@@ -532,7 +532,10 @@ impl TokenHandler {
         let envelope = job.envelope;
         // The first attempt with this token came at most one token lifetime (Didit's maximum: a day) ago.
         let since = Utc::now() - chrono::Duration::days(1);
-        let located = match self.locate(job, request.vendor_data.as_deref(), since).await {
+        let located = match self
+            .locate(job, request.vendor_data.as_deref(), since)
+            .await
+        {
             Ok(located) => located,
             Err(decision) => {
                 self.release(job, holder).await;
@@ -617,7 +620,9 @@ impl TokenHandler {
             )),
             Err(Failure::Shutdown) => Err(Decision::Requeue),
             Err(Failure::Didit(e)) => match e.disposition() {
-                Disposition::Retry { .. } => Err(self.retry(job, format!("looking up the import: {e}"))),
+                Disposition::Retry { .. } => {
+                    Err(self.retry(job, format!("looking up the import: {e}")))
+                }
                 Disposition::Pause { reason } => {
                     self.metrics.import(&job.peer.name, "paused");
                     Err(Decision::Pause {
@@ -652,7 +657,12 @@ impl TokenHandler {
     }
 
     /// Records an import found by the lookup and reports it as `imported`; never acks without the row.
-    async fn record_and_report(&self, job: &Job<'_>, holder: &str, record: ImportRecord) -> Decision {
+    async fn record_and_report(
+        &self,
+        job: &Job<'_>,
+        holder: &str,
+        record: ImportRecord,
+    ) -> Decision {
         if let Err(e) = self.ledger.complete_import(&record, holder).await {
             tracing::warn!(error = %e, message_id = %job.envelope.message_id, "could not record the import; retrying");
             self.release(job, holder).await;

@@ -214,7 +214,11 @@ impl Faults {
         } else if roll < s.hang_rate + s.error_rate + s.rate_limit_rate + s.drop_response_rate {
             FaultAction::DropAnswer
         } else if roll
-            < s.hang_rate + s.error_rate + s.rate_limit_rate + s.drop_response_rate + s.hang_after_rate
+            < s.hang_rate
+                + s.error_rate
+                + s.rate_limit_rate
+                + s.drop_response_rate
+                + s.hang_after_rate
         {
             FaultAction::HangAfter
         } else {

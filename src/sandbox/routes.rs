@@ -433,7 +433,11 @@ fn parse_day_param(
         return Ok(None);
     };
     if let Ok(day) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
-        let start = day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc().timestamp();
+        let start = day
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight exists")
+            .and_utc()
+            .timestamp();
         return Ok(Some(if end_of_day { start + 86_399 } else { start }));
     }
     chrono::DateTime::parse_from_rfc3339(raw)

@@ -387,7 +387,10 @@ impl ListFilter {
             .as_ref()
             .is_none_or(|v| s.vendor_data.as_ref() == Some(v))
             && self.status.is_none_or(|st| s.status == st)
-            && self.workflow_id.as_ref().is_none_or(|w| &s.workflow_id == w)
+            && self
+                .workflow_id
+                .as_ref()
+                .is_none_or(|w| &s.workflow_id == w)
             && self.created_from.is_none_or(|t| s.created_at >= t)
             && self.created_to.is_none_or(|t| s.created_at <= t)
     }

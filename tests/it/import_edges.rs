@@ -77,7 +77,8 @@ async fn clone_of(world: &World, imported_session_id: &str, source: &str) {
 /// On the old code (no intent: the lease voided at restart freed the key) B imported the session a second time
 /// (count 2) — seen with `git stash` on this branch's fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_token_after_a_crash_between_didits_import_and_the_ledger_row_imports_nothing_more() {
+async fn a_second_token_after_a_crash_between_didits_import_and_the_ledger_row_imports_nothing_more()
+ {
     let world = World::new("edge-kill").await;
     test_logs();
     let (config, admin) = binary_config(&world, 4, 5);
@@ -161,7 +162,12 @@ async fn a_second_token_after_a_crash_between_didits_import_and_the_ledger_row_i
     .await;
     let mut bridge = bridge;
     bridge.terminate();
-    assert!(bridge.exited_within(Duration::from_secs(20)).await.success());
+    assert!(
+        bridge
+            .exited_within(Duration::from_secs(20))
+            .await
+            .success()
+    );
     showing_log(
         &log,
         assert_exactly_once(&world, &amqp, std::slice::from_ref(&session)),
@@ -319,14 +325,16 @@ async fn a_failed_ledger_write_after_didits_import_is_not_acked_and_ends_importe
     proxy.refuse(true);
     proxy.cut();
     world.control.clear_faults().await.unwrap();
-    let retried = format!(
-        "partner_bridge_imports_total{{issuer=\"fintech-a\",outcome=\"retried\"}}"
-    );
+    let retried = "partner_bridge_imports_total{issuer=\"fintech-a\",outcome=\"retried\"}";
     wait_for("the envelope to be retried a few times", WAIT, || async {
-        (metric(&receiver.metrics().encode(), &retried) >= 3.0).then_some(())
+        (metric(&receiver.metrics().encode(), retried) >= 3.0).then_some(())
     })
     .await;
-    assert!(tap.all().is_empty(), "no result while the ledger is down: {:?}", tap.all().iter().map(|t| &t.routing_key).collect::<Vec<_>>());
+    assert!(
+        tap.all().is_empty(),
+        "no result while the ledger is down: {:?}",
+        tap.all().iter().map(|t| &t.routing_key).collect::<Vec<_>>()
+    );
     assert_eq!(amqp.depth(&receiver_dead_queue(&world)).await, 0);
 
     proxy.refuse(false);
@@ -365,11 +373,7 @@ async fn ledger_on(backend: Backend) -> (Ledger, tempfile::TempDir, Option<PgSch
     match backend {
         Backend::Sqlite => {
             let url = format!("sqlite://{}", dir.path().join("ledger.sqlite3").display());
-            (
-                Ledger::open(&SecretUrl::new(url)).await.unwrap(),
-                dir,
-                None,
-            )
+            (Ledger::open(&SecretUrl::new(url)).await.unwrap(), dir, None)
         }
         Backend::Postgres => {
             let schema = PgSchema::create("ledger").await;
@@ -486,7 +490,10 @@ async fn intents_block_other_tokens_until_resolved(l: Ledger) {
 /// On the old code the import row was pruned with the rest (`l.import(..)` became `None`), after which any later
 /// token imported the session again.
 async fn import_rows_and_intents_survive_prune(l: Ledger) {
-    assert!(matches!(claim(&l, "done", "a").await, Claim::Acquired { .. }));
+    assert!(matches!(
+        claim(&l, "done", "a").await,
+        Claim::Acquired { .. }
+    ));
     l.complete_import(&record("done"), "a").await.unwrap();
     assert!(matches!(
         claim(&l, "pending", "a").await,
@@ -495,7 +502,9 @@ async fn import_rows_and_intents_survive_prune(l: Ledger) {
     l.begin_import("issuer-app", "pending", &intent("digest-p", "m-p"))
         .await
         .unwrap();
-    l.release_import("issuer-app", "pending", "a").await.unwrap();
+    l.release_import("issuer-app", "pending", "a")
+        .await
+        .unwrap();
     l.bump_reshares("issuer-app", "counted").await.unwrap();
     let long_ago = Utc::now() - TimeDelta::days(400);
     assert!(matches!(
@@ -572,7 +581,10 @@ async fn a_v1_sqlite_ledger_migrates_to_v2_and_keeps_its_imports() {
     let url = SecretUrl::new(format!("sqlite://{}", path.display()));
     {
         let l = Ledger::open(&url).await.unwrap();
-        assert!(matches!(claim(&l, "old", "a").await, Claim::Acquired { .. }));
+        assert!(matches!(
+            claim(&l, "old", "a").await,
+            Claim::Acquired { .. }
+        ));
         l.complete_import(&record("old"), "a").await.unwrap();
     }
     // Back to exactly the v1 shape: the v2 columns gone, user_version 1.
@@ -597,7 +609,10 @@ async fn a_v1_sqlite_ledger_migrates_to_v2_and_keeps_its_imports() {
         .unwrap();
     assert_eq!(version, 2);
     assert!(matches!(claim(&l, "old", "b").await, Claim::Done(_)));
-    assert!(matches!(claim(&l, "new", "b").await, Claim::Acquired { .. }));
+    assert!(matches!(
+        claim(&l, "new", "b").await,
+        Claim::Acquired { .. }
+    ));
     assert_eq!(
         l.begin_import("issuer-app", "new", &intent("d", "m"))
             .await
@@ -613,7 +628,10 @@ async fn a_v1_postgres_ledger_migrates_to_v2_and_keeps_its_imports() {
     let url = SecretUrl::new(schema.url("127.0.0.1:5432"));
     {
         let l = Ledger::open(&url).await.unwrap();
-        assert!(matches!(claim(&l, "old", "a").await, Claim::Acquired { .. }));
+        assert!(matches!(
+            claim(&l, "old", "a").await,
+            Claim::Acquired { .. }
+        ));
         l.complete_import(&record("old"), "a").await.unwrap();
     }
     let (client, conn) = tokio_postgres::connect(PG, tokio_postgres::NoTls)
@@ -631,7 +649,10 @@ async fn a_v1_postgres_ledger_migrates_to_v2_and_keeps_its_imports() {
         .unwrap();
     let l = Ledger::open(&url).await.unwrap();
     assert!(matches!(claim(&l, "old", "b").await, Claim::Done(_)));
-    assert!(matches!(claim(&l, "new", "b").await, Claim::Acquired { .. }));
+    assert!(matches!(
+        claim(&l, "new", "b").await,
+        Claim::Acquired { .. }
+    ));
     assert_eq!(
         l.begin_import("issuer-app", "new", &intent("d", "m"))
             .await
@@ -788,7 +809,10 @@ async fn session_list_filters_by_vendor_data_status_kind_and_date_and_pages_with
         .iter()
         .map(|r| r["session_number"].as_i64().unwrap())
         .collect();
-    assert!(numbers.windows(2).all(|w| w[0] > w[1]), "newest first: {numbers:?}");
+    assert!(
+        numbers.windows(2).all(|w| w[0] > w[1]),
+        "newest first: {numbers:?}"
+    );
     for row in body["results"].as_array().unwrap() {
         assert_eq!(row["vendor_data"], "shared-crm");
     }
@@ -805,13 +829,17 @@ async fn session_list_filters_by_vendor_data_status_kind_and_date_and_pages_with
         .list(&e.b, "?vendor_data=shared-crm&status=IN_REVIEW")
         .await;
     assert_eq!(in_review["count"], 3);
-    let (_, approved) = e.list(&e.b, "?vendor_data=shared-crm&status=Approved").await;
+    let (_, approved) = e
+        .list(&e.b, "?vendor_data=shared-crm&status=Approved")
+        .await;
     assert_eq!(approved["count"], 1);
     let (_, kyb) = e
         .list(&e.b, "?vendor_data=shared-crm&session_kind=business")
         .await;
     assert_eq!(ids(&kyb), vec![kyb_clone.clone()]);
-    let (_, all) = e.list(&e.b, "?vendor_data=shared-crm&session_kind=all").await;
+    let (_, all) = e
+        .list(&e.b, "?vendor_data=shared-crm&session_kind=all")
+        .await;
     assert_eq!(all["count"], 5);
 
     // Created dates: today is in, tomorrow is not.
@@ -830,7 +858,10 @@ async fn session_list_filters_by_vendor_data_status_kind_and_date_and_pages_with
     let (_, first) = e.list(&e.b, "?vendor_data=shared-crm&limit=3").await;
     assert_eq!(ids(&first).len(), 3);
     let next = first["next"].as_str().unwrap();
-    assert!(next.contains("vendor_data=shared-crm") && next.contains("offset=3"), "{next}");
+    assert!(
+        next.contains("vendor_data=shared-crm") && next.contains("offset=3"),
+        "{next}"
+    );
     let second: Value = e
         .http
         .get(next)
@@ -865,7 +896,12 @@ async fn session_list_filters_by_vendor_data_status_kind_and_date_and_pages_with
     let from_list: Vec<&str> = listing
         .sessions
         .iter()
-        .filter_map(|s| s.shared_from_session.clone().flatten().map(|_| s.session_id.as_str()))
+        .filter_map(|s| {
+            s.shared_from_session
+                .clone()
+                .flatten()
+                .map(|_| s.session_id.as_str())
+        })
         .collect();
     assert_eq!(from_list.len(), 3);
     for id in from_list {
@@ -891,7 +927,11 @@ async fn session_list_filters_by_vendor_data_status_kind_and_date_and_pages_with
         "?date_from=yesterday",
     ] {
         let (status, body) = e.list(&e.b, bad).await;
-        assert_eq!((status, body["code"].as_str()), (400, Some("validation_error")), "{bad}");
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("validation_error")),
+            "{bad}"
+        );
     }
     let (status, _) = e.list(&e.b, "?vendor_data=shared-crm&unknown=1").await;
     assert_eq!(status, 200, "unknown parameters are ignored");
@@ -947,7 +987,10 @@ async fn lost_answer_faults_act_and_then_lose_the_answer() {
     let token_2 = share(source_2.clone()).await;
     control.clear_faults().await.unwrap();
     let replay = b.import(&request).await.unwrap_err();
-    assert!(matches!(replay, DiditError::AlreadyImported { .. }), "{replay:?}");
+    assert!(
+        matches!(replay, DiditError::AlreadyImported { .. }),
+        "{replay:?}"
+    );
     assert_eq!(stats_for(source.clone()).await, 1);
 
     control
@@ -966,7 +1009,11 @@ async fn lost_answer_faults_act_and_then_lose_the_answer() {
         .await
         .unwrap_err();
     assert!(matches!(held, DiditError::Timeout), "{held:?}");
-    assert_eq!(stats_for(source_2).await, 1, "Didit acted before holding the answer");
+    assert_eq!(
+        stats_for(source_2).await,
+        1,
+        "Didit acted before holding the answer"
+    );
     let state = control
         .set_faults(FaultSettings {
             endpoint: FaultEndpoint::All,
@@ -996,7 +1043,15 @@ async fn lost_answer_faults_act_and_then_lose_the_answer() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    for name in ["vendor_data", "status", "session_kind", "date_from", "date_to", "limit", "offset"] {
+    for name in [
+        "vendor_data",
+        "status",
+        "session_kind",
+        "date_from",
+        "date_to",
+        "limit",
+        "offset",
+    ] {
         assert!(params.contains(&name), "{name} in {params:?}");
     }
     e.sandbox.shutdown().await;

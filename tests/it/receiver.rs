@@ -270,7 +270,10 @@ async fn didit_saying_already_imported_is_reported_as_the_import_it_was_not_a_fa
     assert_eq!(tapped[1].routing_key, "import.imported");
     let found = tapped[1].got.json();
     assert_eq!(found["outcome"], "imported");
-    assert_eq!(found["source_session_id"], envelope.source_session_id.as_str());
+    assert_eq!(
+        found["source_session_id"],
+        envelope.source_session_id.as_str()
+    );
     assert_eq!(
         found["imported_session_id"], first_result["imported_session_id"],
         "the lost answer's session is found"
