@@ -349,6 +349,13 @@ impl TokenHandler {
                 Ok(IntentClaim::Recorded { replay }) => break replay,
                 Ok(IntentClaim::Done(record)) => {
                     self.release(job, &holder).await;
+                    if self.result_pending_until(&record).is_some() {
+                        // Recorded a moment ago by a delivery still publishing its result: let it report.
+                        return self.retry(
+                            job,
+                            "another delivery is importing this session right now".into(),
+                        );
+                    }
                     return self.already_imported(job, record, None).await;
                 }
                 Ok(IntentClaim::Pending(other)) if resolved_others < 3 => {
