@@ -276,12 +276,36 @@ impl PgSchema {
     }
 
     async fn drop_now(self) {
-        if let Ok((client, conn)) = tokio_postgres::connect(PG, tokio_postgres::NoTls).await {
-            tokio::spawn(conn);
-            let _ = client
-                .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
-                .await;
+        drop_schema(&self.name).await;
+    }
+}
+
+async fn drop_schema(name: &str) {
+    if let Ok((client, conn)) = tokio_postgres::connect(PG, tokio_postgres::NoTls).await {
+        tokio::spawn(conn);
+        let _ = client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+            .await;
+    }
+}
+
+/// A test that panics never reaches [`PgSchema::drop_now`]: drop its schema from a thread of its own (Drop cannot
+/// await, and this thread may be a runtime worker).
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
         }
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(drop_schema(&name));
+            }
+        })
+        .join();
     }
 }
 
