@@ -19,7 +19,10 @@ use serde::de::DeserializeOwned;
 
 use super::error::{Answer, Context, Verdict, classify, resolve_probe, scrub};
 pub use super::error::{DiditError, Disposition, Operation};
-use super::wire::{ImportRequest, SessionDecision, ShareRequest, ShareResponse, ShareTokenClaims};
+use super::wire::{
+    ImportRequest, SessionDecision, SessionKind, SessionPage, SessionSummary, ShareRequest,
+    ShareResponse, ShareTokenClaims,
+};
 use crate::config::DiditAccess;
 use crate::metrics::Metrics;
 use crate::secret::{Secret, SecretSource, redact_url};
@@ -32,6 +35,66 @@ pub const API_KEY_HEADER: &str = "x-api-key";
 
 /// Answers larger than this are refused rather than buffered (a decision with every feature is tens of KiB).
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Which kinds `GET /v3/sessions/` lists: Didit's default is KYC only; `all` concatenates a KYC and a KYB page
+/// (up to twice `limit` rows per page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KindFilter {
+    /// KYC sessions (Didit's default).
+    User,
+    /// KYB sessions.
+    Business,
+    /// Both.
+    All,
+}
+
+impl KindFilter {
+    fn as_str(self) -> &'static str {
+        match self {
+            KindFilter::User => "user",
+            KindFilter::Business => "business",
+            KindFilter::All => "all",
+        }
+    }
+}
+
+impl From<SessionKind> for KindFilter {
+    fn from(kind: SessionKind) -> Self {
+        match kind {
+            SessionKind::User => KindFilter::User,
+            SessionKind::Business => KindFilter::Business,
+        }
+    }
+}
+
+/// The documented filters of `GET /v3/sessions/` (docs.didit.me/sessions-api/list-sessions), ANDed by Didit.
+/// `None` leaves a filter out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionQuery {
+    /// Exact `vendor_data`.
+    pub vendor_data: Option<String>,
+    /// A status, in either casing (`APPROVED`, `In Review`, …).
+    pub status: Option<String>,
+    /// Kinds listed (Didit's default: `user`).
+    pub session_kind: Option<KindFilter>,
+    /// Sessions of one workflow.
+    pub workflow_id: Option<String>,
+    /// Created on or after this day (ISO 8601 date).
+    pub date_from: Option<chrono::NaiveDate>,
+    /// Created on or before this day.
+    pub date_to: Option<chrono::NaiveDate>,
+    /// Page size (Didit's default 50).
+    pub limit: Option<u32>,
+}
+
+/// What [`DiditClient::list_sessions`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionListing {
+    /// Every row read, newest first within each page.
+    pub sessions: Vec<SessionSummary>,
+    /// False when `max_pages` ran out while Didit still offered a `next` page.
+    pub complete: bool,
+}
 
 /// A client for one Didit application. Cheap to clone (an `Arc` inside); clones share the connection pool and the
 /// current API key. `Debug` shows where the key comes from, never the key.
@@ -216,6 +279,65 @@ impl DiditClient {
                 detail,
             }),
         }
+    }
+
+    /// Lists this application's sessions matching `query` (`GET /v3/sessions/`), following `next` for at most
+    /// `max_pages` pages. Only the query string of a `next` URL is used, applied to `didit.base_url`: the API key is
+    /// never sent to whatever host a `next` link names. Errors are classified like every other call (a 401/403 is
+    /// the key, a 429 carries its wait, a 5xx or a timeout is retryable).
+    pub async fn list_sessions(
+        &self,
+        query: &SessionQuery,
+        max_pages: usize,
+    ) -> Result<SessionListing, DiditError> {
+        let mut url = self.url(&["v3", "sessions", ""]);
+        {
+            let mut pairs = url.query_pairs_mut();
+            let day = |d: chrono::NaiveDate| d.format("%Y-%m-%d").to_string();
+            for (name, value) in [
+                ("vendor_data", query.vendor_data.clone()),
+                ("status", query.status.clone()),
+                (
+                    "session_kind",
+                    query.session_kind.map(|k| k.as_str().to_string()),
+                ),
+                ("workflow_id", query.workflow_id.clone()),
+                ("date_from", query.date_from.map(day)),
+                ("date_to", query.date_to.map(day)),
+                ("limit", query.limit.map(|l| l.to_string())),
+            ] {
+                if let Some(value) = value {
+                    pairs.append_pair(name, &value);
+                }
+            }
+        }
+        let mut listing = SessionListing::default();
+        for _ in 0..max_pages.max(1) {
+            let raw = self
+                .exchange(Operation::List, self.inner.http.get(url.clone()))
+                .await?;
+            let page: SessionPage = match self.classify(Operation::List, &raw, None, None) {
+                Verdict::Success => parse(Operation::List, &raw, &self.secrets(None))?,
+                Verdict::Failed(e) => return Err(e),
+                Verdict::AskProbe { detail } => {
+                    return Err(DiditError::ApiKeyRejected {
+                        status: raw.status,
+                        detail,
+                    });
+                }
+            };
+            listing.sessions.extend(page.results);
+            let Some(next) = page.next.as_deref().filter(|n| !n.trim().is_empty()) else {
+                listing.complete = true;
+                return Ok(listing);
+            };
+            match Url::parse(next).or_else(|_| self.inner.base.join(next)) {
+                Ok(next) => url.set_query(next.query()),
+                // A `next` that is not a URL: what was read is all that can be read.
+                Err(_) => return Ok(listing),
+            }
+        }
+        Ok(listing)
     }
 
     /// Re-reads the API key from its file (a rotated secret). `Ok(true)` when the key changed, `Ok(false)` when it

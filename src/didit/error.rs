@@ -40,16 +40,19 @@ pub enum Operation {
     Decision,
     /// `GET /v3/sessions/?limit=1`: is the API key accepted?
     Probe,
+    /// `GET /v3/sessions/` with filters: finding a session (the receiver's lost-answer lookup).
+    List,
 }
 
 impl Operation {
-    /// The metric label: `share`, `import`, `decision` or `probe`.
+    /// The metric label: `share`, `import`, `decision`, `probe` or `list`.
     pub fn as_str(self) -> &'static str {
         match self {
             Operation::Share => "share",
             Operation::Import => "import",
             Operation::Decision => "decision",
             Operation::Probe => "probe",
+            Operation::List => "list",
         }
     }
 }

@@ -336,6 +336,69 @@ impl SessionDecision {
     ];
 }
 
+/// One row of `GET /v3/sessions/` (Didit's list: a summary, not the full decision). Every field but the id and the
+/// status is optional: the list's documented shape is only `count`, `next`, `previous`, `results`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct SessionSummary {
+    /// The session id.
+    pub session_id: String,
+    /// Per-application sequence number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_number: Option<i64>,
+    /// `user` or `business`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_kind: Option<SessionKind>,
+    /// Status in the kind's casing.
+    #[serde(default)]
+    pub status: String,
+    /// The workflow the session ran in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+    /// The application's own id for the entity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor_data: Option<String>,
+    /// `None`: the list does not report the field at all; `Some(None)`: reported, the session is not an import;
+    /// `Some(Some(id))`: imported from session `id`. The difference matters: only a list that reports the field can
+    /// tell an imported session from the entity's own sessions.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub shared_from_session: Option<Option<String>>,
+    /// Creation time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// Every other field, untouched.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A field that is present (even as `null`) becomes `Some(..)`; an absent one stays `None` through `default`.
+fn present<'de, D>(deserializer: D) -> Result<Option<Option<String>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Option::<String>::deserialize(deserializer).map(Some)
+}
+
+/// One page of `GET /v3/sessions/`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct SessionPage {
+    /// Matching sessions (Didit: exact for KYC, capped at 100 for KYB; follow `next` rather than trusting it).
+    #[serde(default)]
+    pub count: Option<u64>,
+    /// The next page's URL, `null` on the last page.
+    #[serde(default)]
+    pub next: Option<String>,
+    /// The previous page's URL.
+    #[serde(default)]
+    pub previous: Option<String>,
+    /// This page, newest first.
+    #[serde(default)]
+    pub results: Vec<SessionSummary>,
+}
+
 /// Didit's error body: `{"detail": "...", "code": "..."}`. Either may be missing; a 500 may have no body at all.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct ErrorBody {

@@ -4,8 +4,12 @@
 //! - Issuer side, key (source session, partner application): the last share token minted for that partner — its
 //!   envelope's message id and expiry. A duplicate or redelivered onboarding event within the token's lifetime is
 //!   acked without minting again.
-//! - Receiver side, key (issuer application, source session): the import Didit made, forever (until pruned), plus
-//!   the count of reshare requests sent for that session.
+//! - Receiver side, key (issuer application, source session): the import Didit made, forever (import rows are never
+//!   pruned: a pruned row would let a later token import the person a second time), the count of reshare
+//!   requests sent for that session, and the import *intent*: the token (by digest) about to be sent to Didit,
+//!   written before the call and kept until the import is recorded or known not to have happened
+//!   ([`Ledger::begin_import`]). The intent outlives leases (a crash, [`Ledger::void_leases_of_previous_run`]), so
+//!   whoever handles the session next knows an import may have happened without a row.
 //! - Webhook delivery keys, one per Didit event: *pending* (held by one attempt, with a lease) from the moment a
 //!   delivery is taken in until the broker confirms its event, then *final*. A key is final only once its event is
 //!   confirmed, so a process that dies in between leaves a pending key that the same delivery, retried by Didit,
@@ -118,6 +122,56 @@ pub struct ImportRecord {
     pub imported_at: DateTime<Utc>,
     /// Whether the `import.result` for it was confirmed by the broker. Once set it stays set.
     pub result_published: bool,
+}
+
+/// Receiver side: the import about to be attempted, written before Didit is called and kept until the import is
+/// recorded or known not to have happened. It names the token by its SHA-256 digest, never the token itself (see
+/// `receiver::tokens` for why the token is not needed to resolve it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportIntent {
+    /// Lower-case hex SHA-256 of the share token.
+    pub token_digest: String,
+    /// The `share_token` envelope's message id: the delivery whose token this is (a log and an operator can
+    /// name the message that must come back).
+    pub message_id: String,
+    /// The attempt that last wrote it.
+    pub holder: String,
+    /// The `vendor_data` sent with the import: what finds the imported session when Didit's answer is lost.
+    pub vendor_data: Option<String>,
+    /// When it was first written for this token: Didit's import, if any, happened after this.
+    pub at: DateTime<Utc>,
+}
+
+/// The answer to [`Ledger::begin_import`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum IntentClaim {
+    /// The caller's token is the intent now. `replay` when it already was (an earlier attempt with the same
+    /// token may have reached Didit).
+    Recorded {
+        /// An intent with the same token digest was already there.
+        replay: bool,
+    },
+    /// Another token's intent is unresolved: it must be resolved before any other token for the session is sent.
+    Pending(ImportIntent),
+    /// The import is recorded meanwhile.
+    Done(ImportRecord),
+}
+
+/// The receiver's intent rule, shared by both backends: a recorded import wins; another token's intent blocks;
+/// otherwise the caller's intent is written (keeping the first `at` of the same token).
+pub(crate) fn decide_intent(
+    record: Option<ImportRecord>,
+    current: Option<&ImportIntent>,
+    token_digest: &str,
+) -> IntentClaim {
+    if let Some(r) = record {
+        return IntentClaim::Done(r);
+    }
+    match current {
+        Some(i) if i.token_digest != token_digest => IntentClaim::Pending(i.clone()),
+        Some(_) => IntentClaim::Recorded { replay: true },
+        None => IntentClaim::Recorded { replay: false },
+    }
 }
 
 /// The answer to a claim.
@@ -404,8 +458,45 @@ impl Ledger {
         dispatch!(self.claim_import(issuer_application_id, source_session_id, holder, lease, now))
     }
 
-    /// Records the import and clears the lease if `holder` still holds it (same rule as
-    /// [`Ledger::complete_share`]). `result_published` only ever goes from false to true. On SQLite this commit
+    /// Writes the import intent for the key, before Didit is called: `Recorded` when the caller's token is the
+    /// intent now (`replay` if it already was), `Pending(other)` when another token's intent is unresolved (nothing
+    /// written), `Done(rec)` when an import is recorded. Durable like [`Ledger::complete_import`]: an intent lost
+    /// to a power cut would let a second token import the session again.
+    pub async fn begin_import(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        intent: &ImportIntent,
+    ) -> Result<IntentClaim, LedgerError> {
+        dispatch!(self.begin_import(issuer_application_id, source_session_id, intent))
+    }
+
+    /// Removes the intent for the key if it is still `token_digest`'s: that token's import is known not to have
+    /// happened. No effect otherwise.
+    pub async fn abandon_import_intent(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        token_digest: &str,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.abandon_import_intent(
+            issuer_application_id,
+            source_session_id,
+            token_digest
+        ))
+    }
+
+    /// The unresolved import intent for the key, if any.
+    pub async fn import_intent(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<Option<ImportIntent>, LedgerError> {
+        dispatch!(self.import_intent(issuer_application_id, source_session_id))
+    }
+
+    /// Records the import (which resolves any intent: it is cleared) and clears the lease if `holder` still holds
+    /// it (same rule as [`Ledger::complete_share`]). `result_published` only ever goes from false to true. On SQLite this commit
     /// is synced to disk before it returns (see [`sqlite`]).
     pub async fn complete_import(
         &self,
@@ -415,7 +506,8 @@ impl Ledger {
         dispatch!(self.complete_import(record, holder))
     }
 
-    /// Gives up `holder`'s lease without recording an import. No effect when `holder` does not hold the lease.
+    /// Gives up `holder`'s lease without recording an import; an intent stays (the import may have happened). No
+    /// effect when `holder` does not hold the lease.
     pub async fn release_import(
         &self,
         issuer_application_id: &str,
@@ -503,9 +595,10 @@ impl Ledger {
         dispatch!(self.release_webhook(key, holder))
     }
 
-    /// Deletes rows last touched before `older_than` (completed records, abandoned claims, reshare counters) and
-    /// webhook keys first seen before it; a row whose lease is still live (at `older_than` or at the wall clock, whichever
-    /// is earlier) is kept. Returns how many rows were deleted.
+    /// Deletes rows last touched before `older_than` (completed share records, abandoned claims, reshare counters)
+    /// and webhook keys first seen before it; a row whose lease is still live (at `older_than` or at the wall clock,
+    /// whichever is earlier) is kept, and so is every recorded import and every unresolved import intent, whatever
+    /// its age (`ledger.retention_days` does not apply to them). Returns how many rows were deleted.
     pub async fn prune(&self, older_than: DateTime<Utc>) -> Result<u64, LedgerError> {
         dispatch!(self.prune(older_than))
     }

@@ -11,7 +11,7 @@
 //! a server crash can lose the last fraction of a second of them — at worst one extra mint or one repeated
 //! action, which the receiver side absorbs. Without it each claim and completion waits for its own WAL flush and one
 //! connection manages about a thousand claim+complete pairs per second; with it, ten times that. Import completions
-//! use a second connection with the server's own `synchronous_commit`, so [`PostgresLedger::complete_import`]
+//! and import intents use a second connection with the server's own `synchronous_commit`, so [`PostgresLedger::complete_import`]
 //! returns only once the import is as durable as the server is configured to make it (its flush also covers every
 //! earlier commit).
 //!
@@ -32,8 +32,9 @@ use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use super::sqlite::{PRUNE_CHUNK, lease_of, required};
 use super::{
-    Claim, DeliveryClaim, ImportRecord, Lease, LedgerError, ShareRecord, after, decide_import,
-    decide_share, decide_webhook, from_millis, millis, parse_kind, to_u32,
+    Claim, DeliveryClaim, ImportIntent, ImportRecord, IntentClaim, Lease, LedgerError, ShareRecord,
+    after, decide_import, decide_intent, decide_share, decide_webhook, from_millis, millis,
+    parse_kind, to_u32,
 };
 use crate::secret::SecretUrl;
 
@@ -99,6 +100,13 @@ const SCHEMA_V2: &str = "
 ALTER TABLE webhook_deliveries ADD COLUMN confirmed BOOLEAN NOT NULL DEFAULT FALSE;
 ALTER TABLE webhook_deliveries ADD COLUMN lease_holder TEXT;
 ALTER TABLE webhook_deliveries ADD COLUMN lease_until BIGINT;
+-- receiver-import-intent: the import intent (token digest, envelope, holder, vendor_data sent, first attempt),
+-- written before Didit is called and cleared when the import is recorded or known not to have happened.
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS intent_digest TEXT;
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS intent_message_id TEXT;
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS intent_holder TEXT;
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS intent_vendor_data TEXT;
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS intent_at BIGINT;
 ";
 
 const SHARE_COLUMNS: &str = "message_id, event_id, session_kind, status, vendor_data, occurred_at, minted_at, expires_at, reshares";
@@ -118,6 +126,9 @@ struct Statements {
     complete_import: Statement,
     release_import_delete: Statement,
     release_import_update: Statement,
+    begin_import: Statement,
+    read_intent: Statement,
+    abandon_intent: Statement,
     mark_published: Statement,
     bump_reshares: Statement,
     claim_webhook: Statement,
@@ -214,6 +225,8 @@ impl Statements {
                          trust_review = EXCLUDED.trust_review, imported_at = EXCLUDED.imported_at,
                          result_published = (imports.result_published OR EXCLUDED.result_published),
                          touched_at = EXCLUDED.touched_at,
+                         intent_digest = NULL, intent_message_id = NULL, intent_holder = NULL,
+                         intent_vendor_data = NULL, intent_at = NULL,
                          lease_until = CASE WHEN imports.lease_holder = $12 THEN NULL ELSE imports.lease_until END,
                          lease_holder = CASE WHEN imports.lease_holder = $12 THEN NULL ELSE imports.lease_holder END",
                 )
@@ -221,13 +234,43 @@ impl Statements {
             release_import_delete: client
                 .prepare(
                     "DELETE FROM imports WHERE issuer_application_id = $1 AND source_session_id = $2
-                         AND lease_holder = $3 AND imported_at IS NULL AND reshares = 0",
+                         AND lease_holder = $3 AND imported_at IS NULL AND intent_digest IS NULL AND reshares = 0",
                 )
                 .await?,
             release_import_update: client
                 .prepare(
                     "UPDATE imports SET lease_holder = NULL, lease_until = NULL, touched_at = $4
                      WHERE issuer_application_id = $1 AND source_session_id = $2 AND lease_holder = $3",
+                )
+                .await?,
+            begin_import: client
+                .prepare(
+                    "INSERT INTO imports (issuer_application_id, source_session_id, intent_digest, intent_message_id,
+                         intent_holder, intent_vendor_data, intent_at, touched_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (issuer_application_id, source_session_id) DO UPDATE SET
+                         intent_vendor_data = CASE WHEN imports.intent_digest IS NULL
+                                                   THEN EXCLUDED.intent_vendor_data ELSE imports.intent_vendor_data END,
+                         intent_at = CASE WHEN imports.intent_digest IS NULL THEN EXCLUDED.intent_at
+                                          ELSE imports.intent_at END,
+                         intent_digest = EXCLUDED.intent_digest, intent_message_id = EXCLUDED.intent_message_id,
+                         intent_holder = EXCLUDED.intent_holder, touched_at = EXCLUDED.touched_at
+                     WHERE imports.imported_at IS NULL
+                       AND (imports.intent_digest IS NULL OR imports.intent_digest = EXCLUDED.intent_digest)
+                     RETURNING 1",
+                )
+                .await?,
+            read_intent: client
+                .prepare(
+                    "SELECT intent_digest, intent_message_id, intent_holder, intent_vendor_data, intent_at
+                     FROM imports WHERE issuer_application_id = $1 AND source_session_id = $2",
+                )
+                .await?,
+            abandon_intent: client
+                .prepare(
+                    "UPDATE imports SET intent_digest = NULL, intent_message_id = NULL, intent_holder = NULL,
+                         intent_vendor_data = NULL, intent_at = NULL, touched_at = $4
+                     WHERE issuer_application_id = $1 AND source_session_id = $2 AND intent_digest = $3",
                 )
                 .await?,
             mark_published: client
@@ -282,9 +325,11 @@ impl Statements {
                 .await?,
             prune_imports: client
                 .prepare(
+                    // Recorded imports and unresolved intents are never pruned (see the SQLite backend).
                     "DELETE FROM imports WHERE (issuer_application_id, source_session_id) IN (
                          SELECT issuer_application_id, source_session_id FROM imports
-                         WHERE touched_at < $1 AND (lease_holder IS NULL OR lease_until <= $2) LIMIT $3)",
+                         WHERE touched_at < $1 AND imported_at IS NULL AND intent_digest IS NULL
+                           AND (lease_holder IS NULL OR lease_until <= $2) LIMIT $3)",
                 )
                 .await?,
             prune_webhooks: client
@@ -763,6 +808,114 @@ impl PostgresLedger {
             .await
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    /// See [`super::Ledger::begin_import`]. Written on the synced connection, like an import completion. The row
+    /// is read, the shared rule decides, and the write is conditional on the same rule (`WHERE`), so a change in
+    /// between makes the write a no-op and the decision is taken again.
+    pub async fn begin_import(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        intent: &ImportIntent,
+    ) -> Result<IntentClaim, LedgerError> {
+        let c = self.inner.connection(&self.inner.durable).await?;
+        let (i, s) = (issuer_application_id, source_session_id);
+        for _ in 0..CLAIM_ATTEMPTS {
+            let (record, _) = self.read_import(&c, i, s).await?;
+            let current = self.read_intent(&c, i, s).await?;
+            let claim = decide_intent(record, current.as_ref(), &intent.token_digest);
+            if !matches!(claim, IntentClaim::Recorded { .. }) {
+                return Ok(claim);
+            }
+            let written = c
+                .client
+                .query_opt(
+                    &c.st.begin_import,
+                    &[
+                        &i,
+                        &s,
+                        &intent.token_digest,
+                        &intent.message_id,
+                        &intent.holder,
+                        &intent.vendor_data,
+                        &millis(intent.at),
+                        &millis(Utc::now()),
+                    ],
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            if written.is_some() {
+                return Ok(claim);
+            }
+        }
+        Err(LedgerError::Io(format!(
+            "import intent on ({i}, {s}) kept changing under contention; try again"
+        )))
+    }
+
+    async fn read_intent(
+        &self,
+        c: &Connection,
+        i: &str,
+        s: &str,
+    ) -> Result<Option<ImportIntent>, LedgerError> {
+        let Some(row) = c
+            .client
+            .query_opt(&c.st.read_intent, &[&i, &s])
+            .await
+            .map_err(|e| self.err(e))?
+        else {
+            return Ok(None);
+        };
+        let read = || -> Result<Option<ImportIntent>, RowError> {
+            let Some(token_digest) = row.try_get::<_, Option<String>>(0)? else {
+                return Ok(None);
+            };
+            let at: Option<i64> = row.try_get(4)?;
+            Ok(Some(ImportIntent {
+                token_digest,
+                message_id: row.try_get::<_, Option<String>>(1)?.unwrap_or_default(),
+                holder: row.try_get::<_, Option<String>>(2)?.unwrap_or_default(),
+                vendor_data: row.try_get(3)?,
+                at: from_millis(required(at, "intent_at")?, "intent_at")?,
+            }))
+        };
+        read().map_err(|e| self.err_or(e))
+    }
+
+    /// See [`super::Ledger::abandon_import_intent`].
+    pub async fn abandon_import_intent(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        token_digest: &str,
+    ) -> Result<(), LedgerError> {
+        let c = self.conn().await?;
+        c.client
+            .execute(
+                &c.st.abandon_intent,
+                &[
+                    &issuer_application_id,
+                    &source_session_id,
+                    &token_digest,
+                    &millis(Utc::now()),
+                ],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// See [`super::Ledger::import_intent`].
+    pub async fn import_intent(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<Option<ImportIntent>, LedgerError> {
+        let c = self.conn().await?;
+        self.read_intent(&c, issuer_application_id, source_session_id)
+            .await
     }
 
     /// See [`super::Ledger::mark_result_published`].

@@ -13,8 +13,8 @@
 //! action: an extra mint (which the receiver's ledger absorbs), a repeated `import.result`, one more reshare, a
 //! replayed webhook within its 300 s window (which becomes a duplicate event, absorbed the same way). Losing a
 //! receiver's import row is different: it is the last line of defence against a second import of the same person
-//! into the same application (Didit's own duplicate check is not documented to cover a fresh token). So a batch
-//! that contains an import completion runs with `synchronous=FULL`, which syncs the WAL — and with it every earlier
+//! into the same application (Didit's own duplicate check is not documented to cover a fresh token), and so is
+//! losing an import intent. So a batch that contains an import completion or an intent runs with `synchronous=FULL`, which syncs the WAL — and with it every earlier
 //! commit — before [`SqliteLedger::complete_import`] returns. Imports are bounded by Didit's rate limit, and group
 //! commit shares one sync among all completions waiting at that moment, so this costs little.
 //!
@@ -30,8 +30,9 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavio
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Claim, DeliveryClaim, ImportRecord, Lease, LedgerError, ShareRecord, decide_import,
-    decide_share, decide_webhook, from_millis, millis, parse_kind, to_u32,
+    Claim, DeliveryClaim, ImportIntent, ImportRecord, IntentClaim, Lease, LedgerError, ShareRecord,
+    decide_import, decide_intent, decide_share, decide_webhook, from_millis, millis, parse_kind,
+    to_u32,
 };
 
 /// The schema this binary writes.
@@ -105,6 +106,13 @@ const SCHEMA_V2: &str = "
 ALTER TABLE webhook_deliveries ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE webhook_deliveries ADD COLUMN lease_holder TEXT;
 ALTER TABLE webhook_deliveries ADD COLUMN lease_until INTEGER;
+-- receiver-import-intent: the import intent (token digest, envelope, holder, vendor_data sent, first attempt),
+-- written before Didit is called and cleared when the import is recorded or known not to have happened.
+ALTER TABLE imports ADD COLUMN intent_digest TEXT;
+ALTER TABLE imports ADD COLUMN intent_message_id TEXT;
+ALTER TABLE imports ADD COLUMN intent_holder TEXT;
+ALTER TABLE imports ADD COLUMN intent_vendor_data TEXT;
+ALTER TABLE imports ADD COLUMN intent_at INTEGER;
 ";
 
 /// The SQLite backend. Clones share the one writer thread, which ends when the last clone is dropped.
@@ -457,6 +465,8 @@ impl SqliteLedger {
                      trust_review = excluded.trust_review, imported_at = excluded.imported_at,
                      result_published = (result_published OR excluded.result_published),
                      touched_at = excluded.touched_at,
+                     intent_digest = NULL, intent_message_id = NULL, intent_holder = NULL,
+                     intent_vendor_data = NULL, intent_at = NULL,
                      lease_until = CASE WHEN lease_holder = ?12 THEN NULL ELSE lease_until END,
                      lease_holder = CASE WHEN lease_holder = ?12 THEN NULL ELSE lease_holder END",
             )
@@ -495,10 +505,11 @@ impl SqliteLedger {
             holder.to_string(),
         );
         self.call(false, move |conn| {
-            // Keep a row that carries an import or a reshare count; drop one that only ever held this lease.
+            // Keep a row that carries an import, an intent or a reshare count; drop one that only ever held this
+            // lease.
             conn.prepare_cached(
                 "DELETE FROM imports WHERE issuer_application_id = ?1 AND source_session_id = ?2
-                     AND lease_holder = ?3 AND imported_at IS NULL AND reshares = 0",
+                     AND lease_holder = ?3 AND imported_at IS NULL AND intent_digest IS NULL AND reshares = 0",
             )
             .and_then(|mut st| st.execute(params![i, s, h]))
             .map_err(db_error)?;
@@ -511,6 +522,94 @@ impl SqliteLedger {
             Ok(())
         })
         .await
+    }
+
+    /// See [`super::Ledger::begin_import`]. Synced to disk before it returns, like an import completion.
+    pub async fn begin_import(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        intent: &ImportIntent,
+    ) -> Result<IntentClaim, LedgerError> {
+        let (i, s) = (
+            issuer_application_id.to_string(),
+            source_session_id.to_string(),
+        );
+        let n = intent.clone();
+        self.call(true, move |conn| {
+            let (record, _) = read_import(conn, &i, &s)?;
+            let current = read_intent(conn, &i, &s)?;
+            let claim = decide_intent(record, current.as_ref(), &n.token_digest);
+            if matches!(claim, IntentClaim::Recorded { .. }) {
+                // A replay of the same token keeps the first attempt's time and vendor_data: those are what Didit
+                // saw if that attempt reached it.
+                conn.prepare_cached(
+                    "INSERT INTO imports (issuer_application_id, source_session_id, intent_digest, intent_message_id,
+                         intent_holder, intent_vendor_data, intent_at, touched_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (issuer_application_id, source_session_id) DO UPDATE SET
+                         intent_vendor_data = CASE WHEN intent_digest IS NULL THEN excluded.intent_vendor_data
+                                                   ELSE intent_vendor_data END,
+                         intent_at = CASE WHEN intent_digest IS NULL THEN excluded.intent_at ELSE intent_at END,
+                         intent_digest = excluded.intent_digest, intent_message_id = excluded.intent_message_id,
+                         intent_holder = excluded.intent_holder, touched_at = excluded.touched_at",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        i,
+                        s,
+                        n.token_digest,
+                        n.message_id,
+                        n.holder,
+                        n.vendor_data,
+                        millis(n.at),
+                        millis(Utc::now()),
+                    ])
+                })
+                .map_err(db_error)?;
+            }
+            Ok(claim)
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::abandon_import_intent`].
+    pub async fn abandon_import_intent(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        token_digest: &str,
+    ) -> Result<(), LedgerError> {
+        let (i, s, d) = (
+            issuer_application_id.to_string(),
+            source_session_id.to_string(),
+            token_digest.to_string(),
+        );
+        self.call(false, move |conn| {
+            conn.prepare_cached(
+                "UPDATE imports SET intent_digest = NULL, intent_message_id = NULL, intent_holder = NULL,
+                     intent_vendor_data = NULL, intent_at = NULL, touched_at = ?4
+                 WHERE issuer_application_id = ?1 AND source_session_id = ?2 AND intent_digest = ?3",
+            )
+            .and_then(|mut st| st.execute(params![i, s, d, millis(Utc::now())]))
+            .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::import_intent`].
+    pub async fn import_intent(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+    ) -> Result<Option<ImportIntent>, LedgerError> {
+        let (i, s) = (
+            issuer_application_id.to_string(),
+            source_session_id.to_string(),
+        );
+        self.call(false, move |conn| read_intent(conn, &i, &s))
+            .await
     }
 
     /// See [`super::Ledger::mark_result_published`].
@@ -737,10 +836,13 @@ const PRUNE_SHARES: &str =
     "DELETE FROM shares WHERE (source_session_id, partner_application_id) IN (
     SELECT source_session_id, partner_application_id FROM shares
     WHERE touched_at < ?1 AND (lease_holder IS NULL OR lease_until <= ?2) LIMIT ?3)";
+/// Recorded imports and unresolved intents are never pruned: without them a later token for the same person would
+/// be imported again. Abandoned claims and reshare counters age out like everything else.
 const PRUNE_IMPORTS: &str =
     "DELETE FROM imports WHERE (issuer_application_id, source_session_id) IN (
     SELECT issuer_application_id, source_session_id FROM imports
-    WHERE touched_at < ?1 AND (lease_holder IS NULL OR lease_until <= ?2) LIMIT ?3)";
+    WHERE touched_at < ?1 AND imported_at IS NULL AND intent_digest IS NULL
+      AND (lease_holder IS NULL OR lease_until <= ?2) LIMIT ?3)";
 const PRUNE_WEBHOOKS: &str = "DELETE FROM webhook_deliveries WHERE key IN (
     SELECT key FROM webhook_deliveries
     WHERE seen_at < ?1 AND (lease_holder IS NULL OR lease_until <= ?2) LIMIT ?3)";
@@ -1001,6 +1103,45 @@ impl ImportColumns {
             result_published: self.result_published,
         };
         Ok((Some(record), lease))
+    }
+}
+
+/// The unresolved import intent of a key, if any.
+fn read_intent(conn: &Connection, i: &str, s: &str) -> Result<Option<ImportIntent>, LedgerError> {
+    type Columns = (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+    );
+    let row: Option<Columns> = conn
+        .prepare_cached(
+            "SELECT intent_digest, intent_message_id, intent_holder, intent_vendor_data, intent_at
+             FROM imports WHERE issuer_application_id = ?1 AND source_session_id = ?2",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![i, s], |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(db_error)?;
+    match row {
+        Some((Some(token_digest), message_id, holder, vendor_data, at)) => Ok(Some(ImportIntent {
+            token_digest,
+            message_id: message_id.unwrap_or_default(),
+            holder: holder.unwrap_or_default(),
+            vendor_data,
+            at: from_millis(required(at, "intent_at")?, "intent_at")?,
+        })),
+        _ => Ok(None),
     }
 }
 

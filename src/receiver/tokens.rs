@@ -3,18 +3,58 @@
 //! In order: the body must parse; the issuer must be configured (or unknown issuers explicitly allowed); the Ed25519
 //! signature must verify against that issuer's key (or unsigned envelopes explicitly allowed); the token must be for
 //! this application. Then the receiver ledger is claimed for (issuer application, source session): an imported
-//! session is answered `duplicate` without calling Didit. An expired token is never sent to Didit: the issuer is asked
+//! session is answered `duplicate` without calling Didit (naming the imported session). An expired token is never sent to Didit: the issuer is asked
 //! for a fresh one (at most `receiver.max_reshares` times). Otherwise the token is imported with the workflow of its
 //! kind, `vendor_data` from the template and `trust_review` from the issuer's policy; every answer ends as the import
 //! table of DESIGN.md §4 says, and each outcome is published as `import.result` before the envelope is acked.
 //!
-//! Ack ordering: import → ledger row → `import.result` confirmed → ack. A crash after the import but before the ledger
-//! row means a redelivery gets 403 already-imported (reported `duplicate`); a crash after the ledger row but before the
-//! result is published means the redelivery finds `result_published = false` and publishes `imported` then — once
-//! the crashed delivery's lease has run out, so that a second token handled while the first is still publishing
-//! waits and reports `duplicate` instead of a second `imported`.
+//! Ack ordering: intent → import → ledger row → `import.result` confirmed → ack. A crash after the ledger row but
+//! before the result is published means the redelivery finds `result_published = false` and publishes `imported`
+//! then — once the crashed delivery's lease has run out, so that a second token handled while the first is still
+//! publishing waits and reports `duplicate` instead of a second `imported`. A failed ledger write is never acked
+//! (the message is retried; nothing after Didit's answer is lost).
+//!
+//! # The import intent (DESIGN.md §5)
+//!
+//! Didit refuses the same *token* twice, not the same *session*: a second token for a session (a re-mint after a
+//! publish-confirm timeout, a duplicate event after the first token's lifetime, a reshare) imports it again. So
+//! before Didit is called, the ledger gets an intent for (issuer, source session): the token's SHA-256 digest, the
+//! envelope's message id, the holder, the `vendor_data` sent and the time ([`Ledger::begin_import`]). It stays
+//! until the import is recorded, or until the import is known not to have happened (a definite refusal on the very
+//! first call, or the list lookup below finding nothing); leases lapse and are voided at restart, the intent does
+//! not. While it stands, no other token for the session is sent to Didit:
+//! - the same token (its redelivery, its retry copy) replays itself: 201 means it had not been imported, 403
+//!   already-imported means it had — and the session Didit made is then found as for a lost answer;
+//! - another token first resolves the intent through Didit's list (`GET /v3/sessions/`, below): found → the
+//!   earlier import is recorded and reported `imported`, and this token is not sent; absent → the intent is
+//!   cleared and this token goes ahead; the list cannot tell → this delivery is retried, waiting for the earlier
+//!   envelope (named in the retry detail) to come back and replay its own token.
+//!
+//! Why the token itself is not stored: it is a bearer credential for this application (with our API key it imports
+//! a person's verification), so keeping it in a database other people administer, even for its lifetime of at
+//! most a day, is a cost; the digest names it well enough to tell "the same token" from "another token". The
+//! envelope that carries it comes back whenever its handling did not end (a crash leaves it unacked, a retry
+//! leaves a copy in `.retry`), so the token is at hand whenever a replay is possible at all; and when another
+//! token gets there first, the list answers the question a replay would (did the import happen?) and also names
+//! the session, which a replay's 403 never does. The price: when the list cannot tell (no `vendor_data` and no
+//! `shared_from_session` in the listing, or more rows than a lookup reads) and the earlier envelope never returns
+//! (dead-lettered after `retry.max_attempts`), the later token waits until an operator replays the earlier one from
+//! the dead-letter queue — it is never imported a second time.
+//!
+//! # A lost answer
+//!
+//! When Didit imported but its answer was lost (a timeout, a reset connection, a crash), the replay gets 403
+//! already-imported. Instead of reporting `duplicate` without a session, the receiver looks the session up with
+//! `GET /v3/sessions/?vendor_data=<what it sent>&session_kind=<kind>&date_from=<the day before>` (Didit's documented
+//! list filters; exact `vendor_data`, newest first, `next` followed for a few pages). The row whose
+//! `shared_from_session` is the source session is the import; when the list does not report that field, a single
+//! row counts only if `receiver.vendor_data` names `{source_session_id}` (so the value is unique per source).
+//! That session is recorded and published as `imported` with its id. Only when the list cannot name it (an empty
+//! `vendor_data` without provenance in the list, two imports of the same source, a deleted session) is the outcome
+//! `duplicate`, with the reason — never a guess.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -25,16 +65,36 @@ use crate::amqp::Names;
 use crate::amqp::consumer::{Decision, Handler, Incoming};
 use crate::amqp::publisher::{Outgoing, Publisher};
 use crate::config::RetryConfig;
-use crate::didit::client::DiditClient;
+use crate::didit::client::{DiditClient, SessionQuery};
 use crate::didit::error::Disposition;
-use crate::didit::wire::{ImportRequest, SessionDecision, ShareTokenClaims};
+use crate::didit::wire::{ImportRequest, SessionDecision, SessionSummary, ShareTokenClaims};
 use crate::envelope::{
     self, ImportOutcome, ImportResult, Message, ReshareRequest, ShareTokenEnvelope, VerifyingKey,
 };
-use crate::ledger::{Claim, ImportRecord, Ledger};
+use crate::ledger::{Claim, ImportIntent, ImportRecord, IntentClaim, Ledger};
 use crate::metrics::{Metrics, pipeline};
-use crate::receiver::outcome::{outcome_for_reason, render_vendor_data, workflow_for};
+use crate::receiver::outcome::{
+    Located, locate_import, outcome_for_reason, render_vendor_data, vendor_data_names_the_source,
+    workflow_for,
+};
 use crate::retry::{Failure, with_backoff};
+
+/// Pages of `GET /v3/sessions/` one lookup reads at most (100 rows each).
+const LOOKUP_PAGES: usize = 10;
+
+/// Lower-case hex SHA-256 of a share token: how the ledger names a token without holding it.
+fn token_digest(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+/// How another token's unresolved intent ended.
+enum Resolution {
+    /// It did not import: the intent is cleared, this token may go ahead.
+    NotImported,
+    /// The message's decision is made (imported and reported, or retry, pause, requeue).
+    Decided(Decision),
+}
 
 /// An issuer this receiver trusts.
 #[derive(Debug, Clone)]
@@ -225,7 +285,7 @@ impl TokenHandler {
                 Ok(Claim::Acquired { .. }) => break,
                 Ok(Claim::Done(record)) => match self.result_pending_until(&record) {
                     Some(until) => until,
-                    None => return self.already_imported(job, record).await,
+                    None => return self.already_imported(job, record, None).await,
                 },
                 Ok(Claim::Busy { until }) => until,
                 Err(e) => {
@@ -262,56 +322,105 @@ impl TokenHandler {
                 .await;
         }
 
+        let vendor_data = render_vendor_data(
+            &self.vendor_template,
+            envelope.source_vendor_data.as_deref(),
+            &envelope.source_session_id,
+            &job.peer.name,
+        );
+        // The intent goes in before Didit is called: from here on, whoever handles this session knows that an
+        // import may have happened without a row.
+        let token_digest = token_digest(envelope.share_token.expose());
+        let mut resolved_others = 0;
+        let replay = loop {
+            let intent = ImportIntent {
+                token_digest: token_digest.clone(),
+                message_id: envelope.message_id.clone(),
+                holder: holder.clone(),
+                vendor_data: vendor_data.clone(),
+                at: Utc::now(),
+            };
+            let begun = self
+                .ledger
+                .begin_import(
+                    &job.peer.application_id,
+                    &envelope.source_session_id,
+                    &intent,
+                )
+                .await;
+            match begun {
+                Ok(IntentClaim::Recorded { replay }) => break replay,
+                Ok(IntentClaim::Done(record)) => {
+                    self.release(job, &holder).await;
+                    if self.result_pending_until(&record).is_some() {
+                        // Recorded a moment ago by a delivery still publishing its result: let it report.
+                        return self.retry(
+                            job,
+                            "another delivery is importing this session right now".into(),
+                        );
+                    }
+                    return self.already_imported(job, record, None).await;
+                }
+                Ok(IntentClaim::Pending(other)) if resolved_others < 3 => {
+                    resolved_others += 1;
+                    match self.resolve_other(job, &holder, &other).await {
+                        Resolution::NotImported => continue,
+                        Resolution::Decided(decision) => return decision,
+                    }
+                }
+                Ok(IntentClaim::Pending(other)) => {
+                    self.release(job, &holder).await;
+                    return self.retry(
+                        job,
+                        format!(
+                            "tokens for this session keep replacing each other (last: envelope {})",
+                            other.message_id
+                        ),
+                    );
+                }
+                Err(e) => {
+                    self.release(job, &holder).await;
+                    return self.retry(job, format!("ledger: {e}"));
+                }
+            }
+        };
+
         let request = ImportRequest {
             share_token: envelope.share_token.clone(),
             workflow_id,
-            vendor_data: render_vendor_data(
-                &self.vendor_template,
-                envelope.source_vendor_data.as_deref(),
-                &envelope.source_session_id,
-                &job.peer.name,
-            ),
+            vendor_data,
             trust_review: job.peer.trust_review,
         };
+        // Whether Didit may have acted on this token before the answer that ends this handling: an earlier
+        // attempt of the same intent (a redelivery, a retry copy) or an earlier call in this handling's backoff.
+        let calls = AtomicU32::new(0);
         let imported = with_backoff(
             &self.retry,
             job.deadline,
             "import",
             &self.metrics,
             &self.shutdown,
-            || self.client.import(&request),
+            || {
+                calls.fetch_add(1, Ordering::Relaxed);
+                self.client.import(&request)
+            },
         )
         .await;
+        let may_have_imported = replay || calls.load(Ordering::Relaxed) > 1;
         match imported {
             Ok(decision) => self.imported(job, &holder, &request, decision).await,
             Err(Failure::Shutdown) => {
+                // The intent stays: the requeued delivery replays the token.
                 self.release(job, &holder).await;
                 Decision::Requeue
             }
             Err(Failure::Didit(e)) => {
                 let detail = e.to_string();
                 match e.disposition() {
-                    Disposition::Duplicate => {
-                        // Didit says this token was imported here already (a crash after the import, before our
-                        // ledger row): success, without the new session's id.
-                        let record = ImportRecord {
-                            issuer_application_id: job.peer.application_id.clone(),
-                            source_session_id: envelope.source_session_id.clone(),
-                            imported_session_id: None,
-                            session_number: None,
-                            status: None,
-                            session_kind: envelope.session_kind,
-                            vendor_data: request.vendor_data.clone(),
-                            trust_review: request.trust_review,
-                            imported_at: Utc::now(),
-                            result_published: false,
-                        };
-                        if let Err(e) = self.ledger.complete_import(&record, &holder).await {
-                            tracing::warn!(error = %e, "could not record the duplicate import");
-                        }
-                        self.already_imported(job, record).await
-                    }
+                    Disposition::Duplicate => self.lost_answer(job, &holder, &request).await,
                     Disposition::Reshare => {
+                        self.abandon_unless(job, &token_digest, may_have_imported)
+                            .await;
                         self.release(job, &holder).await;
                         self.reshare(job, &detail).await
                     }
@@ -322,20 +431,257 @@ impl TokenHandler {
                         Decision::Pause { reason, detail }
                     }
                     Disposition::Retry { .. } => {
+                        // A 5xx, a timeout or a broken connection may come after Didit acted: the intent stays,
+                        // and the next attempt replays the token.
                         self.release(job, &holder).await;
-                        self.metrics.import(&job.peer.name, "retried");
-                        Decision::Retry {
-                            detail,
-                            headers: Vec::new(),
-                        }
+                        self.retry(job, detail)
                     }
                     Disposition::DeadLetter { reason } => {
+                        self.abandon_unless(job, &token_digest, may_have_imported)
+                            .await;
                         self.release(job, &holder).await;
                         self.finish_failed(job, reason, detail).await
                     }
                 }
             }
         }
+    }
+
+    /// Counts a retry and keeps the message.
+    fn retry(&self, job: &Job<'_>, detail: String) -> Decision {
+        self.metrics.import(&job.peer.name, "retried");
+        Decision::Retry {
+            detail,
+            headers: Vec::new(),
+        }
+    }
+
+    /// Clears this token's intent after a definite refusal, unless an earlier attempt with it may have reached
+    /// Didit (then it stays, and the next token for the session resolves it through the list lookup).
+    async fn abandon_unless(&self, job: &Job<'_>, token_digest: &str, may_have_imported: bool) {
+        if may_have_imported {
+            return;
+        }
+        if let Err(e) = self
+            .ledger
+            .abandon_import_intent(
+                &job.peer.application_id,
+                &job.envelope.source_session_id,
+                token_digest,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "could not clear the import intent; the next token for the session looks the session up first");
+        }
+    }
+
+    /// Another token's import of this session is unresolved (its holder crashed between Didit's answer and the
+    /// ledger row, or its answer was lost). Its token is not at hand (only its digest is stored), so the question
+    /// "did Didit import it?" is asked of Didit's list instead: found → that import is recorded and reported as
+    /// `imported` (the backend learns the session); absent → the intent is cleared and this token may go ahead;
+    /// unknown → this delivery waits (retry) for the earlier envelope, named in the detail, to come back and replay
+    /// its own token.
+    async fn resolve_other(&self, job: &Job<'_>, holder: &str, other: &ImportIntent) -> Resolution {
+        let envelope = job.envelope;
+        tracing::info!(message_id = %envelope.message_id, source_session_id = %envelope.source_session_id, issuer = %job.peer.name, earlier_message_id = %other.message_id, "an earlier token's import of this session is unresolved; looking it up");
+        let located = match self
+            .locate(job, other.vendor_data.as_deref(), other.at)
+            .await
+        {
+            Ok(located) => located,
+            Err(decision) => {
+                self.release(job, holder).await;
+                return Resolution::Decided(decision);
+            }
+        };
+        match located {
+            Located::Found(session) => {
+                let record = self.record_from(job, &session, other.vendor_data.clone());
+                Resolution::Decided(self.record_and_report(job, holder, record).await)
+            }
+            Located::Absent => {
+                match self
+                    .ledger
+                    .abandon_import_intent(
+                        &job.peer.application_id,
+                        &envelope.source_session_id,
+                        &other.token_digest,
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(source_session_id = %envelope.source_session_id, earlier_message_id = %other.message_id, "the earlier token was not imported; this one goes ahead");
+                        Resolution::NotImported
+                    }
+                    Err(e) => {
+                        self.release(job, holder).await;
+                        Resolution::Decided(self.retry(job, format!("ledger: {e}")))
+                    }
+                }
+            }
+            Located::Unknown(why) => {
+                self.release(job, holder).await;
+                tracing::warn!(source_session_id = %envelope.source_session_id, earlier_message_id = %other.message_id, why = %why, "an earlier token's import is unresolved and the list cannot tell; waiting for that envelope to come back");
+                Resolution::Decided(self.retry(
+                    job,
+                    format!(
+                        "the import of an earlier token for this session (envelope {}) is unresolved and Didit's \
+                         list cannot tell whether it happened ({why}); that envelope replays its token when it \
+                         comes back",
+                        other.message_id
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Didit says this token was imported here already, and the ledger has no row: the first answer was lost (a
+    /// timeout, a reset connection, a crash before the row). The session Didit created is looked up, recorded and
+    /// reported as `imported`; only when the list cannot name it is the outcome `duplicate`, with the reason.
+    async fn lost_answer(&self, job: &Job<'_>, holder: &str, request: &ImportRequest) -> Decision {
+        let envelope = job.envelope;
+        // The first attempt with this token came at most one token lifetime (Didit's maximum: a day) ago.
+        let since = Utc::now() - chrono::Duration::days(1);
+        let located = match self
+            .locate(job, request.vendor_data.as_deref(), since)
+            .await
+        {
+            Ok(located) => located,
+            Err(decision) => {
+                self.release(job, holder).await;
+                return decision;
+            }
+        };
+        let why = match located {
+            Located::Found(session) => {
+                tracing::info!(message_id = %envelope.message_id, source_session_id = %envelope.source_session_id, issuer = %job.peer.name, imported_session_id = %session.session_id, "Didit's answer was lost; found the session it imported");
+                let record = self.record_from(job, &session, request.vendor_data.clone());
+                return self.record_and_report(job, holder, record).await;
+            }
+            Located::Absent => {
+                "Didit says this token was imported, but its list shows no session imported from the source"
+                    .to_string()
+            }
+            Located::Unknown(why) => why,
+        };
+        tracing::warn!(message_id = %envelope.message_id, source_session_id = %envelope.source_session_id, issuer = %job.peer.name, why = %why, "Didit says already imported and the session cannot be found; reporting duplicate");
+        let record = ImportRecord {
+            issuer_application_id: job.peer.application_id.clone(),
+            source_session_id: envelope.source_session_id.clone(),
+            imported_session_id: None,
+            session_number: None,
+            status: None,
+            session_kind: envelope.session_kind,
+            vendor_data: request.vendor_data.clone(),
+            trust_review: request.trust_review,
+            imported_at: Utc::now(),
+            result_published: false,
+        };
+        if let Err(e) = self.ledger.complete_import(&record, holder).await {
+            // Not acked: without the row a later token would be sent to Didit again.
+            tracing::warn!(error = %e, message_id = %envelope.message_id, "could not record the import; retrying");
+            self.release(job, holder).await;
+            return self.retry(job, format!("ledger: {e}"));
+        }
+        self.already_imported(
+            job,
+            record,
+            Some(format!(
+                "session already imported into this application; the imported session is not known: {why}"
+            )),
+        )
+        .await
+    }
+
+    /// Asks Didit's list which session imported this source: `GET /v3/sessions/?vendor_data=<sent>&session_kind=
+    /// <kind>&date_from=<day before the first attempt>&limit=100`, following `next` for at most
+    /// [`LOOKUP_PAGES`] pages (docs.didit.me/sessions-api/list-sessions: `vendor_data` is an exact filter, the
+    /// list is newest first). Without a `vendor_data` (the template rendered nothing) only the date bounds it, and
+    /// `shared_from_session` must say which row is the import. A retryable or pausing failure of the lookup is the
+    /// message's decision; any other failure makes the answer unknown.
+    async fn locate(
+        &self,
+        job: &Job<'_>,
+        vendor_data: Option<&str>,
+        since: DateTime<Utc>,
+    ) -> Result<Located, Decision> {
+        let query = SessionQuery {
+            vendor_data: vendor_data.map(str::to_string),
+            session_kind: Some(job.envelope.session_kind.into()),
+            date_from: Some((since - chrono::Duration::days(1)).date_naive()),
+            limit: Some(100),
+            ..SessionQuery::default()
+        };
+        let listed = with_backoff(
+            &self.retry,
+            job.deadline,
+            "list",
+            &self.metrics,
+            &self.shutdown,
+            || self.client.list_sessions(&query, LOOKUP_PAGES),
+        )
+        .await;
+        match listed {
+            Ok(listing) => Ok(locate_import(
+                &listing.sessions,
+                listing.complete,
+                &job.envelope.source_session_id,
+                vendor_data.is_some() && vendor_data_names_the_source(&self.vendor_template),
+            )),
+            Err(Failure::Shutdown) => Err(Decision::Requeue),
+            Err(Failure::Didit(e)) => match e.disposition() {
+                Disposition::Retry { .. } => {
+                    Err(self.retry(job, format!("looking up the import: {e}")))
+                }
+                Disposition::Pause { reason } => {
+                    self.metrics.import(&job.peer.name, "paused");
+                    Err(Decision::Pause {
+                        reason,
+                        detail: format!("looking up the import: {e}"),
+                    })
+                }
+                _ => Ok(Located::Unknown(format!("the lookup failed: {e}"))),
+            },
+        }
+    }
+
+    /// The ledger record of an import found in Didit's list.
+    fn record_from(
+        &self,
+        job: &Job<'_>,
+        session: &SessionSummary,
+        vendor_data: Option<String>,
+    ) -> ImportRecord {
+        ImportRecord {
+            issuer_application_id: job.peer.application_id.clone(),
+            source_session_id: job.envelope.source_session_id.clone(),
+            imported_session_id: Some(session.session_id.clone()),
+            session_number: session.session_number,
+            status: Some(session.status.clone()).filter(|s| !s.is_empty()),
+            session_kind: session.session_kind.unwrap_or(job.envelope.session_kind),
+            vendor_data: session.vendor_data.clone().or(vendor_data),
+            trust_review: job.peer.trust_review,
+            imported_at: Utc::now(),
+            result_published: false,
+        }
+    }
+
+    /// Records an import found by the lookup and reports it as `imported`; never acks without the row.
+    async fn record_and_report(
+        &self,
+        job: &Job<'_>,
+        holder: &str,
+        record: ImportRecord,
+    ) -> Decision {
+        if let Err(e) = self.ledger.complete_import(&record, holder).await {
+            tracing::warn!(error = %e, message_id = %job.envelope.message_id, "could not record the import; retrying");
+            self.release(job, holder).await;
+            return self.retry(job, format!("ledger: {e}"));
+        }
+        self.metrics
+            .import(&job.peer.name, ImportOutcome::Imported.as_str());
+        self.publish_and_ack(&record, ImportOutcome::Imported, None)
+            .await
     }
 
     /// A recorded import whose `import.result` is not confirmed yet still belongs to the delivery that made it,
@@ -390,9 +736,13 @@ impl TokenHandler {
             result_published: false,
         };
         if let Err(e) = self.ledger.complete_import(&record, holder).await {
-            // The import happened; without the row a redelivery gets 403 already-imported and reports duplicate.
-            tracing::warn!(error = %e, message_id = %envelope.message_id, "imported but not recorded in the ledger");
-        } else if let Err(e) = self
+            // The import happened but is not recorded: never ack. The intent stays, so the redelivery replays the
+            // token, gets 403 already-imported and finds the session through the list lookup.
+            tracing::warn!(error = %e, message_id = %envelope.message_id, imported_session_id = %decision.session_id, "imported but not recorded in the ledger; retrying");
+            self.release(job, holder).await;
+            return self.retry(job, format!("ledger: {e}"));
+        }
+        if let Err(e) = self
             .ledger
             .reset_reshares(&job.peer.application_id, &envelope.source_session_id)
             .await
@@ -418,8 +768,14 @@ impl TokenHandler {
             .await
     }
 
-    /// The ledger (or Didit) says this session is already imported here.
-    async fn already_imported(&self, job: &Job<'_>, record: ImportRecord) -> Decision {
+    /// The ledger (or Didit) says this session is already imported here. `why` replaces the default reason of a
+    /// `duplicate`.
+    async fn already_imported(
+        &self,
+        job: &Job<'_>,
+        record: ImportRecord,
+        why: Option<String>,
+    ) -> Decision {
         // A row whose result never reached the backend is reported as the import it was.
         let outcome = if record.result_published || record.imported_session_id.is_none() {
             ImportOutcome::Duplicate
@@ -431,8 +787,9 @@ impl TokenHandler {
                 .import(&job.peer.name, ImportOutcome::Duplicate.as_str());
             tracing::info!(message_id = %job.envelope.message_id, source_session_id = %job.envelope.source_session_id, issuer = %job.peer.name, "session already imported; acking as duplicate");
         }
-        let reason = (outcome == ImportOutcome::Duplicate)
-            .then(|| "session already imported into this application".to_string());
+        let reason = (outcome == ImportOutcome::Duplicate).then(|| {
+            why.unwrap_or_else(|| "session already imported into this application".to_string())
+        });
         self.publish_and_ack(&record, outcome, reason).await
     }
 

@@ -1,8 +1,9 @@
 //! What stands between a request and Didit's rules: the per-key write limit (Didit's `generic-write` scope,
 //! 300 per 60 s sliding window by default, on real time) and the fault settings of `POST /sandbox/faults`.
 //!
-//! Both are pure: they decide, the route middleware acts (sleeps, answers 429 or 5xx). Neither touches the
-//! sessions, so a faulted or throttled request changes nothing.
+//! Both are pure: they decide, the route middleware acts (sleeps, answers 429 or 5xx, resets the connection).
+//! A refused request (hang, 5xx, 429) changes nothing; a lost answer (`drop_response_rate`, `hang_after_rate`) is
+//! the opposite: the request is carried out in full, and only its answer never reaches the client.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -124,6 +125,10 @@ pub enum FaultAction {
     Fail(ApiError),
     /// Answer 429 with `Retry-After: 1`.
     Throttle,
+    /// Carry on, then lose the answer: reset the connection instead of sending it.
+    DropAnswer,
+    /// Carry on, then withhold the answer (until shutdown or the hang limit).
+    HangAfter,
 }
 
 /// The fault settings in force, per endpoint.
@@ -139,6 +144,8 @@ impl Faults {
             ("error_rate", settings.error_rate),
             ("rate_limit_rate", settings.rate_limit_rate),
             ("hang_rate", settings.hang_rate),
+            ("drop_response_rate", settings.drop_response_rate),
+            ("hang_after_rate", settings.hang_after_rate),
         ] {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(ApiError::Validation(format!(
@@ -204,6 +211,16 @@ impl Faults {
             })
         } else if roll < s.hang_rate + s.error_rate + s.rate_limit_rate {
             FaultAction::Throttle
+        } else if roll < s.hang_rate + s.error_rate + s.rate_limit_rate + s.drop_response_rate {
+            FaultAction::DropAnswer
+        } else if roll
+            < s.hang_rate
+                + s.error_rate
+                + s.rate_limit_rate
+                + s.drop_response_rate
+                + s.hang_after_rate
+        {
+            FaultAction::HangAfter
         } else {
             FaultAction::Pass
         };
@@ -278,5 +295,39 @@ mod tests {
         );
         faults.clear();
         assert!(faults.state().faults.is_empty());
+    }
+
+    #[test]
+    fn lost_answers_come_after_the_refusals() {
+        let mut faults = Faults::default();
+        faults
+            .set(FaultSettings {
+                endpoint: FaultEndpoint::Import,
+                error_rate: 0.2,
+                drop_response_rate: 0.3,
+                hang_after_rate: 0.1,
+                ..Default::default()
+            })
+            .unwrap();
+        let plan = |roll| faults.plan(Some(FaultEndpoint::Import), roll, 0.0).1;
+        assert!(matches!(plan(0.1), FaultAction::Fail(_)));
+        assert_eq!(plan(0.25), FaultAction::DropAnswer);
+        assert_eq!(plan(0.55), FaultAction::HangAfter);
+        assert_eq!(plan(0.65), FaultAction::Pass);
+        assert!(
+            faults
+                .set(FaultSettings {
+                    drop_response_rate: -0.1,
+                    ..Default::default()
+                })
+                .is_err()
+        );
+        assert!(
+            !FaultSettings {
+                hang_after_rate: 0.5,
+                ..Default::default()
+            }
+            .is_noop()
+        );
     }
 }

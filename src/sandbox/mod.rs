@@ -31,6 +31,13 @@
 //!   gets 403 `permission_denied` before its body is read).
 //! - Two tokens with identical claims (same session, partner, second and TTL) are the same string, hence the
 //!   same token for the duplicate check; Didit's tokens carry no `jti` either.
+//! - `GET /v3/sessions/` takes Didit's documented filters, ANDed: `vendor_data` (exact), `status` (either casing),
+//!   `session_kind` (`user`, the default, `business`, or `all`: one page of each kind, concatenated),
+//!   `workflow_id`, `date_from` / `date_to` (created date: `YYYY-MM-DD` covers the whole day, or an RFC 3339
+//!   time); `limit` (default 20, at most 100) / `offset`, with `next` / `previous` links that keep the filters;
+//!   newest first; unknown parameters ignored, bad values 400 `validation_error`. `count` is exact for both kinds
+//!   (Didit caps KYB counts at 100; follow `next` rather than trusting `count`). `country` and `search` are not
+//!   emulated.
 //! - KYC statuses are Title Case, KYB statuses UPPER_SNAKE, everywhere (create answers `NOT_STARTED` for a KYB
 //!   workflow).
 //! - Webhook `timestamp` and `created_at` use the real clock (receivers compare with theirs); tokens and session
@@ -52,11 +59,17 @@
 //! | `GET`, `DELETE /sandbox/sessions/{id}` | any application's session |
 //! | `POST /sandbox/sessions/{id}/status` `{"status"}` | plays the end user: any status, webhook sent |
 //! | `POST /sandbox/sessions/{id}/webhook` | re-sends the current `status.updated` (same `event_id`, fresh `timestamp`): `{"sent": [{"body", "headers", ...}]}` |
-//! | `POST /sandbox/faults` `{"endpoint", "latency_ms", "error_rate", "rate_limit_rate", "hang_rate"}` | `endpoint`: `share`, `import` or `*`; `{}` clears |
+//! | `POST /sandbox/faults` `{"endpoint", "latency_ms", "error_rate", "rate_limit_rate", "hang_rate", "drop_response_rate", "hang_after_rate"}` | `endpoint`: `share`, `import` or `*`; `{}` clears (lost answers: below) |
 //! | `POST /sandbox/clock` `{"advance_seconds"}` | `{"now", "offset_seconds"}` |
 //! | `POST /sandbox/settings` `{"rate_limit", "writes_per_minute"}` | the write limit |
 //! | `GET /sandbox/stats` | `{"shares", "imports": [{"source_session_id", "application_id", "count"}], "rejections": {code: n}, "entities", "sessions", "webhook_deliveries"}` |
 //! | `GET /sandbox/webhook-deliveries` | finished deliveries: attempts, status code, delivered |
+//!
+//! Lost answers: `drop_response_rate` carries the request out in full (an import is imported, a share minted),
+//! then resets the connection instead of answering — the client sees a connection error, never the status, exactly
+//! as when a load balancer or the network loses Didit's answer. `hang_after_rate` (test-only) also carries the
+//! request out but then withholds the answer until the sandbox stops or 120 s pass, so that a test can kill the
+//! client between Didit's action and the client's record of it. Both apply to any answer (201, 403, …).
 //!
 //! # Fixture format (`--fixture FILE`)
 //!
@@ -74,6 +87,7 @@
 //! Sessions run in their application's default workflow of their kind.
 
 mod client;
+mod conn;
 mod control;
 mod error;
 mod fixture;
@@ -210,10 +224,11 @@ impl Sandbox {
             tracker: TaskTracker::new(),
             base_url: base_url.clone(),
         });
-        let app = routes::router(Arc::clone(&shared));
+        let app = routes::router(Arc::clone(&shared))
+            .into_make_service_with_connect_info::<conn::ConnHandle>();
         let stop = shared.cancel.clone();
         let server = tokio::spawn(async move {
-            axum::serve(listener, app)
+            axum::serve(conn::BreakableListener(listener), app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
         });

@@ -95,7 +95,8 @@ pub enum FaultEndpoint {
 }
 
 /// `POST /sandbox/faults`: rates are probabilities in 0..=1 (missing = 0). One draw per request decides between
-/// hang, error and rate limit, in that order; latency applies to every matching request.
+/// hang, error, rate limit, dropped answer and withheld answer, in that order; latency applies to every matching
+/// request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct FaultSettings {
@@ -109,6 +110,12 @@ pub struct FaultSettings {
     pub rate_limit_rate: f64,
     /// Share of requests never answered (until shutdown or 120 s).
     pub hang_rate: f64,
+    /// Share of requests carried out in full whose answer is then lost: the connection is reset without a
+    /// response (a client sees a connection error, never the status). Didit acted; the client cannot know.
+    pub drop_response_rate: f64,
+    /// Test-only: share of requests carried out in full whose answer is then withheld (until shutdown or 120 s),
+    /// so that a test can kill the client between Didit's action and the client's own record of it.
+    pub hang_after_rate: f64,
 }
 
 impl FaultSettings {
@@ -118,6 +125,8 @@ impl FaultSettings {
             && self.error_rate <= 0.0
             && self.rate_limit_rate <= 0.0
             && self.hang_rate <= 0.0
+            && self.drop_response_rate <= 0.0
+            && self.hang_after_rate <= 0.0
     }
 }
 

@@ -229,8 +229,21 @@ fn build() -> Value {
         "/v3/sessions/": {"get": {
             "operationId": "listSessions",
             "summary": "List the caller's sessions, newest first",
+            "description": "Filters are ANDed. session_kind=all concatenates one page of KYC and one of KYB \
+                sessions (up to 2 x limit rows); next and previous keep the filters.",
             "security": [{"ApiKeyAuth": []}],
             "parameters": [
+                {"name": "vendor_data", "in": "query", "schema": {"type": "string"},
+                 "description": "Exact match."},
+                {"name": "status", "in": "query", "schema": {"type": "string"},
+                 "description": "A status in either casing (APPROVED, In Review, ...)."},
+                {"name": "session_kind", "in": "query",
+                 "schema": {"type": "string", "enum": ["user", "business", "all"], "default": "user"}},
+                {"name": "workflow_id", "in": "query", "schema": {"type": "string", "format": "uuid"}},
+                {"name": "date_from", "in": "query", "schema": {"type": "string"},
+                 "description": "Created on or after: a date (YYYY-MM-DD, from its first second) or an ISO 8601 time."},
+                {"name": "date_to", "in": "query", "schema": {"type": "string"},
+                 "description": "Created on or before: a date (through its last second) or an ISO 8601 time."},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
                 {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}}
             ],
@@ -711,8 +724,9 @@ fn control_schemas() -> Value {
         "SandboxFaultSettings": {
             "type": "object",
             "additionalProperties": false,
-            "description": "Rates are probabilities in 0..1 (missing = 0). One draw per request decides between hang, \
-                error and rate limit, in that order; latency applies to every matching request.",
+            "description": "Rates are probabilities in 0..1 (missing = 0). One draw per request decides, in this \
+                order, between hang, error, rate limit, dropped answer and withheld answer; latency applies to every \
+                matching request.",
             "properties": {
                 "endpoint": {"type": "string", "enum": ["share", "import", "*"], "default": "*"},
                 "latency_ms": {"type": "integer", "minimum": 0},
@@ -720,7 +734,13 @@ fn control_schemas() -> Value {
                 "rate_limit_rate": {"type": "number", "minimum": 0, "maximum": 1,
                                     "description": "Answers 429 with Retry-After: 1."},
                 "hang_rate": {"type": "number", "minimum": 0, "maximum": 1,
-                              "description": "Never answered (until shutdown or 120 s)."}
+                              "description": "Never answered (until shutdown or 120 s)."},
+                "drop_response_rate": {"type": "number", "minimum": 0, "maximum": 1,
+                    "description": "Carried out in full, then the connection is reset without an answer: Didit \
+                        acted, the client sees a connection error."},
+                "hang_after_rate": {"type": "number", "minimum": 0, "maximum": 1,
+                    "description": "Carried out, then the answer is withheld until the sandbox stops or 120 s pass: \
+                        lets a test kill the client between Didit's action and the client's record of it."}
             }
         },
         "SandboxFaultState": {

@@ -12,7 +12,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Extension, MatchedPath, Path, Query, Request, State as AxState};
+use axum::extract::{ConnectInfo, Extension, MatchedPath, Path, Query, Request, State as AxState};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -21,15 +21,17 @@ use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::conn::ConnHandle;
 use super::error::{ApiError, RejectedWith};
 use super::limits::{FaultAction, Faults, RateLimiter};
 use super::model::{FaultEndpoint, SentWebhook};
 use super::state::{
-    Caller, ImportInput, READ_SESSIONS, Session, State, WEBHOOK_EVENTS, WRITE_SESSIONS, real_now,
+    Caller, ImportInput, ListFilter, READ_SESSIONS, Session, State, WEBHOOK_EVENTS, WRITE_SESSIONS,
+    real_now,
 };
 use super::token::TokenKey;
 use super::webhooks;
-use crate::didit::wire::SessionStatus;
+use crate::didit::wire::{SessionKind, SessionStatus};
 
 /// How long a request hit by `hang_rate` stays unanswered (unless the sandbox shuts down first).
 const HANG: Duration = Duration::from_secs(120);
@@ -191,6 +193,27 @@ async fn gate(AxState(shared): AxState<Arc<Shared>>, mut request: Request, next:
                     FaultAction::Pass => {
                         request.extensions_mut().insert(caller);
                         next.run(request).await
+                    }
+                    FaultAction::DropAnswer | FaultAction::HangAfter => {
+                        let conn = request
+                            .extensions()
+                            .get::<ConnectInfo<ConnHandle>>()
+                            .map(|c| c.0.clone());
+                        request.extensions_mut().insert(caller);
+                        let response = next.run(request).await;
+                        match (action, conn) {
+                            // Done, and the answer is lost: the connection resets instead of carrying it.
+                            (FaultAction::DropAnswer, Some(conn)) => conn.break_connection(),
+                            // Done, and the answer waits (also a dropped answer when served without connect info,
+                            // as under `oneshot`, where there is no connection to break).
+                            _ => {
+                                tokio::select! {
+                                    _ = tokio::time::sleep(HANG) => {}
+                                    _ = shared.cancel.cancelled() => {}
+                                }
+                            }
+                        }
+                        response
                     }
                     FaultAction::Hang => {
                         tokio::select! {
@@ -399,6 +422,37 @@ fn parse_page_param(
     }
 }
 
+/// A `date_from` / `date_to` value: an ISO 8601 date (the whole day: from its first second, or through its last)
+/// or an RFC 3339 time.
+fn parse_day_param(
+    query: &std::collections::HashMap<String, String>,
+    name: &str,
+    end_of_day: bool,
+) -> Result<Option<i64>, ApiError> {
+    let Some(raw) = query.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
+        let start = day
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight exists")
+            .and_utc()
+            .timestamp();
+        return Ok(Some(if end_of_day { start + 86_399 } else { start }));
+    }
+    chrono::DateTime::parse_from_rfc3339(raw)
+        .map(|t| Some(t.timestamp()))
+        .map_err(|_| {
+            ApiError::Validation(format!(
+                "{name}: Enter a valid date (YYYY-MM-DD) or date-time (ISO 8601)."
+            ))
+        })
+}
+
+/// `GET /v3/sessions/`: Didit's documented filters (ANDed) — `vendor_data` (exact), `status` (either casing),
+/// `session_kind` (`user`, the default, `business` or `all`: one page of each, concatenated), `workflow_id`,
+/// `date_from` / `date_to` (created date) — and `limit` / `offset` paging with `next` / `previous` links that keep
+/// the filters. Newest first. Unknown parameters are ignored, as Didit's framework does.
 async fn list_sessions(
     AxState(shared): AxState<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
@@ -410,14 +464,57 @@ async fn list_sessions(
         .unwrap_or(PAGE_DEFAULT)
         .clamp(1, PAGE_MAX);
     let offset = parse_page_param(&query, "offset")?.unwrap_or(0);
-    let (count, results) = shared.state().list_sessions(&caller, limit, offset);
-    let page = |offset: usize| {
-        format!(
-            "{}/v3/sessions/?limit={limit}&offset={offset}",
-            shared.base_url
-        )
+    let text = |name: &str| query.get(name).filter(|v| !v.is_empty()).cloned();
+    let status = match text("status") {
+        None => None,
+        Some(raw) => Some(SessionStatus::parse(&raw).ok_or_else(|| {
+            ApiError::Validation(format!("status: `{raw}` is not a valid status."))
+        })?),
     };
-    let next = (offset + limit < count).then(|| page(offset + limit));
+    let kinds = match text("session_kind").as_deref() {
+        None | Some("user") => vec![SessionKind::User],
+        Some("business") => vec![SessionKind::Business],
+        Some("all") => vec![SessionKind::User, SessionKind::Business],
+        Some(other) => {
+            return Err(ApiError::Validation(format!(
+                "session_kind: `{other}` is not one of user, business, all."
+            )));
+        }
+    };
+    let filter = ListFilter {
+        vendor_data: text("vendor_data"),
+        status,
+        kinds,
+        workflow_id: text("workflow_id"),
+        created_from: parse_day_param(&query, "date_from", false)?,
+        created_to: parse_day_param(&query, "date_to", true)?,
+    };
+    let (count, more, results) = shared
+        .state()
+        .list_sessions(&caller, &filter, limit, offset);
+    let page = |offset: usize| {
+        let mut url = reqwest::Url::parse(&format!("{}/v3/sessions/", shared.base_url))
+            .expect("the sandbox's base URL is a URL");
+        {
+            let mut pairs = url.query_pairs_mut();
+            for name in [
+                "vendor_data",
+                "status",
+                "session_kind",
+                "workflow_id",
+                "date_from",
+                "date_to",
+            ] {
+                if let Some(value) = text(name) {
+                    pairs.append_pair(name, &value);
+                }
+            }
+            pairs.append_pair("limit", &limit.to_string());
+            pairs.append_pair("offset", &offset.to_string());
+        }
+        url.to_string()
+    };
+    let next = more.then(|| page(offset + limit));
     let previous = (offset > 0).then(|| page(offset.saturating_sub(limit)));
     Ok(
         Json(json!({ "count": count, "next": next, "previous": previous, "results": results }))

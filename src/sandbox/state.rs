@@ -4,7 +4,8 @@
 //! One [`State`] lives behind a `std::sync::Mutex` that is never held across an await. Every rule that depends
 //! on stored state is decided here by plain methods that take parsed input and return a value or an [`ApiError`];
 //! the routes parse, authenticate and render, and webhook delivery happens outside the lock. Every lookup on a
-//! request's path is a hash-map access: no scan over all sessions.
+//! request's path is a hash-map access: no scan over all sessions (only an unfiltered `GET /v3/sessions/`, a
+//! reconciliation call, pages through one application's sessions).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -350,6 +351,51 @@ pub struct ImportInput {
     pub trust_review: bool,
 }
 
+/// The filters of `GET /v3/sessions/`, parsed; every one that is set must match.
+#[derive(Debug, Clone)]
+pub struct ListFilter {
+    /// Exact `vendor_data`.
+    pub vendor_data: Option<String>,
+    /// The status, either casing.
+    pub status: Option<SessionStatus>,
+    /// Kinds listed, each as its own page (Didit's default: `user` only).
+    pub kinds: Vec<SessionKind>,
+    /// One workflow.
+    pub workflow_id: Option<String>,
+    /// Created at or after (virtual unix seconds).
+    pub created_from: Option<i64>,
+    /// Created at or before.
+    pub created_to: Option<i64>,
+}
+
+impl Default for ListFilter {
+    fn default() -> Self {
+        ListFilter {
+            vendor_data: None,
+            status: None,
+            kinds: vec![SessionKind::User],
+            workflow_id: None,
+            created_from: None,
+            created_to: None,
+        }
+    }
+}
+
+impl ListFilter {
+    fn matches(&self, s: &Session) -> bool {
+        self.vendor_data
+            .as_ref()
+            .is_none_or(|v| s.vendor_data.as_ref() == Some(v))
+            && self.status.is_none_or(|st| s.status == st)
+            && self
+                .workflow_id
+                .as_ref()
+                .is_none_or(|w| &s.workflow_id == w)
+            && self.created_from.is_none_or(|t| s.created_at >= t)
+            && self.created_to.is_none_or(|t| s.created_at <= t)
+    }
+}
+
 /// Everything the sandbox remembers.
 pub struct State {
     base_url: String,
@@ -359,6 +405,8 @@ pub struct State {
     sessions: HashMap<String, Session>,
     /// (application, workflow, vendor_data) → the latest session, for create-session idempotency.
     latest_by_vendor: HashMap<(String, String, String), String>,
+    /// (application, vendor_data) → session numbers, for `GET /v3/sessions/?vendor_data=` without a scan.
+    by_vendor: HashMap<(String, String), std::collections::BTreeSet<i64>>,
     entities: HashMap<(String, SessionKind, String), Entity>,
     /// (SHA-256 of the token, importing application) → imported session. A digest rather than the token
     /// keeps this ledger small under the benchmark's load; distinct tokens have distinct digests.
@@ -381,6 +429,7 @@ impl State {
             workflows: HashMap::new(),
             sessions: HashMap::new(),
             latest_by_vendor: HashMap::new(),
+            by_vendor: HashMap::new(),
             entities: HashMap::new(),
             imported: HashMap::new(),
             import_counts: HashMap::new(),
@@ -653,6 +702,10 @@ impl State {
             event_at: real_now(),
         };
         if let Some(vendor) = &new.vendor_data {
+            self.by_vendor
+                .entry((app_id.clone(), vendor.clone()))
+                .or_default()
+                .insert(number);
             self.latest_by_vendor
                 .insert((app_id.clone(), workflow_id, vendor.clone()), id.clone());
             self.entities
@@ -819,6 +872,13 @@ impl State {
             app.sessions.remove(&session.number);
         }
         if let Some(vendor) = session.vendor_data {
+            let index = (session.application_id.clone(), vendor.clone());
+            if let Some(numbers) = self.by_vendor.get_mut(&index) {
+                numbers.remove(&session.number);
+                if numbers.is_empty() {
+                    self.by_vendor.remove(&index);
+                }
+            }
             let key = (session.application_id, session.workflow_id, vendor);
             if self.latest_by_vendor.get(&key) == Some(&session.id) {
                 self.latest_by_vendor.remove(&key);
@@ -827,26 +887,52 @@ impl State {
         Ok(())
     }
 
-    /// `GET /v3/sessions/`: the total and one page of summaries, newest first.
+    /// `GET /v3/sessions/`: per kind asked for (Didit lists KYC and KYB apart; `all` concatenates one page of
+    /// each), the sessions matching every filter, newest first. Answers the total count, whether any kind has rows
+    /// past this page, and the page. A `vendor_data` filter reads an index; without one the application's
+    /// sessions are paged through (the list is for reconciliation, not for the request path).
     pub fn list_sessions(
         &self,
         caller: &Caller,
+        filter: &ListFilter,
         limit: usize,
         offset: usize,
-    ) -> (usize, Vec<Value>) {
+    ) -> (usize, bool, Vec<Value>) {
         let Some(app) = self.apps.get(&caller.application_id) else {
-            return (0, Vec::new());
+            return (0, false, Vec::new());
         };
-        let page = app
-            .sessions
-            .values()
+        let numbers: Box<dyn DoubleEndedIterator<Item = &i64> + '_> = match &filter.vendor_data {
+            Some(vendor) => match self
+                .by_vendor
+                .get(&(caller.application_id.clone(), vendor.clone()))
+            {
+                Some(numbers) => Box::new(numbers.iter()),
+                None => Box::new(std::iter::empty()),
+            },
+            None => Box::new(app.sessions.keys()),
+        };
+        let matching: Vec<&Session> = numbers
             .rev()
-            .skip(offset)
-            .take(limit)
+            .filter_map(|n| app.sessions.get(n))
             .filter_map(|id| self.sessions.get(id))
-            .map(Session::summary)
+            .filter(|s| filter.matches(s))
             .collect();
-        (app.sessions.len(), page)
+        let mut count = 0;
+        let mut more = false;
+        let mut page = Vec::new();
+        for kind in &filter.kinds {
+            let of_kind: Vec<&&Session> = matching.iter().filter(|s| s.kind == *kind).collect();
+            count += of_kind.len();
+            more |= of_kind.len() > offset + limit;
+            page.extend(
+                of_kind
+                    .into_iter()
+                    .skip(offset)
+                    .take(limit)
+                    .map(|s| s.summary()),
+            );
+        }
+        (count, more, page)
     }
 
     // ---- share and import --------------------------------------------------------------------------------

@@ -242,18 +242,19 @@ async fn the_vendor_data_template_renders_every_placeholder_into_the_imported_se
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn didit_saying_already_imported_is_a_duplicate_success_not_a_failure() {
+async fn didit_saying_already_imported_is_reported_as_the_import_it_was_not_a_failure() {
     let world = World::new("rx-didit-dup").await;
     let amqp = Amqp::connect().await;
     let first = world.start_receiver(false).await;
     let results = Tap::start(&world.names.imports_exchange(), "import.#").await;
     let envelope = hand_token(&world, SessionKind::Business, "DECLINED", Some("biz-1")).await;
     let body = publish_signed(&world, &amqp, &envelope).await;
-    results.wait_count(1, WAIT).await;
+    let first_result = results.wait_count(1, WAIT).await[0].got.json();
     first.stop().await.unwrap();
 
     // A receiver that lost its ledger (a fresh state_dir) gets the same token again: Didit answers 403 already
-    // imported, which is success (`duplicate`), not a dead-letter.
+    // imported, which is success, not a dead-letter: the receiver finds the session Didit made (by the vendor_data
+    // it sent) and reports it `imported` with its id.
     let fresh_state = format!(
         "state_dir = \"{}/receiver-fresh\"",
         world.dir.path().display()
@@ -266,14 +267,17 @@ async fn didit_saying_already_imported_is_a_duplicate_success_not_a_failure() {
     let second = world.start(world.config(&toml)).await;
     publish_signed_body(&world, &amqp, &body, &world.key).await;
     let tapped = results.wait_count(2, WAIT).await;
-    assert_eq!(tapped[1].routing_key, "import.duplicate");
-    let duplicate = tapped[1].got.json();
-    assert_eq!(duplicate["outcome"], "duplicate");
+    assert_eq!(tapped[1].routing_key, "import.imported");
+    let found = tapped[1].got.json();
+    assert_eq!(found["outcome"], "imported");
     assert_eq!(
-        duplicate["source_session_id"],
+        found["source_session_id"],
         envelope.source_session_id.as_str()
     );
-    assert!(duplicate["reason"].is_string());
+    assert_eq!(
+        found["imported_session_id"], first_result["imported_session_id"],
+        "the lost answer's session is found"
+    );
     let stats = world.control.stats().await.unwrap();
     assert_eq!(stats.rejected("already_imported"), 1);
     assert_eq!(
@@ -296,7 +300,7 @@ async fn didit_saying_already_imported_is_a_duplicate_success_not_a_failure() {
     );
     assert_eq!(
         metric_of(&second, &imports_series("fintech-a", "duplicate")),
-        2.0
+        1.0
     );
     assert!(amqp.drain(&receiver_dead_queue(&world)).await.is_empty());
 

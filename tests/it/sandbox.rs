@@ -550,7 +550,7 @@ async fn import_is_a_full_clone_with_fresh_ids_for_both_kinds() {
         );
     }
     // Fresh session numbers come from B's own sequence.
-    let listed = e.get(key(&e.b), "/v3/sessions/").await;
+    let listed = e.get(key(&e.b), "/v3/sessions/?session_kind=all").await;
     assert_eq!(listed.body["count"], 2);
     e.sandbox.shutdown().await;
 }
