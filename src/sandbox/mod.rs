@@ -117,6 +117,8 @@ pub struct SandboxOptions {
     pub fixture: Option<PathBuf>,
     /// Without a fixture: create `fintech-a` and `sponsor-bank`.
     pub default_applications: bool,
+    /// Connection bounds (the same server as the bridge's listeners, see [`crate::http_server`]).
+    pub http: crate::http_server::HttpLimits,
 }
 
 impl Default for SandboxOptions {
@@ -126,6 +128,7 @@ impl Default for SandboxOptions {
             writes_per_minute: 300,
             fixture: None,
             default_applications: true,
+            http: crate::http_server::HttpLimits::default(),
         }
     }
 }
@@ -213,9 +216,7 @@ impl Sandbox {
         let app = routes::router(Arc::clone(&shared));
         let stop = shared.cancel.clone();
         let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
+            crate::http_server::serve(listener, app, options.http, stop.cancelled_owned()).await
         });
         tracing::debug!(%base_url, "sandbox listening");
         Ok(Sandbox {
