@@ -335,3 +335,127 @@ impl http_body::Body for DeadlineBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::post;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Serves a router echoing the body length; answers the address and the stop token.
+    async fn start(limits: HttpLimits) -> (std::net::SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route(
+            "/",
+            post(|body: String| async move { body.len().to_string() }),
+        );
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(serve(listener, router, limits, async move {
+            token.cancelled().await
+        }));
+        (addr, stop)
+    }
+
+    /// Reads until EOF (or an error) and answers what arrived; panics after `limit`.
+    async fn read_to_close(socket: &mut TcpStream, limit: Duration) -> String {
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(limit, async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(
+            read.is_ok(),
+            "the server did not close the socket within {limit:?}"
+        );
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn long() -> HttpLimits {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            ..HttpLimits::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_the_cap_is_closed_at_once() {
+        let (addr, stop) = start(HttpLimits {
+            max_connections: 2,
+            ..long()
+        })
+        .await;
+        let _held: Vec<TcpStream> = vec![
+            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr).await.unwrap(),
+        ];
+        tokio::time::sleep(Duration::from_millis(100)).await; // let the server accept both
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        read_to_close(&mut third, Duration::from_secs(5)).await;
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_body_that_does_not_arrive_by_the_deadline_is_refused() {
+        let (addr, stop) = start(HttpLimits {
+            request_timeout: Duration::from_millis(300),
+            ..long()
+        })
+        .await;
+        let mut socket = TcpStream::connect(addr).await.unwrap();
+        socket
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly ten b")
+            .await
+            .unwrap();
+        let answer = read_to_close(&mut socket, Duration::from_secs(10)).await;
+        assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_dropped_and_a_complete_request_is_served() {
+        let (addr, stop) = start(HttpLimits {
+            idle_timeout: Duration::from_millis(300),
+            ..long()
+        })
+        .await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        read_to_close(&mut idle, Duration::from_secs(10)).await;
+        let mut socket = TcpStream::connect(addr).await.unwrap();
+        socket
+            .write_all(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+            )
+            .await
+            .unwrap();
+        let answer = read_to_close(&mut socket, Duration::from_secs(10)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("\r\n3"), "{answer}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_head_over_max_header_bytes_is_refused() {
+        let (addr, stop) = start(long()).await;
+        let mut socket = TcpStream::connect(addr).await.unwrap();
+        let mut head = b"POST / HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+        head.extend(std::iter::repeat_n(b'a', 20 * 1024));
+        let _ = socket.write_all(&head).await;
+        let answer = read_to_close(&mut socket, Duration::from_secs(10)).await;
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+            "{answer}"
+        );
+        stop.cancel();
+    }
+}

@@ -16,3 +16,4 @@ mod receiver;
 mod reliability;
 mod sandbox;
 mod support;
+mod trust_edges;
