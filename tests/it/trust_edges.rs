@@ -208,3 +208,224 @@ secret = \"{WEBHOOK_SECRET}\"
     assert!(status.success(), "exit status {status}");
     world.cleanup().await;
 }
+
+// ---- 403 classification through the real client ----------------------------------------------------------------
+
+const APP: &str = "0b6f3a52-8f7e-4b59-9a43-5d1f0c2e7a11";
+const OTHER_APP: &str = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d";
+const SESSION: &str = "20bb3c3b-6146-439f-84a4-bd30d00ac6a2";
+const DRF_403: &str = "You do not have permission to perform this action.";
+
+/// A JWT-shaped share token naming `for_application_id` (the signature is not checked by anyone here).
+fn share_token(for_application_id: &str) -> String {
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let now = chrono::Utc::now().timestamp();
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        b64(json!({"alg": "HS256", "typ": "JWT"})),
+        b64(json!({
+            "session_id": SESSION, "session_kind": "user", "from_application_id": OTHER_APP,
+            "for_application_id": for_application_id, "iat": now - 60, "exp": now + 600,
+        }))
+    )
+}
+
+/// Django REST framework's default 403 text, sent by a scripted Didit for share and for import (with a token for
+/// this application), pauses with `credentials` instead of dead-lettering as `forbidden`; "already imported" stays
+/// a duplicate and "not intended for your application" a dead letter.
+///
+/// Old code: the import 403 with this text (no key word in it, the token for this application) was
+/// `Forbidden`, i.e. `DeadLetter("forbidden")`, and this test failed at its first import assertion.
+#[tokio::test]
+async fn drf_permission_403_pauses_share_and_import_through_the_client() {
+    use partner_bridge::config::DiditAccess;
+    use partner_bridge::didit::client::{DiditClient, Disposition};
+    use partner_bridge::didit::wire::ImportRequest;
+    use partner_bridge::metrics::Metrics;
+    use partner_bridge::secret::{Secret, SecretSource, ShareToken};
+
+    use crate::support::stub_didit::{Reply, Route, StubDidit};
+
+    let stub = StubDidit::start().await;
+    let client = DiditClient::new(
+        &DiditAccess {
+            base_url: stub.url(),
+            application_id: APP.to_string(),
+            api_key: SecretSource::Inline(Secret::new("sk_test_trust_edges")),
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+        },
+        Arc::new(Metrics::new()),
+    )
+    .expect("client");
+    let import = |text: &str| {
+        stub.set(Route::Import, Reply::detail(403, text));
+        let request = ImportRequest {
+            share_token: ShareToken::new(share_token(APP)),
+            workflow_id: "9f9b1234-aaaa-4bbb-8ccc-1234567890ab".into(),
+            vendor_data: None,
+            trust_review: false,
+        };
+        let client = &client;
+        async move {
+            client
+                .import(&request)
+                .await
+                .expect_err("the import fails")
+                .disposition()
+        }
+    };
+    let pause = Disposition::Pause {
+        reason: "credentials",
+    };
+
+    assert_eq!(import(DRF_403).await, pause, "import: {DRF_403}");
+    stub.set(Route::Share, Reply::detail(403, DRF_403));
+    let share = client
+        .share(SESSION, OTHER_APP, 600)
+        .await
+        .expect_err("the share fails");
+    assert_eq!(share.disposition(), pause, "share: {DRF_403}");
+    assert_eq!(
+        import("Session has already been imported.").await,
+        Disposition::Duplicate
+    );
+    assert_eq!(
+        import("Token not intended for your application.").await,
+        Disposition::DeadLetter {
+            reason: "misrouted"
+        }
+    );
+}
+
+// ---- compose: who holds which key, where the sandbox is reachable ------------------------------------------
+
+/// The lines of one top-level entry of a compose section (`services:` → `  name:` and its indented lines).
+fn compose_block<'a>(text: &'a str, section: &str, name: &str) -> Vec<&'a str> {
+    let mut in_section = false;
+    let mut block = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if !line.starts_with(' ') && !line.trim().is_empty() && !line.starts_with('#') {
+            in_section = line.trim_end() == format!("{section}:");
+            inside = false;
+            continue;
+        }
+        if !in_section {
+            continue;
+        }
+        if line.starts_with("  ") && !line.starts_with("   ") && !line.trim_start().starts_with('#')
+        {
+            inside = line.trim() == format!("{name}:");
+            continue;
+        }
+        if inside {
+            block.push(line);
+        }
+    }
+    assert!(!block.is_empty(), "compose.yaml has no {section}.{name}");
+    block
+}
+
+/// deploy/compose.yaml gives no container a key it does not use: only the issuer (and keygen, which writes it)
+/// mounts the signing-key volume; the receiver mounts the public-key volume; the sandbox (test-only control routes)
+/// publishes no port and sits only on an internal network with the two bridges.
+///
+/// Old file: the receiver mounted the shared `keys` volume holding `signing.key`, and the sandbox published 8089
+/// to the host on the default network; both assertions below failed.
+#[test]
+fn compose_gives_no_container_a_key_it_does_not_need() {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/compose.yaml"),
+    )
+    .unwrap();
+    let mounts = |service: &str| -> String {
+        compose_block(&text, "services", service)
+            .into_iter()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .map(|l| l.split(" #").next().unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for service in ["receiver", "sandbox", "rabbitmq", "prometheus", "grafana"] {
+        let block = mounts(service);
+        assert!(
+            !block.contains("issuer-signing-key") && !block.contains("keys:/"),
+            "{service} must not mount the issuer's signing key:\n{block}"
+        );
+        assert!(
+            !block.contains("didit-webhook-secret") && !block.contains("fintech-a-didit-api-key"),
+            "{service} must not get the issuer's secrets:\n{block}"
+        );
+    }
+    assert!(mounts("receiver").contains("issuer-public-key:/etc/partner-bridge/keys:ro"));
+    assert!(mounts("issuer").contains("issuer-signing-key:/etc/partner-bridge/keys:ro"));
+    assert!(!mounts("issuer").contains("sponsor-bank-didit-api-key"));
+    let sandbox = mounts("sandbox");
+    assert!(
+        !sandbox.contains("ports:"),
+        "the sandbox publishes nothing:\n{sandbox}"
+    );
+    assert!(sandbox.contains("networks: [sandbox]"), "{sandbox}");
+    let network = compose_block(&text, "networks", "sandbox").join("\n");
+    assert!(network.contains("internal: true"), "{network}");
+}
+
+// ---- [http] validation ---------------------------------------------------------------------------------------
+
+/// Each `[http]` bound refuses a value that would disable it or that hyper cannot take (a read buffer under
+/// 8192 bytes panics): `check-config` exits 64 naming the key.
+#[test]
+fn http_bounds_out_of_range_exit_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = partner_bridge::envelope::SigningKey::generate();
+    let state = format!("state_dir = \"{}\"", dir.path().join("state").display());
+    let base = format!(
+        r#"
+[didit]
+base_url = "http://127.0.0.1:1"
+application_id = "{APP}"
+api_key = "sk_test_trust_edges"
+[issuer]
+enabled = true
+signing_key = "{key}"
+[[issuer.partners]]
+name = "sponsor-bank"
+application_id = "{OTHER_APP}"
+ttl_seconds = 600
+statuses = ["Approved"]
+"#,
+        key = key.to_base64(),
+    );
+    let run = |extra: &str| {
+        let path = dir.path().join("config.toml");
+        // [http] before the issuer's tables, so its keys do not land in [[issuer.partners]].
+        std::fs::write(&path, format!("{state}\n[http]\n{extra}\n{base}")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_partner-bridge"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env_remove("PARTNER_BRIDGE_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(run("").0, 0, "the defaults are valid: {}", run("").1);
+    for (line, key) in [
+        ("header_read_timeout_ms = 0", "http.header_read_timeout_ms"),
+        ("request_timeout_ms = 0", "http.request_timeout_ms"),
+        ("idle_timeout_ms = 0", "http.idle_timeout_ms"),
+        ("max_connections = 0", "http.max_connections"),
+        ("max_header_bytes = 4096", "http.max_header_bytes"),
+        ("max_header_bytes = 2000000", "http.max_header_bytes"),
+    ] {
+        let (code, stderr) = run(line);
+        assert_eq!(code, 64, "{line}: {stderr}");
+        assert!(stderr.contains(key), "{line}: {stderr}");
+    }
+}
