@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
+use crate::http_server::{self, HttpLimits};
 use crate::metrics::{self, Metrics};
 
 #[derive(Clone)]
@@ -59,6 +60,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 pub struct AdminServer {
     listener: TcpListener,
     router: Router,
+    limits: HttpLimits,
 }
 
 impl AdminServer {
@@ -72,7 +74,14 @@ impl AdminServer {
         Ok(AdminServer {
             listener,
             router: router(metrics, health),
+            limits: HttpLimits::default(),
         })
+    }
+
+    /// Serves within `limits` (`[http]`) rather than the defaults.
+    pub fn with_limits(mut self, limits: HttpLimits) -> AdminServer {
+        self.limits = limits;
+        self
     }
 
     /// The bound address (useful with port 0).
@@ -80,11 +89,12 @@ impl AdminServer {
         self.listener.local_addr()
     }
 
-    /// Serves until `stop` is cancelled.
+    /// Serves until `stop` is cancelled, every connection bounded (see [`crate::http_server`]).
     pub async fn serve(self, stop: CancellationToken) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
+        http_server::serve(self.listener, self.router, self.limits, async move {
+            stop.cancelled().await
+        })
+        .await
     }
 }
 

@@ -159,7 +159,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     let admin = AdminServer::bind(config.admin.listen, metrics.clone(), health.clone())
         .await
-        .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?;
+        .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?
+        .with_limits(config.http.limits());
     let admin_addr = admin.local_addr()?;
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin.serve(admin_stop.clone()));
@@ -343,10 +344,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 metrics: metrics.clone(),
             });
             let stop = shutdown.clone();
+            let limits = config.http.limits();
             tasks.spawn(async move {
-                let served = axum::serve(listener, webhook::router(state))
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
+                let served = crate::http_server::serve(
+                    listener,
+                    webhook::router(state),
+                    limits,
+                    async move { stop.cancelled().await },
+                )
+                .await;
                 if let Err(e) = served {
                     tracing::error!(error = %e, "webhook listener failed");
                 }

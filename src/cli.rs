@@ -80,6 +80,10 @@ pub enum Command {
         /// When DIR/signing.key exists, keep it and print its key id instead of failing (for init jobs).
         #[arg(long)]
         if_missing: bool,
+        /// Also write signing.pub (only) into this directory: what receivers mount, so that they never see the
+        /// private key (the compose demo's keygen service).
+        #[arg(long)]
+        public_out: Option<PathBuf>,
     },
     /// Exit 0 when the URL answers 200 (a HEALTHCHECK for images without curl).
     Healthcheck {

@@ -100,6 +100,21 @@ pub fn keygen(dir: &Path, if_missing: bool) -> anyhow::Result<Keygen> {
     Ok(Keygen::Created(key.key_id().to_string()))
 }
 
+/// `keygen --public-out PUB`: writes `PUB/signing.pub`, derived from `DIR/signing.key` (so it always matches the
+/// private key, whichever run created it), and nothing else into `PUB`.
+pub fn export_public(dir: &Path, public_out: &Path) -> anyhow::Result<()> {
+    let key_path = dir.join("signing.key");
+    let text = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("cannot read {}", key_path.display()))?;
+    let key = SigningKey::from_base64(&text)
+        .map_err(|e| anyhow::anyhow!("{} is not a signing key: {e}", key_path.display()))?;
+    std::fs::create_dir_all(public_out)
+        .with_context(|| format!("cannot create {}", public_out.display()))?;
+    let pub_path = public_out.join("signing.pub");
+    std::fs::write(&pub_path, format!("{}\n", key.verifying_key().to_base64()))
+        .with_context(|| format!("cannot write {}", pub_path.display()))
+}
+
 /// `healthcheck --url URL`: Ok when the URL answers 200 within 3 seconds.
 pub async fn healthcheck(url: &str) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -223,6 +238,26 @@ pub async fn dead_letters_replay(
 mod tests {
     use super::*;
     use crate::envelope::VerifyingKey;
+
+    #[test]
+    fn export_public_writes_only_the_matching_public_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let public = tempfile::tempdir().unwrap();
+        let Keygen::Created(id) = keygen(dir.path(), false).unwrap() else {
+            panic!("a new key was expected")
+        };
+        export_public(dir.path(), &public.path().join("pub")).unwrap();
+        let names: Vec<_> = std::fs::read_dir(public.path().join("pub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["signing.pub"]);
+        let key = VerifyingKey::from_base64(
+            &std::fs::read_to_string(public.path().join("pub/signing.pub")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(key.key_id(), id);
+    }
 
     #[test]
     fn keygen_writes_a_usable_pair_once() {

@@ -50,6 +50,8 @@ pub struct Config {
     pub amqp: AmqpConfig,
     /// The admin HTTP server (`/metrics`, `/livez`, `/readyz`).
     pub admin: AdminConfig,
+    /// Bounds of every HTTP server (the admin server and the webhook listener).
+    pub http: HttpConfig,
     /// Backoff, holding limits and attempts for Didit calls.
     pub retry: RetryConfig,
     /// The idempotency ledger.
@@ -71,6 +73,7 @@ impl Default for Config {
             didit: DiditConfig::default(),
             amqp: AmqpConfig::default(),
             admin: AdminConfig::default(),
+            http: HttpConfig::default(),
             retry: RetryConfig::default(),
             ledger: LedgerConfig::default(),
             log: LogConfig::default(),
@@ -168,6 +171,90 @@ impl Default for AdminConfig {
         Self {
             listen: "0.0.0.0:9464".parse().expect("static address"),
         }
+    }
+}
+
+/// `[http]`: bounds applied to each connection of the admin server and the webhook listener (see
+/// [`crate::http_server`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Request line and headers must arrive within this, in milliseconds.
+    pub header_read_timeout_ms: u64,
+    /// The request body must have arrived this long after its head, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// A connection with no I/O for this long while no request is handled is closed, in milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Connections served at once per listener; more are closed at once.
+    pub max_connections: usize,
+    /// Largest request line plus headers, in bytes (8192..=1048576).
+    pub max_header_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        let limits = crate::http_server::HttpLimits::default();
+        Self {
+            header_read_timeout_ms: millis(limits.header_read_timeout),
+            request_timeout_ms: millis(limits.request_timeout),
+            idle_timeout_ms: millis(limits.idle_timeout),
+            max_connections: limits.max_connections,
+            max_header_bytes: limits.max_header_bytes,
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl HttpConfig {
+    /// The limits [`crate::http_server::serve`] applies.
+    pub fn limits(&self) -> crate::http_server::HttpLimits {
+        crate::http_server::HttpLimits {
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections,
+            max_header_bytes: self.max_header_bytes,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        // Zero would disable a bound (or, for hyper's timer, close every connection at once); a day is far past any
+        // sane value and keeps Duration arithmetic clear of overflow.
+        for (value, key) in [
+            (self.header_read_timeout_ms, "http.header_read_timeout_ms"),
+            (self.request_timeout_ms, "http.request_timeout_ms"),
+            (self.idle_timeout_ms, "http.idle_timeout_ms"),
+        ] {
+            if value == 0 || value > 86_400_000 {
+                return Err(ConfigError::new(
+                    key,
+                    format!("must be between 1 and 86400000 (got {value})"),
+                ));
+            }
+        }
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
+            return Err(ConfigError::new(
+                "http.max_connections",
+                format!(
+                    "must be between 1 and 1000000 (got {})",
+                    self.max_connections
+                ),
+            ));
+        }
+        let min = crate::http_server::MIN_HEADER_BYTES;
+        if !(min..=1_048_576).contains(&self.max_header_bytes) {
+            return Err(ConfigError::new(
+                "http.max_header_bytes",
+                format!(
+                    "must be between {min} and 1048576 (got {})",
+                    self.max_header_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -608,6 +695,8 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::new("log.level", format!("not a valid filter: {e}")))?;
+
+        self.http.validate()?;
 
         if self.issuer.enabled {
             self.validate_issuer()?;

@@ -25,6 +25,7 @@ pub mod demo;
 pub mod didit;
 pub mod envelope;
 pub mod health;
+pub mod http_server;
 pub mod issuer;
 pub mod ledger;
 pub mod metrics;

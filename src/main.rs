@@ -147,15 +147,25 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 );
             }
         }
-        Command::Keygen { out, if_missing } => match commands::keygen(&out, if_missing)? {
-            commands::Keygen::Created(id) => println!(
-                "wrote {0}/signing.key and {0}/signing.pub; key id {id}",
-                out.display()
-            ),
-            commands::Keygen::Kept(id) => {
-                println!("kept the existing key in {}; key id {id}", out.display())
+        Command::Keygen {
+            out,
+            if_missing,
+            public_out,
+        } => {
+            match commands::keygen(&out, if_missing)? {
+                commands::Keygen::Created(id) => println!(
+                    "wrote {0}/signing.key and {0}/signing.pub; key id {id}",
+                    out.display()
+                ),
+                commands::Keygen::Kept(id) => {
+                    println!("kept the existing key in {}; key id {id}", out.display())
+                }
             }
-        },
+            if let Some(public_out) = public_out {
+                commands::export_public(&out, &public_out)?;
+                println!("wrote {}/signing.pub", public_out.display());
+            }
+        }
         Command::Healthcheck { url } => commands::healthcheck(&url).await?,
     }
     Ok(())

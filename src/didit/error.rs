@@ -445,7 +445,7 @@ fn classify_import_403(
         // Some Didit pages say auth failures are 403, and import needs `write:sessions` like share does: a key
         // problem (a refused key, or one lacking the privilege) pauses (nothing lost), as DESIGN §4's "401 or 403
         // about the API key or its privileges" row says, instead of dead-lettering every message as `forbidden`.
-        Some(codes::INVALID_API_KEY | codes::PERMISSION_DENIED) => {
+        Some(codes::INVALID_API_KEY | codes::PERMISSION_DENIED | BILLING_SUSPENDED) => {
             return DiditError::ApiKeyRejected {
                 status: 403,
                 detail,
@@ -472,19 +472,31 @@ fn classify_import_403(
         };
     }
     // The body does not say; the token does (its payload is readable without Didit's key).
-    match ctx.claims {
-        Some(claims) if claims.for_application_id != ctx.application_id => {
-            DiditError::NotForApplication {
-                detail: Some(match detail {
-                    Some(d) => format!(
-                        "{d} (the token names application {})",
-                        claims.for_application_id
-                    ),
-                    None => format!("the token names application {}", claims.for_application_id),
-                }),
-            }
-        }
-        _ => DiditError::Forbidden { code, detail },
+    let misrouted = ctx
+        .claims
+        .filter(|claims| claims.for_application_id != ctx.application_id);
+    // A permission text ("You do not have permission to perform this action.", Django REST framework's default, or
+    // Didit's "key lacks access" / IP list / balance answers, contract §5) is about the key or the account: every
+    // import would fail alike, so pause (nothing lost) rather than dead-letter each message as `forbidden`. Unless
+    // the token itself names another application: that one message is misrouted, and pausing would only bring it
+    // back to the same 403 after each probe.
+    if misrouted.is_none() && mentions_permission(&text) {
+        return DiditError::ApiKeyRejected {
+            status: 403,
+            detail,
+        };
+    }
+    match misrouted {
+        Some(claims) => DiditError::NotForApplication {
+            detail: Some(match detail {
+                Some(d) => format!(
+                    "{d} (the token names application {})",
+                    claims.for_application_id
+                ),
+                None => format!("the token names application {}", claims.for_application_id),
+            }),
+        },
+        None => DiditError::Forbidden { code, detail },
     }
 }
 
@@ -504,6 +516,34 @@ fn classify_import_404(code: Option<String>, detail: Option<String>) -> DiditErr
         }
         _ => DiditError::SourceGone { detail },
     }
+}
+
+/// Didit's `code` for an account whose contract or billing is suspended (403, contract §5): no call succeeds until
+/// an operator acts, like a key without privileges.
+const BILLING_SUSPENDED: &str = "contract_billing_suspended";
+
+/// A 403 text about what the key or account may do rather than about this one request (contract §5: the key lacks
+/// access to the resource or action, the request comes from outside the key's IP list, the balance is
+/// insufficient; Django REST framework's default "You do not have permission to perform this action.").
+fn mentions_permission(lower: &str) -> bool {
+    [
+        "permission",
+        "privilege",
+        "not authorized",
+        "not authorised",
+        "lacks access",
+        "does not have access",
+        "ip address",
+        "ip list",
+        "allowed ips",
+        "allowlist",
+        "whitelist",
+        "balance",
+        "billing",
+        "credits",
+    ]
+    .iter()
+    .any(|needle| lower.contains(needle))
 }
 
 fn mentions_key(lower: &str) -> bool {
@@ -931,6 +971,100 @@ mod tests {
             ),
             DiditError::ApiKeyRejected { status: 403, .. }
         ));
+    }
+
+    /// Issue #9: Didit's permission answers (contract §5 and the 403 rows) are about the key or the account, so they
+    /// pause share and import (`credentials`) instead of dead-lettering each message as `forbidden`; the two
+    /// import-specific 403s keep their meaning. Row by row, with and without a token that names this application.
+    #[test]
+    fn permission_403s_pause_share_and_import_while_the_import_specific_403s_keep_their_meaning() {
+        use Operation::{Import, Share};
+        let ours = claims(APP, 1_900_000_000);
+        let theirs = claims(OTHER, 1_900_000_000);
+        let pause = Disposition::Pause {
+            reason: "credentials",
+        };
+        let permission_texts = [
+            // Django REST framework's default 403 text.
+            "You do not have permission to perform this action.",
+            // Didit: the key lacks the privilege, the resource or action, the IP list, the balance.
+            "You must have the `write:sessions` privilege",
+            "This key lacks access to this resource.",
+            "The key does not have access to this action.",
+            "Request from an IP address outside the allowed IPs.",
+            "Insufficient balance.",
+            "Not authorized.",
+        ];
+        for text in permission_texts {
+            for body in [detail(text), json("something_else", text)] {
+                let share = err(Share, 403, &body);
+                assert_eq!(share.disposition(), pause, "share: {body}");
+            }
+            for claims in [None, Some(&ours)] {
+                let import = err_with(Import, 403, &detail(text), claims);
+                assert!(
+                    matches!(import, DiditError::ApiKeyRejected { status: 403, .. }),
+                    "import {text} (claims {claims:?}): {import:?}"
+                );
+                assert_eq!(import.disposition(), pause, "import: {text}");
+            }
+            // A token naming another application is that one message's problem, whatever the text.
+            assert!(
+                matches!(
+                    err_with(Import, 403, &detail(text), Some(&theirs)),
+                    DiditError::NotForApplication { .. }
+                ),
+                "{text} with a token for another application"
+            );
+        }
+        for code in [codes::PERMISSION_DENIED, "contract_billing_suspended"] {
+            let import = err(Import, 403, &json(code, "x"));
+            assert_eq!(import.disposition(), pause, "import code {code}");
+            assert_eq!(
+                err(Share, 403, &json(code, "x")).disposition(),
+                pause,
+                "share code {code}"
+            );
+        }
+        // Unchanged: already imported is a success, not for this application a dead letter, and a 403 that says
+        // nothing of the key stays `forbidden`.
+        for body in [
+            json(
+                codes::ALREADY_IMPORTED,
+                "You do not have permission to perform this action.",
+            ),
+            detail("Session has already been imported."),
+        ] {
+            assert_eq!(
+                err_with(Import, 403, &body, Some(&ours)).disposition(),
+                Disposition::Duplicate,
+                "{body}"
+            );
+        }
+        for body in [
+            json(
+                codes::TOKEN_NOT_FOR_APPLICATION,
+                "You do not have permission to perform this action.",
+            ),
+            detail("Token not intended for your application."),
+        ] {
+            assert!(matches!(
+                err_with(Import, 403, &body, Some(&ours)),
+                DiditError::NotForApplication { .. }
+            ));
+        }
+        assert_eq!(
+            err_with(
+                Import,
+                403,
+                &detail("Source session is locked."),
+                Some(&ours)
+            )
+            .disposition(),
+            Disposition::DeadLetter {
+                reason: "forbidden"
+            }
+        );
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //!
 //! - `X-Signature`: over the raw body bytes;
 //! - `X-Signature-V2`: over the canonical JSON of the parsed body (keys sorted recursively, integer-valued floats
-//!   shortened to integers, compact separators, raw UTF-8), so proxies that re-serialise the body do not break it;
+//!   shortened to integers, compact separators), so proxies that re-serialise the body do not break it. Didit's
+//!   code samples emit raw UTF-8, its header table calls the form "ASCII-escaped" (non-ASCII as `\uXXXX`, Python's
+//!   `ensure_ascii=True`); the two differ only for bodies with non-ASCII text (names such as "José"), so
+//!   [`verify_v2`] accepts either form and [`sign_v2`] signs the UTF-8 one (contract §9, conflict 1);
 //! - `X-Signature-Simple`: over `"{timestamp}:{session_id}:{status}:{webhook_type}"`.
 //!
 //! The sandbox signs with these functions and the issuer's webhook intake verifies with them. Verification compares
@@ -115,13 +118,45 @@ pub fn sign_simple(
     )
 }
 
-/// Verifies `X-Signature-V2` against a parsed body.
+/// The ASCII-escaped canonical form: [`canonical_json`] with every character outside `' '..='~'` written as
+/// `\uXXXX` (UTF-16 surrogate pairs above U+FFFF, lowercase hex), byte for byte what Python's
+/// `json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)` gives (DEL included). Outside
+/// strings canonical JSON is ASCII already, and control characters inside them are escaped the same way by
+/// serde_json and Python, so escaping the whole text is exact.
+pub fn canonical_json_ascii(value: &Value) -> String {
+    let canonical = canonical_json(value);
+    let mut out = String::with_capacity(canonical.len());
+    for c in canonical.chars() {
+        if (' '..='~').contains(&c) {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out
+}
+
+/// `X-Signature-V2` over the ASCII-escaped canonical form (what a sender following Didit's header table signs).
+pub fn sign_v2_ascii(secret: &str, body: &Value) -> String {
+    hmac_hex(secret.as_bytes(), canonical_json_ascii(body).as_bytes())
+}
+
+/// Verifies `X-Signature-V2` against a parsed body, in either canonical form (raw UTF-8 or ASCII-escaped). The
+/// escaped form is only tried when it differs, i.e. when the body has non-ASCII text.
 pub fn verify_v2(secret: &str, body: &Value, signature: &str) -> bool {
-    verify_hmac_hex(
-        secret.as_bytes(),
-        canonical_json(body).as_bytes(),
-        signature,
-    )
+    let canonical = canonical_json(body);
+    if verify_hmac_hex(secret.as_bytes(), canonical.as_bytes(), signature) {
+        return true;
+    }
+    !canonical.is_ascii()
+        && verify_hmac_hex(
+            secret.as_bytes(),
+            canonical_json_ascii(body).as_bytes(),
+            signature,
+        )
 }
 
 /// Verifies `X-Signature` against the raw body.
@@ -175,6 +210,42 @@ mod tests {
             ),
             "2165393b7cbed2a0f9eb6270090dac1011f6331e93164a309e9480ec43e3d779"
         );
+    }
+
+    /// The ASCII-escaped form of the contract's body, and its HMAC computed with Python 3:
+    /// `json.dumps(shorten_floats(body), sort_keys=True, separators=(",",":"), ensure_ascii=True)`
+    /// (the contract lists the same hex as the `ensure_ascii=True` variant).
+    const CANONICAL_ASCII: &str = r#"{"created_at":1753630666,"decision":{"face_matches":[{"score":91.5,"status":"Approved"}],"id_verifications":[{"age":45,"first_name":"Jos\u00e9","last_name":"M\u00fcller \u65e5\u672c","status":"Approved"}],"session_kind":"user"},"session_id":"11111111-2222-3333-4444-555555555555","status":"Approved","timestamp":1753630666,"vendor_data":"user-1","webhook_type":"status.updated","workflow_id":"9f9b1234-aaaa-bbbb-cccc-1234567890ab"}"#;
+    const V2_UTF8: &str = "e2154d28697b6e11f0468290adee90bee456f69f318423a7689b9d31fd067c84";
+    const V2_ASCII: &str = "b30fb25f432c665fd6c3d7153e661160a2c530bb58148fe71a564438f28b3cc7";
+
+    #[test]
+    fn v2_accepts_both_canonical_forms_and_nothing_else() {
+        let body: Value = serde_json::from_str(RAW).unwrap();
+        assert_eq!(canonical_json_ascii(&body), CANONICAL_ASCII);
+        assert_eq!(sign_v2(SECRET, &body), V2_UTF8);
+        assert_eq!(sign_v2_ascii(SECRET, &body), V2_ASCII);
+        assert!(verify_v2(SECRET, &body, V2_UTF8), "raw UTF-8 form");
+        assert!(verify_v2(SECRET, &body, V2_ASCII), "ASCII-escaped form");
+        assert!(!verify_v2("other", &body, V2_ASCII));
+        let mut changed = body.clone();
+        changed["status"] = Value::from("Declined");
+        assert!(!verify_v2(SECRET, &changed, V2_ASCII));
+        assert!(!verify_v2(SECRET, &changed, V2_UTF8));
+        // A non-BMP character (surrogate pair), DEL and a tab, as Python escapes them (HMAC from Python 3).
+        let odd = serde_json::json!({"name": "\u{1F600}\u{7f}\u{e9}", "n": "a\tb"});
+        assert_eq!(
+            canonical_json_ascii(&odd),
+            r#"{"n":"a\tb","name":"\ud83d\ude00\u007f\u00e9"}"#
+        );
+        assert!(verify_v2(
+            SECRET,
+            &odd,
+            "bfd9d38ed5fdaaed573b887e4dba89362a821cd09552989e8407976b2128493f"
+        ));
+        // An ASCII-only body has one form.
+        let plain = serde_json::json!({"a": 1});
+        assert_eq!(canonical_json_ascii(&plain), canonical_json(&plain));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Connections the sandbox can break on purpose: `drop_response_rate` (see [`super::limits`]) carries a request
 //! out in full and then resets the connection instead of answering, the way a load balancer or a network fault
-//! loses an answer. A handler cannot reach the TCP stream, so the listener hands every connection out with a
-//! [`ConnHandle`] (its connect info, in every request's extensions) sharing a switch with the stream: once the
+//! loses an answer. A handler cannot reach the TCP stream, so every connection is served wrapped ([`breakable`])
+//! with a [`ConnHandle`] (its connect info, in every request's extensions) sharing a switch with the stream: once the
 //! switch is thrown, the stream's next write fails and the socket closes with an RST, so the answer already
 //! written into hyper's buffers never leaves.
 
@@ -12,13 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A TCP listener whose connections can be reset from a handler.
-pub struct BreakableListener(pub TcpListener);
+use tokio::net::TcpStream;
 
 /// The connect info of one connection: the switch that breaks it.
 #[derive(Debug, Clone)]
@@ -33,34 +28,17 @@ impl ConnHandle {
     }
 }
 
-impl Listener for BreakableListener {
-    type Io = BreakableStream;
-    type Addr = ConnHandle;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (stream, _peer) = Listener::accept(&mut self.0).await;
-        let broken = Arc::new(AtomicBool::new(false));
-        (
-            BreakableStream {
-                inner: stream,
-                broken: Arc::clone(&broken),
-            },
-            ConnHandle { broken },
-        )
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        // Only to satisfy the trait: the sandbox reads its address from the TCP listener before wrapping it.
-        self.0.local_addr().map(|_| ConnHandle {
-            broken: Arc::default(),
-        })
-    }
-}
-
-impl Connected<IncomingStream<'_, BreakableListener>> for ConnHandle {
-    fn connect_info(stream: IncomingStream<'_, BreakableListener>) -> Self {
-        stream.remote_addr().clone()
-    }
+/// Wraps an accepted connection so that a handler can break it: the stream to serve, and the handle every request
+/// on it carries (as `ConnectInfo<ConnHandle>`).
+pub fn breakable(stream: TcpStream) -> (BreakableStream, ConnHandle) {
+    let broken = Arc::new(AtomicBool::new(false));
+    (
+        BreakableStream {
+            inner: stream,
+            broken: Arc::clone(&broken),
+        },
+        ConnHandle { broken },
+    )
 }
 
 /// A TCP stream that fails every write once its connection was broken.

@@ -131,6 +131,8 @@ pub struct SandboxOptions {
     pub fixture: Option<PathBuf>,
     /// Without a fixture: create `fintech-a` and `sponsor-bank`.
     pub default_applications: bool,
+    /// Connection bounds (the same server as the bridge's listeners, see [`crate::http_server`]).
+    pub http: crate::http_server::HttpLimits,
 }
 
 impl Default for SandboxOptions {
@@ -140,6 +142,7 @@ impl Default for SandboxOptions {
             writes_per_minute: 300,
             fixture: None,
             default_applications: true,
+            http: crate::http_server::HttpLimits::default(),
         }
     }
 }
@@ -224,13 +227,17 @@ impl Sandbox {
             tracker: TaskTracker::new(),
             base_url: base_url.clone(),
         });
-        let app = routes::router(Arc::clone(&shared))
-            .into_make_service_with_connect_info::<conn::ConnHandle>();
+        let app = routes::router(Arc::clone(&shared));
         let stop = shared.cancel.clone();
         let server = tokio::spawn(async move {
-            axum::serve(conn::BreakableListener(listener), app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
+            crate::http_server::serve_wrapped(
+                listener,
+                app,
+                options.http,
+                stop.cancelled_owned(),
+                conn::breakable,
+            )
+            .await
         });
         tracing::debug!(%base_url, "sandbox listening");
         Ok(Sandbox {

@@ -358,11 +358,12 @@ fn shown_keys(text: &str) -> BTreeSet<(String, String)> {
 fn config_example_mentions_every_key_including_optional_ones() {
     let text = example_text();
     let shown = shown_keys(&text);
-    let sections: [(&str, &str); 13] = [
+    let sections: [(&str, &str); 14] = [
         ("", "zz_unknown_probe = 1"),
         ("didit", "[didit]\nzz_unknown_probe = 1"),
         ("amqp", "[amqp]\nzz_unknown_probe = 1"),
         ("admin", "[admin]\nzz_unknown_probe = 1"),
+        ("http", "[http]\nzz_unknown_probe = 1"),
         ("retry", "[retry]\nzz_unknown_probe = 1"),
         ("ledger", "[ledger]\nzz_unknown_probe = 1"),
         ("log", "[log]\nzz_unknown_probe = 1"),

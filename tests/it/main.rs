@@ -18,4 +18,5 @@ mod reliability;
 mod replay_edges;
 mod sandbox;
 mod support;
+mod trust_edges;
 mod webhook_edges;
