@@ -171,6 +171,7 @@ async fn sigkill_mid_stream_and_restart_imports_each_session_once() {
     let status = bridge.exited_within(Duration::from_secs(20)).await;
     assert!(status.success(), "exit after SIGTERM: {status}");
     showing_log(&log, assert_exactly_once(&world, &amqp, &sessions)).await;
+    assert_no_secrets_in_log(&world, &log);
     results.stop();
     amqp.close().await;
     world.cleanup().await;

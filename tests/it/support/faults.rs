@@ -537,3 +537,36 @@ pub async fn republish(amqp: &Amqp, exchange: &str, routing_key: &str, got: &Got
         "republish to {exchange}/{routing_key} not routed: {confirm:?}"
     );
 }
+
+/// Fails when the binary's log holds a secret of `world` (either API key, the signing key) or anything shaped like a
+/// share token (every HS256 JWT starts `eyJ`, the base64 of `{"`): DESIGN's "no secret in logs", checked on a real
+/// run's whole output rather than on one error's text.
+pub fn assert_no_secrets_in_log(world: &World, log: &Path) {
+    let text = std::fs::read_to_string(log).expect("read the binary's log");
+    assert!(
+        !text.is_empty(),
+        "the binary wrote no log at {}",
+        log.display()
+    );
+    let secrets = [
+        (
+            "the issuer's API key",
+            world.issuer_app.api_key.expose().to_string(),
+        ),
+        (
+            "the partner's API key",
+            world.partner_app.api_key.expose().to_string(),
+        ),
+        ("the signing key", world.key.to_base64()),
+    ];
+    for (what, secret) in &secrets {
+        assert!(
+            !text.contains(secret.as_str()),
+            "{what} appears in {}",
+            log.display()
+        );
+    }
+    if let Some(line) = text.lines().find(|l| l.contains("eyJ")) {
+        panic!("a share token appears in {}: {line}", log.display());
+    }
+}
