@@ -928,3 +928,44 @@ fn the_example_configs_pass_check_config_against_the_sandbox_fixture() {
         );
     }
 }
+
+/// Every test that README.md and docs/guarantees.md name as the proof of a promise exists (`module::name` is
+/// `fn name` in `tests/it/module.rs`), so the list of guarantees cannot drift from the tests that hold them up.
+#[test]
+fn every_test_named_as_a_proof_exists() {
+    let root = repo();
+    let mut named = BTreeSet::new();
+    for doc in ["README.md", "docs/guarantees.md"] {
+        let text = std::fs::read_to_string(root.join(doc)).expect("read the doc");
+        for span in text.split('`').skip(1).step_by(2) {
+            if let Some((module, name)) = span.split_once("::")
+                && !module.is_empty()
+                && module.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                && name.len() > 12
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                named.insert((doc, module.to_string(), name.to_string()));
+            }
+        }
+    }
+    assert!(
+        named.len() >= 20,
+        "expected the guarantees to name their tests, found {}",
+        named.len()
+    );
+    let missing: Vec<String> = named
+        .iter()
+        .filter(|(_, module, name)| {
+            let file = root.join("tests/it").join(format!("{module}.rs"));
+            let source = std::fs::read_to_string(&file).unwrap_or_default();
+            !source.contains(&format!("fn {name}("))
+        })
+        .map(|(doc, module, name)| format!("{doc}: {module}::{name}"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "named as proofs but no such test: {missing:#?}"
+    );
+}
