@@ -16,10 +16,12 @@ use std::time::Duration;
 use partner_bridge::amqp::Names;
 use partner_bridge::app::Running;
 use partner_bridge::didit::wire::SessionKind;
-use partner_bridge::envelope::{ReshareRequest, ShareTokenEnvelope, SigningKey};
+use partner_bridge::envelope::{ReshareRequest, ShareTokenEnvelope, SigningKey, VerifyingKey};
 
 use crate::support::bridge::{Amqp, Got, World, metric_of};
-use crate::support::t_receiver::{Tap, drain_n};
+use crate::support::t_receiver::{
+    Tap, declare_issuer_queues, drain_n, hand_token, publish_signed, receiver_toml_with,
+};
 use crate::support::wait_for;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -307,5 +309,123 @@ async fn a_partner_without_keys_cannot_reshare_unless_explicitly_allowed() {
     drop(tap);
     amqp.close().await;
     issuer.stop().await.unwrap();
+    world.cleanup().await;
+}
+
+/// The receiver side: an expired token (the fault: `expires_at` in the past) makes the real receiver publish a
+/// `reshare.request` signed with `receiver.signing_key` — `x-pb-signature` over the exact body, `x-pb-key-id` its
+/// key id — that verifies against the public key an issuer configures for it. Without a signing key (the same
+/// receiver, key removed) the request goes out unsigned, which the issuer would refuse as `unsigned`.
+/// Old code: no headers at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_receiver_signs_its_reshare_requests_with_its_own_key() {
+    let world = World::new("rt-rx").await;
+    let amqp = Amqp::connect().await;
+    declare_issuer_queues(&world, &amqp).await;
+    let receiver = world.start_receiver(false).await;
+
+    let mut envelope = hand_token(&world, SessionKind::User, "Approved", Some("late")).await;
+    envelope.expires_at = chrono::Utc::now() - chrono::Duration::seconds(30);
+    publish_signed(&world, &amqp, &envelope).await;
+    let requests = drain_n(&amqp, &world.names.issuer_reshare_queue(), 1, WAIT).await;
+    assert_eq!(requests.len(), 1);
+    let got = &requests[0];
+    let request: ReshareRequest = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(request.source_session_id, envelope.source_session_id);
+    assert_eq!(got.header("x-pb-key-id"), Some(world.receiver_key.key_id()));
+    let signature = got.header("x-pb-signature").expect("signed");
+    let public =
+        VerifyingKey::from_base64(&world.receiver_key.verifying_key().to_base64()).unwrap();
+    public
+        .verify(&got.body, signature)
+        .expect("the signature covers the exact body");
+    assert!(
+        world
+            .key
+            .verifying_key()
+            .verify(&got.body, signature)
+            .is_err(),
+        "signed with the receiver's key, not the issuer's"
+    );
+    receiver.stop().await.unwrap();
+
+    // Without receiver.signing_key: unsigned (and check-config / the startup log warn about it).
+    let line = format!("signing_key = \"{}\"\n", world.receiver_key.to_base64());
+    let unsigned_toml = receiver_toml_with(&world, false, &[]).replacen(&line, "", 1);
+    assert!(!unsigned_toml.contains(&world.receiver_key.to_base64()));
+    let config = world.config(&unsigned_toml);
+    assert!(
+        config
+            .warnings()
+            .iter()
+            .any(|w| w.contains("receiver.signing_key_file is not set")),
+        "{:?}",
+        config.warnings()
+    );
+    let receiver = world.start(config).await;
+    let mut envelope = hand_token(&world, SessionKind::User, "Approved", Some("late2")).await;
+    envelope.expires_at = chrono::Utc::now() - chrono::Duration::seconds(30);
+    publish_signed(&world, &amqp, &envelope).await;
+    let requests = drain_n(&amqp, &world.names.issuer_reshare_queue(), 1, WAIT).await;
+    assert_eq!(requests[0].header("x-pb-signature"), None);
+    assert_eq!(requests[0].header("x-pb-key-id"), None);
+
+    amqp.close().await;
+    receiver.stop().await.unwrap();
+    world.cleanup().await;
+}
+
+/// Bad key material exits 64 naming the key (the binary turns a `ConfigError` into exit 64 with its key): a partner
+/// public key that is not base64 or not 32 bytes, an unreadable `public_key_files` entry, a receiver signing key
+/// that is no key. Listing two partner keys (rotation) is valid.
+#[tokio::test]
+async fn bad_reshare_keys_are_refused_naming_the_key() {
+    let world = World::new("rt-cfg").await;
+    let public = world.receiver_key.verifying_key().to_base64();
+    let issuer = world.issuer_toml();
+    let invalid = |toml: &str| {
+        partner_bridge::config::Config::from_toml(toml)
+            .expect("parses")
+            .validate()
+            .expect_err("invalid")
+            .key
+    };
+    let with_keys = |keys: &str| issuer.replacen(&format!("[\"{public}\"]"), keys, 1);
+    assert_eq!(
+        invalid(&with_keys(r#"["not base64!"]"#)),
+        "issuer.partners[0].public_keys[0]"
+    );
+    assert_eq!(
+        invalid(&with_keys(&format!(r#"["{public}", "AAAA"]"#))),
+        "issuer.partners[0].public_keys[1]"
+    );
+    let rotated = SigningKey::generate().verifying_key().to_base64();
+    let two = world.config(&with_keys(&format!(r#"["{public}", "{rotated}"]"#)));
+    assert_eq!(two.partner_public_keys(0).unwrap().len(), 2);
+    assert!(two.warnings().is_empty(), "{:?}", two.warnings());
+    let missing = issuer.replacen(
+        "share_vendor_data = true\n",
+        "share_vendor_data = true\npublic_key_files = [\"/nonexistent/sponsor-bank.pub\"]\n",
+        1,
+    );
+    assert_eq!(invalid(&missing), "issuer.partners[0].public_key_files[0]");
+
+    let receiver = world.receiver_toml(false);
+    let bad = receiver.replacen(&world.receiver_key.to_base64(), "c2hvcnQ=", 1);
+    assert_eq!(invalid(&bad), "receiver.signing_key");
+    // The environment override, as for every secret.
+    let env = std::collections::HashMap::from([(
+        "PARTNER_BRIDGE__RECEIVER__SIGNING_KEY".to_string(),
+        world.receiver_key.to_base64(),
+    )]);
+    let from_env = partner_bridge::config::Config::load(None, env).expect("loads");
+    assert_eq!(
+        from_env
+            .receiver_signing_key()
+            .unwrap()
+            .expect("a key from the environment")
+            .key_id(),
+        world.receiver_key.key_id()
+    );
     world.cleanup().await;
 }
