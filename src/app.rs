@@ -30,7 +30,7 @@ use crate::envelope::SigningKey;
 use crate::health::Health;
 use crate::issuer::mint::Minter;
 use crate::issuer::onboarding::OnboardingHandler;
-use crate::issuer::reshare::ReshareHandler;
+use crate::issuer::reshare::{ReshareHandler, ResharePartner};
 use crate::issuer::webhook::{self, WebhookState};
 use crate::ledger::Ledger;
 use crate::metrics::{Metrics, pipeline};
@@ -145,6 +145,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Starts every part of a validated configuration; `shutdown` stops it.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    for warning in config.warnings() {
+        tracing::warn!(%warning, "unsafe or incomplete configuration");
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
@@ -287,6 +290,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             health.clone(),
         ));
 
+        let mut reshare_partners = Vec::new();
+        for (i, partner) in config.issuer.partners.iter().enumerate() {
+            reshare_partners.push(ResharePartner {
+                config: partner.clone(),
+                keys: config.partner_public_keys(i)?,
+            });
+        }
         let reshare_pause =
             PauseControl::new(pipeline::ISSUER_RESHARE, health.clone(), metrics.clone());
         tasks.spawn(crate::probe::run(
@@ -309,7 +319,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             },
             Arc::new(ReshareHandler {
                 minter,
-                partners: config.issuer.partners.clone(),
+                partners: reshare_partners,
+                allow_unsigned: config.issuer.allow_unsigned_reshare,
                 max_reshares: config.issuer.max_reshares,
                 max_message_bytes: config.amqp.max_message_bytes,
             }),
@@ -375,7 +386,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let access = config.receiver_didit()?;
         let client = DiditClient::new(&access, metrics.clone())
             .map_err(|e| anyhow::anyhow!("cannot build the receiver's Didit client: {e}"))?;
-        tracing::info!(application_id = %access.application_id, "receiver role enabled");
+        let reshare_key = config.receiver_signing_key()?;
+        tracing::info!(application_id = %access.application_id, reshare_key_id = reshare_key.as_ref().map(|k| k.key_id()), "receiver role enabled");
         let mut peers = Vec::new();
         for (i, peer) in config.receiver.issuers.iter().enumerate() {
             peers.push(Peer {
@@ -417,6 +429,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 names: names.clone(),
                 application_id: access.application_id.clone(),
                 peers,
+                signing_key: reshare_key,
                 allow_unsigned: config.receiver.allow_unsigned,
                 allow_unknown_issuers: config.receiver.allow_unknown_issuers,
                 workflow_user: config.receiver.workflow_user.clone(),

@@ -72,7 +72,7 @@ pub enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
-    /// Create an Ed25519 key pair for signing share-token envelopes.
+    /// Create an Ed25519 key pair: an issuer signs share-token envelopes with it, a receiver its reshare requests.
     Keygen {
         /// Directory to write signing.key (mode 0600) and signing.pub into.
         #[arg(long)]

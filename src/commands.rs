@@ -60,6 +60,11 @@ pub enum Keygen {
 /// `keygen --out DIR`: writes `DIR/signing.key` (mode 0600) and `DIR/signing.pub`, both base64. Refuses to
 /// overwrite an existing key — losing a signing key means every receiver must be reconfigured — unless
 /// `if_missing`, which keeps the existing pair (and rewrites a missing `signing.pub` from it).
+///
+/// One format serves both sides: an issuer's pair signs `share_token` envelopes (`issuer.signing_key_file`, its
+/// `signing.pub` goes to each receiver's `[[receiver.issuers]] public_key_file`); a receiver's own pair signs its
+/// `reshare.request`s (`receiver.signing_key_file`, its `signing.pub` goes to each issuer's `[[issuer.partners]]
+/// public_keys` or `public_key_files`). A process running both roles uses two directories.
 pub fn keygen(dir: &Path, if_missing: bool) -> anyhow::Result<Keygen> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let key_path = dir.join("signing.key");

@@ -378,6 +378,9 @@ pub struct IssuerConfig {
     pub signing_key_file: Option<PathBuf>,
     /// Fresh tokens minted for one (session, partner) on reshare requests before they are refused.
     pub max_reshares: u32,
+    /// Accept reshare requests without a signature, and from partners with no `public_keys` (never in production:
+    /// anyone who can publish to the reshare exchange could then ask for tokens).
+    pub allow_unsigned_reshare: bool,
     /// Messages handled at once (default: `amqp.prefetch`).
     pub concurrency: Option<usize>,
     /// Broker for publishing share tokens, when it differs from `amqp.url` (two organisations).
@@ -400,6 +403,7 @@ impl Default for IssuerConfig {
             signing_key: None,
             signing_key_file: None,
             max_reshares: 3,
+            allow_unsigned_reshare: false,
             concurrency: None,
             tokens_url: None,
             tokens_url_file: None,
@@ -464,6 +468,13 @@ pub struct PartnerConfig {
     /// Whether `source_vendor_data` travels to this partner.
     #[serde(default)]
     pub share_vendor_data: bool,
+    /// The partner receiver's Ed25519 public keys (base64, its `signing.pub`), which its `reshare.request`s must be
+    /// signed with. Any listed key is accepted, so a receiver can rotate: list the new key, then drop the old one.
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    /// Files holding more such keys (as written by `keygen`), accepted like `public_keys`.
+    #[serde(default)]
+    pub public_key_files: Vec<PathBuf>,
 }
 
 fn default_ttl() -> u32 {
@@ -507,6 +518,12 @@ pub struct ReceiverConfig {
     pub vendor_data: String,
     /// Reshare requests for one session before an expired token is dead-lettered as `expired`.
     pub max_reshares: u32,
+    /// The receiver's own Ed25519 signing key (base64 of 32 bytes), inline; prefer `signing_key_file` or env
+    /// `PARTNER_BRIDGE__RECEIVER__SIGNING_KEY`. Signs `reshare.request`s; without it they go out unsigned, which
+    /// issuers refuse unless they set `issuer.allow_unsigned_reshare`.
+    pub signing_key: Option<Secret>,
+    /// A file with the receiver's signing key written by `partner-bridge keygen`.
+    pub signing_key_file: Option<PathBuf>,
     /// Accept envelopes without a signature (never in production).
     pub allow_unsigned: bool,
     /// Accept envelopes from issuers not listed below (never in production).
@@ -531,6 +548,8 @@ impl Default for ReceiverConfig {
             workflow_business: None,
             vendor_data: "{source_vendor_data}".into(),
             max_reshares: 3,
+            signing_key: None,
+            signing_key_file: None,
             allow_unsigned: false,
             allow_unknown_issuers: false,
             concurrency: None,
@@ -802,6 +821,7 @@ impl Config {
                     "must list at least one kind",
                 ));
             }
+            self.partner_public_keys(i)?;
         }
         if let Some(webhook) = &self.issuer.webhook {
             self.webhook_secret_source(webhook)?
@@ -881,6 +901,7 @@ impl Config {
             }
             self.issuer_public_key(i)?;
         }
+        self.receiver_signing_key()?;
         Ok(())
     }
 
@@ -1056,6 +1077,88 @@ impl Config {
         };
         crate::envelope::VerifyingKey::from_base64(text.trim())
             .map_err(|e| ConfigError::new(key, e.to_string()))
+    }
+
+    /// The decoded reshare keys of `issuer.partners[index]`: `public_keys`, then `public_key_files` (empty when
+    /// the partner has none; see [`Config::warnings`]).
+    pub fn partner_public_keys(
+        &self,
+        index: usize,
+    ) -> Result<Vec<crate::envelope::VerifyingKey>, ConfigError> {
+        let partner = &self.issuer.partners[index];
+        let mut keys = Vec::new();
+        for (j, text) in partner.public_keys.iter().enumerate() {
+            let key = crate::envelope::VerifyingKey::from_base64(text.trim()).map_err(|e| {
+                ConfigError::new(
+                    format!("issuer.partners[{index}].public_keys[{j}]"),
+                    e.to_string(),
+                )
+            })?;
+            keys.push(key);
+        }
+        for (j, path) in partner.public_key_files.iter().enumerate() {
+            let name = format!("issuer.partners[{index}].public_key_files[{j}]");
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(&name, format!("cannot read {}: {e}", path.display()))
+            })?;
+            let key = crate::envelope::VerifyingKey::from_base64(text.trim())
+                .map_err(|e| ConfigError::new(&name, e.to_string()))?;
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// The receiver's signing key for `reshare.request`s, when one is configured.
+    pub fn receiver_signing_key(&self) -> Result<Option<crate::envelope::SigningKey>, ConfigError> {
+        let (source, name) = match (&self.receiver.signing_key, &self.receiver.signing_key_file) {
+            (Some(k), _) => (SecretSource::Inline(k.clone()), "receiver.signing_key"),
+            (None, Some(f)) => (SecretSource::File(f.clone()), "receiver.signing_key_file"),
+            (None, None) => return Ok(None),
+        };
+        let secret = source
+            .load()
+            .map_err(|e| ConfigError::new(name, format!("cannot read: {e}")))?;
+        crate::envelope::SigningKey::from_base64(secret.expose())
+            .map(Some)
+            .map_err(|e| ConfigError::new(name, e.to_string()))
+    }
+
+    /// Valid but unsafe or incomplete settings, one sentence each, for `check-config` (stderr) and the startup log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.issuer.enabled {
+            for (i, p) in self.issuer.partners.iter().enumerate() {
+                if p.public_keys.is_empty() && p.public_key_files.is_empty() {
+                    out.push(if self.issuer.allow_unsigned_reshare {
+                        format!(
+                            "issuer.partners[{i}] ({}) has no public_keys: its reshare requests are accepted unverified (issuer.allow_unsigned_reshare)",
+                            p.name
+                        )
+                    } else {
+                        format!(
+                            "issuer.partners[{i}] ({}) has no public_keys: its reshare requests are refused (no_partner_key)",
+                            p.name
+                        )
+                    });
+                }
+            }
+            if self.issuer.allow_unsigned_reshare {
+                out.push(
+                    "issuer.allow_unsigned_reshare is set: unsigned reshare requests are honoured (never in production)"
+                        .into(),
+                );
+            }
+        }
+        if self.receiver.enabled
+            && self.receiver.signing_key.is_none()
+            && self.receiver.signing_key_file.is_none()
+        {
+            out.push(
+                "receiver.signing_key_file is not set: reshare requests go out unsigned and issuers refuse them (unsigned)"
+                    .into(),
+            );
+        }
+        out
     }
 
     /// How many messages the issuer handles at once.

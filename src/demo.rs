@@ -84,6 +84,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     );
 
     let key = SigningKey::generate();
+    // The receiver signs its reshare requests with its own key; the issuer lists the public half for the partner.
+    let receiver_key = SigningKey::generate();
     let issuer_config = Config::from_toml(&format!(
         r#"
 state_dir = "{state}/issuer"
@@ -111,6 +113,7 @@ ttl_seconds = 3600
 statuses = ["Approved", "In Review", "Declined"]
 session_kinds = ["user", "business"]
 share_vendor_data = true
+public_keys = ["{receiver_public}"]
 "#,
         state = state_dir.display(),
         base = sandbox.base_url(),
@@ -120,6 +123,7 @@ share_vendor_data = true
         issuer_admin = options.admin_listen,
         signing_key = key.to_base64(),
         partner_id = partner_app.application_id,
+        receiver_public = receiver_key.verifying_key().to_base64(),
     ))?;
     let receiver_admin = SocketAddr::new(
         options.admin_listen.ip(),
@@ -147,6 +151,7 @@ enabled = true
 workflow_user = "{wf_user}"
 workflow_business = "{wf_business}"
 vendor_data = "{{issuer}}:{{source_vendor_data}}"
+signing_key = "{receiver_key}"
 [[receiver.issuers]]
 name = "fintech-a"
 application_id = "{issuer_id}"
@@ -163,6 +168,7 @@ trust_review = {trust}
         issuer_id = issuer_app.application_id,
         public_key = key.verifying_key().to_base64(),
         trust = options.trust_review,
+        receiver_key = receiver_key.to_base64(),
     ))?;
     issuer_config.validate()?;
     receiver_config.validate()?;

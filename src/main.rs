@@ -71,7 +71,13 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             telemetry::init(config.log.format, &config.log.level);
             app::run(config).await?;
         }
-        Command::CheckConfig { config } => print!("{}", commands::check_config(&load(&config)?)),
+        Command::CheckConfig { config } => {
+            let config = load(&config)?;
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
+            print!("{}", commands::check_config(&config));
+        }
         Command::Sandbox {
             listen,
             fixture,

@@ -78,6 +78,8 @@ mod tests {
             statuses: statuses.iter().map(|s| s.to_string()).collect(),
             session_kinds: kinds.to_vec(),
             share_vendor_data: false,
+            public_keys: Vec::new(),
+            public_key_files: Vec::new(),
         }
     }
 

@@ -61,15 +61,16 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::Names;
 use crate::amqp::consumer::{Decision, Handler, Incoming};
 use crate::amqp::publisher::{Outgoing, Publisher};
+use crate::amqp::{HeaderValue, Names};
 use crate::config::RetryConfig;
 use crate::didit::client::{DiditClient, SessionQuery};
 use crate::didit::error::Disposition;
 use crate::didit::wire::{ImportRequest, SessionDecision, SessionSummary, ShareTokenClaims};
 use crate::envelope::{
-    self, ImportOutcome, ImportResult, Message, ReshareRequest, ShareTokenEnvelope, VerifyingKey,
+    self, ImportOutcome, ImportResult, Message, ReshareRequest, ShareTokenEnvelope, SigningKey,
+    VerifyingKey,
 };
 use crate::ledger::{Claim, ImportIntent, ImportRecord, IntentClaim, Ledger};
 use crate::metrics::{Metrics, pipeline};
@@ -113,6 +114,8 @@ pub(crate) struct TokenHandler {
     pub names: Names,
     pub application_id: String,
     pub peers: Vec<Peer>,
+    /// Signs `reshare.request`s (`receiver.signing_key_file`); `None` sends them unsigned.
+    pub signing_key: Option<SigningKey>,
     pub allow_unsigned: bool,
     pub allow_unknown_issuers: bool,
     pub workflow_user: Option<String>,
@@ -958,7 +961,23 @@ impl TokenHandler {
                 body: &body,
                 message_id: &message_id,
                 kind: envelope::types::RESHARE_REQUEST,
-                headers: Vec::new(),
+                // Signed like a token, so the issuer knows the request comes from this partner.
+                headers: self
+                    .signing_key
+                    .iter()
+                    .flat_map(|key| {
+                        [
+                            (
+                                envelope::HEADER_SIGNATURE.to_string(),
+                                HeaderValue::Str(key.sign(&body)),
+                            ),
+                            (
+                                envelope::HEADER_KEY_ID.to_string(),
+                                HeaderValue::Str(key.key_id().to_string()),
+                            ),
+                        ]
+                    })
+                    .collect(),
             })
             .await;
         match published {

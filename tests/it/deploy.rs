@@ -416,13 +416,21 @@ fn config_example_mentions_every_key_including_optional_ones() {
 // deploy/compose/: the demo stack's configs must pass the same validation `run` does, against the sandbox fixture.
 
 /// Loads a compose config with its container paths moved to where the files are here: compose secrets
-/// (`/run/secrets/NAME`) to `deploy/compose/sandbox-secrets/NAME`, the keygen volume to `keys`.
+/// (`/run/secrets/NAME`) to `deploy/compose/sandbox-secrets/NAME`, the keygen volume to `keys`, the receiver-keygen
+/// volume to `keys/receiver` (written here if missing).
 fn compose_config(name: &str, keys: &Path) -> Config {
+    let receiver_keys = keys.join("receiver");
+    partner_bridge::commands::keygen(&receiver_keys, true)
+        .expect("keygen, as the compose receiver-keygen service runs it");
     let secrets = repo().join("deploy/compose/sandbox-secrets");
     let text = std::fs::read_to_string(repo().join("deploy/compose").join(name))
         .unwrap_or_else(|e| panic!("deploy/compose/{name}: {e}"))
         .replace("/run/secrets/", &format!("{}/", secrets.display()))
-        .replace("/etc/partner-bridge/keys/", &format!("{}/", keys.display()));
+        .replace("/etc/partner-bridge/keys/", &format!("{}/", keys.display()))
+        .replace(
+            "/etc/partner-bridge/receiver-keys/",
+            &format!("{}/", receiver_keys.display()),
+        );
     let config = Config::from_toml(&text)
         .unwrap_or_else(|e| panic!("deploy/compose/{name} does not load: {e}"));
     config
@@ -517,6 +525,16 @@ fn compose_configs_validate_and_match_the_sandbox_fixture() {
             .key_id(),
         signing.key_id()
     );
+    // And the issuer verifies reshare requests with the key the receiver signs them with.
+    let reshare_key = receiver
+        .receiver_signing_key()
+        .expect("receiver signing key")
+        .expect("the compose receiver signs its reshare requests");
+    let partner_keys = issuer.partner_public_keys(0).expect("partner keys");
+    assert_eq!(partner_keys.len(), 1);
+    assert_eq!(partner_keys[0].key_id(), reshare_key.key_id());
+    assert!(issuer.warnings().is_empty(), "{:?}", issuer.warnings());
+    assert!(receiver.warnings().is_empty(), "{:?}", receiver.warnings());
 }
 
 /// The compose stack's wiring, end to end through the real sandbox loaded with the compose fixture: the issuer's

@@ -829,6 +829,18 @@ fn example_secrets() -> tempfile::TempDir {
         dir.path().join("secrets/receiver/fintech-a.pub"),
     )
     .unwrap();
+    // The receiver's own pair, for its reshare requests; the issuer verifies them with its signing.pub.
+    let keygen = Command::new(env!("CARGO_BIN_EXE_partner-bridge"))
+        .args(["keygen", "--out", "secrets/receiver"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{keygen:?}");
+    std::fs::copy(
+        dir.path().join("secrets/receiver/signing.pub"),
+        dir.path().join("secrets/issuer/sponsor-bank.pub"),
+    )
+    .unwrap();
     dir
 }
 
@@ -879,6 +891,10 @@ fn the_example_configs_pass_check_config_against_the_sandbox_fixture() {
         assert!(
             checked.status.success() && stdout.starts_with("# configuration is valid"),
             "{file}: {checked:?}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&checked.stderr).contains("warning"),
+            "{file} warns: {checked:?}"
         );
         let shown = run_binary(&["topology", "show", "--config", config], secrets.path());
         assert!(shown.status.success(), "{shown:?}");

@@ -1342,9 +1342,16 @@ async fn reshare_requests_mint_fresh_tokens_up_to_max_reshares() {
         let amqp = &amqp;
         let exchange = world.names.reshare_exchange();
         let key = Names::reshare_key(&world.issuer_app.application_id);
+        let world = &world;
         async move {
-            amqp.publish(&exchange, &key, &serde_json::to_vec(&r).unwrap(), &[])
-                .await
+            // Signed by the receiver's key, as a real receiver does (issue #9: unsigned requests are refused).
+            let body = serde_json::to_vec(&r).unwrap();
+            let signature = world.receiver_key.sign(&body);
+            let headers = [
+                ("x-pb-signature", signature.as_str()),
+                ("x-pb-key-id", world.receiver_key.key_id()),
+            ];
+            amqp.publish(&exchange, &key, &body, &headers).await
         }
     };
     let received = "partner_bridge_reshare_requests_total{direction=\"received\"}";
@@ -1376,7 +1383,7 @@ async fn reshare_requests_mint_fresh_tokens_up_to_max_reshares() {
 
     // A third reshare is over issuer.max_reshares = 2: dead-lettered for an operator.
     send(request(&session, &sponsor_id, 3, &third.message_id)).await;
-    // A session this bridge never shared (its ledger row pruned, say): what the token says comes from Didit.
+    // A session this bridge never shared with the partner (or its ledger row was pruned): refused, never minted.
     let unknown = world
         .session(SessionKind::Business, "IN_REVIEW", "company-r")
         .await;
@@ -1385,10 +1392,10 @@ async fn reshare_requests_mint_fresh_tokens_up_to_max_reshares() {
     let stranger = uuid::Uuid::new_v4().to_string();
     send(request(&session, &stranger, 1, &third.message_id)).await;
 
-    let copies = dead.wait_count(2).await;
+    let copies = dead.wait_count(3).await;
     let mut reasons: Vec<String> = copies.iter().map(Taken::reason).collect();
     reasons.sort();
-    assert_eq!(reasons, ["reshare_limit", "unknown_partner"]);
+    assert_eq!(reasons, ["not_shared", "reshare_limit", "unknown_partner"]);
     let limit = copies
         .iter()
         .find(|c| c.reason() == "reshare_limit")
@@ -1396,24 +1403,19 @@ async fn reshare_requests_mint_fresh_tokens_up_to_max_reshares() {
     let refused: ReshareRequest = serde_json::from_slice(&limit.body).unwrap();
     assert_eq!(refused.attempt, 3);
 
-    let tokens = tap.wait_count(4).await;
-    let fresh = tokens
-        .iter()
-        .map(Taken::envelope)
-        .find(|e| e.source_session_id == unknown)
-        .expect("a token for the session known only to Didit");
-    assert_eq!(fresh.session_kind, SessionKind::Business);
-    assert_eq!(fresh.source_status, "IN_REVIEW");
-    assert_eq!(fresh.source_vendor_data.as_deref(), Some("company-r"));
-    assert_eq!(fresh.event_id, "reshare:a-pruned-message-id");
-
     wait_metric(&issuer, received, 6.0).await;
     assert_eq!(
         tap.now().await.len(),
-        4,
-        "three tokens for the session, one for the other"
+        3,
+        "three tokens for the session, none for the one never shared"
     );
-    assert_eq!(world.control.stats().await.unwrap().shares, 4);
+    assert!(
+        tap.now()
+            .await
+            .iter()
+            .all(|t| t.envelope().source_session_id != unknown)
+    );
+    assert_eq!(world.control.stats().await.unwrap().shares, 3);
     assert_eq!(
         metric_of(&issuer, &dead_lettered(&reshare_queue, "reshare_limit")),
         1.0

@@ -16,6 +16,7 @@ mod ops;
 mod receiver;
 mod reliability;
 mod replay_edges;
+mod reshare_trust;
 mod sandbox;
 mod support;
 mod trust_edges;

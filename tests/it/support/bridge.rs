@@ -284,6 +284,8 @@ pub struct World {
     pub partner_app: ApplicationInfo,
     /// The issuer's signing key.
     pub key: SigningKey,
+    /// The receiver's signing key (its `reshare.request`s); the issuer lists its public key for the partner.
+    pub receiver_key: SigningKey,
     /// The AMQP prefix.
     pub prefix: String,
     /// Names under the prefix.
@@ -349,6 +351,7 @@ impl World {
             issuer_app,
             partner_app,
             key: SigningKey::generate(),
+            receiver_key: SigningKey::generate(),
             prefix,
             dir: tempfile::tempdir().unwrap(),
             retry_delay_ms: 300,
@@ -421,6 +424,7 @@ ttl_seconds = 3600
 statuses = ["Approved", "In Review", "Declined"]
 session_kinds = ["user", "business"]
 share_vendor_data = true
+public_keys = ["{receiver_public}"]
 "#,
             common = self.common_toml(
                 "issuer",
@@ -429,6 +433,7 @@ share_vendor_data = true
             ),
             key = self.key.to_base64(),
             partner = self.partner_app.application_id,
+            receiver_public = self.receiver_key.verifying_key().to_base64(),
         )
     }
 
@@ -442,6 +447,7 @@ workflow_user = "{wf_user}"
 workflow_business = "{wf_business}"
 vendor_data = "{{issuer}}:{{source_vendor_data}}"
 max_reshares = 3
+signing_key = "{receiver_key}"
 [[receiver.issuers]]
 name = "fintech-a"
 application_id = "{issuer}"
@@ -457,6 +463,7 @@ trust_review = {trust_review}
             wf_business = self.partner_app.workflows.business,
             issuer = self.issuer_app.application_id,
             public = self.key.verifying_key().to_base64(),
+            receiver_key = self.receiver_key.to_base64(),
         )
     }
 
