@@ -70,12 +70,7 @@ impl Handler for ReshareHandler {
             .await
         {
             Ok(previous) => previous,
-            Err(e) => {
-                return Decision::Retry {
-                    detail: format!("ledger: {e}"),
-                    headers: Vec::new(),
-                };
-            }
+            Err(e) => return crate::probe::ledger_decision(&e),
         };
         let reshares = previous.as_ref().map(|p| p.reshares).unwrap_or(0);
         if request.attempt > self.max_reshares || reshares >= self.max_reshares {

@@ -31,7 +31,7 @@ use crate::didit::wire::{ImportRequest, SessionDecision, ShareTokenClaims};
 use crate::envelope::{
     self, ImportOutcome, ImportResult, Message, ReshareRequest, ShareTokenEnvelope, VerifyingKey,
 };
-use crate::ledger::{Claim, ImportRecord, Ledger};
+use crate::ledger::{Claim, ImportRecord, LeaseKey, Ledger};
 use crate::metrics::{Metrics, pipeline};
 use crate::receiver::outcome::{outcome_for_reason, render_vendor_data, workflow_for};
 use crate::retry::{Failure, with_backoff};
@@ -227,10 +227,7 @@ impl TokenHandler {
                 Ok(Claim::Busy { until }) => until,
                 Err(e) => {
                     self.metrics.import(&job.peer.name, "retried");
-                    return Decision::Retry {
-                        detail: format!("ledger: {e}"),
-                        headers: Vec::new(),
-                    };
+                    return crate::probe::ledger_decision(&e);
                 }
             };
             let wait = (until - Utc::now())
@@ -246,6 +243,15 @@ impl TokenHandler {
             }
             tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
         }
+        // Renewed while this delivery works on the session; lapses within `ledger.lease_ms` if the process dies.
+        let _alive = self.ledger.keep_alive(
+            LeaseKey::Import {
+                issuer_application_id: job.peer.application_id.clone(),
+                source_session_id: envelope.source_session_id.clone(),
+            },
+            &holder,
+            self.lease,
+        );
 
         let now = Utc::now();
         let expired_by_claim = claims
@@ -539,12 +545,7 @@ impl TokenHandler {
             .await
         {
             Ok(n) => n,
-            Err(e) => {
-                return Decision::Retry {
-                    detail: format!("ledger: {e}"),
-                    headers: Vec::new(),
-                };
-            }
+            Err(e) => return crate::probe::ledger_decision(&e),
         };
         if attempt > self.max_reshares {
             return self
