@@ -10,6 +10,7 @@ mod didit_client;
 mod e2e;
 mod issuer;
 mod ledger;
+mod ledger_edges;
 mod ops;
 mod receiver;
 mod reliability;
