@@ -148,3 +148,25 @@ async fn probe_ledger(
         delay = (delay * 2).min(LEDGER_MAX_DELAY);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unavailable_ledger_pauses_and_damage_retries() {
+        for e in [
+            LedgerError::Io("disk full".into()),
+            LedgerError::Unavailable("no answer to claim_import within 3000 ms".into()),
+        ] {
+            assert!(
+                matches!(ledger_decision(&e), Decision::Pause { reason: LEDGER, .. }),
+                "{e:?}"
+            );
+        }
+        assert!(matches!(
+            ledger_decision(&LedgerError::Corrupt("bad kind".into())),
+            Decision::Retry { .. }
+        ));
+    }
+}

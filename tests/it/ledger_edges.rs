@@ -413,3 +413,114 @@ async fn second_process_on_the_same_state_dir_is_refused() {
     amqp.close().await;
     world.cleanup().await;
 }
+
+/// Both backends: a renewal extends only the holder's lease, and a kept-alive lease outlives its length while its
+/// keeper lives, then lapses once the keeper is dropped (the handler ended, or its process died).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_renewed_while_kept_alive_and_lapse_after() {
+    use partner_bridge::ledger::{Claim, LeaseKey, Ledger};
+    use partner_bridge::secret::SecretUrl;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgSchema::create("edge_renew").await;
+    let urls = [
+        format!("sqlite://{}", dir.path().join("l.sqlite3").display()),
+        pg.url_via(&postgres_address()),
+    ];
+    for url in urls {
+        let ledger = Ledger::open(&SecretUrl::new(url)).await.unwrap();
+        let lease = Duration::from_millis(600);
+        let now = chrono::Utc::now();
+        let claim = ledger
+            .claim_import("i", "s", "a", lease, now)
+            .await
+            .unwrap();
+        assert_eq!(
+            claim,
+            Claim::Acquired { previous: None },
+            "{}",
+            ledger.backend()
+        );
+        // Only the holder renews.
+        let later = now + chrono::Duration::seconds(60);
+        assert!(!ledger.renew_import("i", "s", "b", later).await.unwrap());
+        assert!(ledger.renew_import("i", "s", "a", later).await.unwrap());
+        assert!(matches!(
+            ledger
+                .claim_import("i", "s", "b", lease, now + chrono::Duration::seconds(30))
+                .await
+                .unwrap(),
+            Claim::Busy { .. }
+        ));
+        assert!(
+            !ledger.renew_share("s", "p", "a", later).await.unwrap(),
+            "no such share claim"
+        );
+
+        // Kept alive: still busy for others well past its 600 ms; dropped: lapses within one lease.
+        let now = chrono::Utc::now();
+        assert!(matches!(
+            ledger
+                .claim_share("s2", "p", "a", lease, Duration::ZERO, None, now)
+                .await
+                .unwrap(),
+            Claim::Acquired { .. }
+        ));
+        let key = LeaseKey::Share {
+            source_session_id: "s2".into(),
+            partner_application_id: "p".into(),
+        };
+        let keeper = ledger.keep_alive(key, "a", lease);
+        let claim_b = || async {
+            ledger
+                .claim_share(
+                    "s2",
+                    "p",
+                    "b",
+                    lease,
+                    Duration::ZERO,
+                    None,
+                    chrono::Utc::now(),
+                )
+                .await
+                .unwrap()
+        };
+        let until = std::time::Instant::now() + Duration::from_millis(1800);
+        while std::time::Instant::now() < until {
+            assert!(
+                matches!(claim_b().await, Claim::Busy { .. }),
+                "{}: a kept-alive lease was taken over",
+                ledger.backend()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(keeper);
+        wait_for(
+            "the dropped lease to lapse",
+            Duration::from_secs(5),
+            || async { matches!(claim_b().await, Claim::Acquired { .. }).then_some(()) },
+        )
+        .await;
+    }
+}
+
+/// The new `[ledger]` keys are validated, naming the key (exit 64 in `main`).
+#[test]
+fn ledger_timeout_and_lease_keys_are_validated() {
+    use partner_bridge::config::Config;
+    for (section, key) in [
+        ("timeout_ms = 10", "ledger.timeout_ms"),
+        ("lease_ms = 10", "ledger.lease_ms"),
+        ("timeout_ms = 5000\nlease_ms = 6000", "ledger.lease_ms"),
+    ] {
+        // A role enabled, so that validation reaches `[ledger]` (the role's own keys are checked after it).
+        let config = Config::from_toml(&format!(
+            "[receiver]\nenabled = true\n[ledger]\n{section}\n"
+        ))
+        .expect("parses");
+        let err = config.validate().expect_err("invalid");
+        assert_eq!(err.key, key, "{section}");
+    }
+    let ok = Config::from_toml("[ledger]\ntimeout_ms = 2000\nlease_ms = 6000\n").unwrap();
+    assert_eq!(ok.ledger.lease(), Duration::from_secs(6));
+}
