@@ -52,7 +52,8 @@ pub enum LedgerError {
     #[error("cannot open the ledger: {0}")]
     Open(String),
     /// A read or write failed (disk full, read-only file, database locked too long, connection lost). Transient:
-    /// the message that needed the ledger must not be acked; retry it later.
+    /// the message that needed the ledger must not be acked; the pipeline pauses until the ledger answers again
+    /// (see [`LedgerError::is_unavailable`]).
     #[error("ledger I/O failed: {0}")]
     Io(String),
     /// The ledger did not answer within its time limit (`ledger.timeout_ms`): a hung server, a frozen network, a
