@@ -233,7 +233,7 @@ impl Default for LedgerConfig {
             url: None,
             retention_days: 30,
             timeout_ms: 3000,
-            lease_ms: 9000,
+            lease_ms: 6000,
         }
     }
 }

@@ -104,7 +104,7 @@ async fn run(
         })
         .await?;
 
-    let measured = measure(world, prefix, pg, events, &mut children).await;
+    let measured = measure(world, prefix, schema, pg, events, &mut children).await;
     let _ = world.control.clear_faults().await;
     for child in children {
         let _ = child.terminate().await;
@@ -149,6 +149,7 @@ async fn run(
 async fn measure(
     world: &BenchWorld,
     prefix: &str,
+    schema: &str,
     pg: &tokio_postgres::Client,
     events: usize,
     children: &mut [Child],
@@ -190,8 +191,10 @@ async fn measure(
     let killed_at_imports = imported().await;
     let live: Vec<(String, String)> = pg
         .query(
-            "SELECT issuer_application_id, source_session_id FROM imports
-             WHERE imported_at IS NULL AND lease_holder IS NOT NULL AND lease_until > $1",
+            &format!(
+                "SELECT issuer_application_id, source_session_id FROM {schema}.imports
+             WHERE imported_at IS NULL AND lease_holder IS NOT NULL AND lease_until > $1"
+            ),
             &[&killed],
         )
         .await?
@@ -211,8 +214,8 @@ async fn measure(
     let last = loop {
         let rows = pg
             .query(
-                "SELECT count(*)::BIGINT, count(imported_at)::BIGINT, max(imported_at) FROM imports
-                 WHERE source_session_id = ANY($1)",
+                &format!("SELECT count(*)::BIGINT, count(imported_at)::BIGINT, max(imported_at) FROM {schema}.imports
+                 WHERE source_session_id = ANY($1)"),
                 &[&ids],
             )
             .await?;
