@@ -17,6 +17,8 @@
 //!    ≤ 64 MiB under load).
 //! 6. **webhook** (e) — `POST /webhooks/didit` from many keep-alive HTTP/1.1 clients, each body signed with
 //!    `X-Signature-V2`, each answered 200 only after the broker confirmed its event (bar ≥ 5,000 per second).
+//! 7. **failover** — two receiver replicas on one PostgreSQL ledger, one SIGKILLed mid-stream: the time from the
+//!    kill to the last of its sessions imported by the other (bar ≤ 10 s, reported). See [`failover`].
 //!
 //! Progress goes to stderr; the last line of stdout is one JSON object with every figure, its bar and pass/fail.
 //! Sizes come from the environment (see [`Settings::from_env`]). Every name the bench declares on the broker
@@ -107,11 +109,12 @@ impl Settings {
     /// `PB_BENCH_PREFETCH` (64: the bridges' `amqp.prefetch`, hence their concurrency), `PB_BENCH_LATENCY_MS`
     /// (200), `PB_BENCH_LATENCY_EVENTS` (20 × prefetch, scenario b throughput), `PB_BENCH_OPEN_LOOP_SECONDS` (20),
     /// `PB_BENCH_MEMORY_EVENTS` (3000, through the binaries), `PB_BENCH_WEBHOOKS` (20000),
-    /// `PB_BENCH_WEBHOOK_CLIENTS` (64), `PB_BENCH_SCENARIOS` (comma list of ceiling, zero, latency, binary,
-    /// webhook; default all).
+    /// `PB_BENCH_WEBHOOK_CLIENTS` (64), `PB_BENCH_FAILOVER_EVENTS` (600), `PB_BENCH_FAILOVER_LATENCY_MS` (200),
+    /// `PB_BENCH_POSTGRES_URL` (the failover's shared ledger), `PB_BENCH_SCENARIOS` (comma list of ceiling, zero,
+    /// latency, binary, webhook, failover; default all).
     fn from_env() -> anyhow::Result<Settings> {
         let prefetch: u16 = env_or("PB_BENCH_PREFETCH", 64)?;
-        let all = "ceiling,zero,latency,binary,webhook";
+        let all = "ceiling,zero,latency,binary,webhook,failover";
         let scenarios: BTreeSet<String> = env_or("PB_BENCH_SCENARIOS", all.to_string())?
             .split(',')
             .map(|s| s.trim().to_string())
@@ -151,6 +154,9 @@ macro_rules! progress {
         eprintln!("[bench {:>7.1}s] {}", started().elapsed().as_secs_f64(), format!($($arg)*))
     };
 }
+
+#[path = "pipeline/failover.rs"]
+mod failover;
 
 fn started() -> &'static Instant {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -486,6 +492,19 @@ async fn run(settings: &Settings, cleanup: &mut Cleanup) -> anyhow::Result<Value
         )
         .await?;
         report.insert("webhook".into(), value);
+    }
+
+    // 7. A replica SIGKILLed: how soon its peer on the shared ledger finishes its sessions.
+    if settings.runs("failover") {
+        let value = failover::failover_phase(
+            settings,
+            &world,
+            &format!("{base}-failover"),
+            cleanup,
+            &mut passes,
+        )
+        .await?;
+        report.insert("failover".into(), value);
     }
 
     world.sandbox.shutdown().await;

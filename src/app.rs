@@ -38,7 +38,7 @@ use crate::receiver::tokens::{Peer, TokenHandler};
 use crate::secret::SecretUrl;
 
 /// How often the ledger is checked for writability (readiness) and pruned.
-const LEDGER_CHECK_EVERY: Duration = Duration::from_secs(10);
+const LEDGER_CHECK_EVERY: Duration = Duration::from_secs(2);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// How often the token publisher's idle link is checked for a lost connection.
 /// The health part that keeps `/readyz` at 503 until `start` has created every part that gates readiness.
@@ -52,6 +52,8 @@ pub const DRAIN_MARGIN: Duration = Duration::from_secs(5);
 
 /// A running bridge.
 pub struct Running {
+    /// The exclusive lock on `state_dir`, held until the process ends (see [`lock_state_dir`]).
+    _state_lock: std::fs::File,
     admin_addr: SocketAddr,
     webhook_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
@@ -149,6 +151,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tracing::warn!(%warning, "unsafe or incomplete configuration");
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let state_lock = lock_state_dir(&config.state_dir)?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
     // Not ready until every part below has registered: the admin server answers from the start, and without this
@@ -170,7 +173,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     health.not_ready("ledger", "opening");
     let ledger_url = config.ledger_url();
-    let ledger = Ledger::open(&ledger_url)
+    let ledger = Ledger::open_with_timeout(&ledger_url, config.ledger.timeout())
         .await
         .with_context(|| format!("cannot open the ledger at {}", ledger_url.redacted()))?;
     ledger
@@ -199,9 +202,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let settings = QueueSettings::from_config(&config.amqp);
     let amqp_url = config.amqp_url()?;
     let confirm_timeout = Duration::from_millis(config.amqp.confirm_timeout_ms);
-    let lease = config.retry.hold_max()
-        + Duration::from_millis(2 * config.didit.timeout_ms + config.amqp.confirm_timeout_ms)
-        + Duration::from_secs(5);
+    // Short, and renewed while its work lives (see `Ledger::keep_alive`): a dead replica's keys move within it.
+    let lease = config.ledger.lease();
     let mut links = Vec::new();
     let mut pipelines = Vec::new();
     let mut queues = Vec::new();
@@ -262,6 +264,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tasks.spawn(crate::probe::run(
             onboarding_pause.clone(),
             client.clone(),
+            ledger.clone(),
             pipeline::ISSUER_ONBOARDING,
             shutdown.clone(),
         ));
@@ -302,6 +305,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tasks.spawn(crate::probe::run(
             reshare_pause.clone(),
             client.clone(),
+            ledger.clone(),
             pipeline::ISSUER_RESHARE,
             shutdown.clone(),
         ));
@@ -407,6 +411,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tasks.spawn(crate::probe::run(
             pause.clone(),
             client.clone(),
+            ledger.clone(),
             pipeline::RECEIVER_TOKENS,
             shutdown.clone(),
         ));
@@ -472,6 +477,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     health.remove(STARTUP_PART);
 
     Ok(Running {
+        _state_lock: state_lock,
         admin_addr,
         webhook_addr,
         metrics,
@@ -483,6 +489,55 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         admin_task,
         grace,
     })
+}
+
+/// The lock file inside `state_dir`.
+pub const STATE_LOCK_FILE: &str = "partner-bridge.lock";
+
+/// Takes an exclusive lock on `state_dir` (creating it when missing), or fails naming the process that holds it.
+///
+/// One directory, one process: the embedded ledger voids every lease it finds at start-up ("leases of the previous
+/// run"), which is right only if no other live process can hold one; two processes on one SQLite file would also
+/// fight over its writer lock. The lock is an OS file lock (`flock`), so it dies with its process however that
+/// ends (SIGKILL included): a restarted replica is never locked out by its own dead predecessor.
+pub fn lock_state_dir(state_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create state_dir {}", state_dir.display()))?;
+    let path = state_dir.join(STATE_LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open the state_dir lock {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {holder})")
+            };
+            anyhow::bail!(
+                "state_dir {} is in use by another partner-bridge process{holder}: each process needs a state_dir                  of its own (replicas share a PostgreSQL ledger, never a state_dir)",
+                state_dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    // Who holds it, for the message above; best effort.
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = write!(file, "{}", std::process::id());
+    let _ = file.flush();
+    Ok(file)
 }
 
 /// Everything the configured roles declare, on every broker they use (for `topology show|declare` and cleanup).

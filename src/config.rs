@@ -306,6 +306,12 @@ pub struct LedgerConfig {
     pub url: Option<SecretUrl>,
     /// Rows older than this are pruned.
     pub retention_days: u32,
+    /// The longest one ledger call may take (also PostgreSQL's `statement_timeout`); past it the ledger counts as
+    /// unavailable and the pipelines pause.
+    pub timeout_ms: u64,
+    /// How long a claim on a key lasts without renewal. A live handler renews it every third of this; a replica
+    /// that died leaves its keys to the others after at most this long.
+    pub lease_ms: u64,
 }
 
 impl Default for LedgerConfig {
@@ -313,7 +319,21 @@ impl Default for LedgerConfig {
         Self {
             url: None,
             retention_days: 30,
+            timeout_ms: 3000,
+            lease_ms: 6000,
         }
+    }
+}
+
+impl LedgerConfig {
+    /// The longest one ledger call may take.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// How long a claim lasts without renewal.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
     }
 }
 
@@ -710,6 +730,25 @@ impl Config {
             return Err(ConfigError::new(
                 "ledger.retention_days",
                 "must be at least 1",
+            ));
+        }
+        if !(100..=60_000).contains(&self.ledger.timeout_ms) {
+            return Err(ConfigError::new(
+                "ledger.timeout_ms",
+                "must be between 100 and 60000",
+            ));
+        }
+        if !(1_000..=600_000).contains(&self.ledger.lease_ms) {
+            return Err(ConfigError::new(
+                "ledger.lease_ms",
+                "must be between 1000 and 600000",
+            ));
+        }
+        // A renewal (every third of the lease) that takes up to the timeout must still land before the lease ends.
+        if self.ledger.timeout_ms * 3 > self.ledger.lease_ms * 2 {
+            return Err(ConfigError::new(
+                "ledger.lease_ms",
+                "must be at least 1.5 × ledger.timeout_ms, so that a slow renewal still lands in time",
             ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)

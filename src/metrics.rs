@@ -144,7 +144,7 @@ pub struct PipelineLabels {
 pub struct PausedLabels {
     /// One of [`pipeline::ALL`].
     pub pipeline: &'static str,
-    /// `credentials` or `workflow_missing`.
+    /// `credentials`, `workflow_missing` or `ledger`.
     pub reason: &'static str,
 }
 
@@ -226,7 +226,7 @@ pub const EXTRA_IMPORT_OUTCOMES: [&str; 5] = [
 /// Publisher confirm results.
 pub const CONFIRM_RESULTS: [&str; 5] = ["ack", "nack", "returned", "timeout", "error"];
 /// Pause reasons.
-pub const PAUSE_REASONS: [&str; 2] = ["credentials", "workflow_missing"];
+pub const PAUSE_REASONS: [&str; 3] = ["credentials", "workflow_missing", "ledger"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -348,7 +348,7 @@ impl Metrics {
         );
         registry.register(
             "paused",
-            "1 while a pipeline is paused (credentials rejected, workflow missing)",
+            "1 while a pipeline is paused (credentials rejected, workflow missing, ledger unavailable)",
             m.paused.clone(),
         );
         registry.register(

@@ -4,6 +4,11 @@
 //! ends it:
 //! - `credentials`: re-read the key (a rotated Kubernetes secret or replaced file is picked up) and ask Didit with a
 //!   cheap authenticated call, with exponential backoff; resume when the key is accepted.
+//! - `ledger`: the ledger failed or did not answer in time (a PostgreSQL failover, a hung server, a locked or
+//!   unwritable SQLite file). Probe it with its own writability check, with backoff (at most [`LEDGER_MAX_DELAY`]
+//!   apart, so work resumes within seconds of the ledger coming back); resume when it answers. Handlers turn a ledger
+//!   error into this pause through [`ledger_decision`], so that an outage costs no delivery attempt and
+//!   dead-letters nothing.
 //! - `workflow_missing` (and anything else): there is no cheap call that proves a workflow exists, so the probe is the
 //!   real work: resume after a wait.
 //!
@@ -16,8 +21,32 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::consumer::PauseControl;
+use crate::amqp::consumer::{Decision, PauseControl};
 use crate::didit::client::DiditClient;
+use crate::ledger::{Ledger, LedgerError};
+
+/// The pause reason (and `paused{reason}` label) of a ledger outage.
+pub const LEDGER: &str = "ledger";
+
+/// The longest wait between two probes of an unavailable ledger.
+pub const LEDGER_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// What a handler does with a message whose ledger call failed: the ledger being down or slow is not the message's
+/// fault, so pause (the message waits in the retry queue without counting an attempt); damaged ledger data will not
+/// heal by waiting, so that one message goes the ordinary retry way (and ends dead-lettered if it stays damaged).
+pub fn ledger_decision(e: &LedgerError) -> Decision {
+    if e.is_unavailable() {
+        Decision::Pause {
+            reason: LEDGER,
+            detail: e.to_string(),
+        }
+    } else {
+        Decision::Retry {
+            detail: format!("ledger: {e}"),
+            headers: Vec::new(),
+        }
+    }
+}
 
 const FIRST_DELAY: Duration = Duration::from_millis(500);
 const MAX_DELAY: Duration = Duration::from_secs(60);
@@ -28,6 +57,7 @@ const STABLE_AFTER: Duration = Duration::from_secs(30);
 pub async fn run(
     pause: PauseControl,
     client: DiditClient,
+    ledger: Ledger,
     pipeline: &'static str,
     shutdown: CancellationToken,
 ) {
@@ -40,6 +70,16 @@ pub async fn run(
         };
         if last_resume.is_some_and(|t| t.elapsed() > STABLE_AFTER) {
             episode_delay = FIRST_DELAY;
+        }
+        if reason == LEDGER {
+            // The probe is exact (a real write), so there is no need to grow the wait between episodes.
+            if !probe_ledger(&ledger, pipeline, &shutdown).await {
+                return;
+            }
+            tracing::info!(pipeline, reason, "ledger answers again; resuming pipeline");
+            last_resume = Some(Instant::now());
+            pause.resume();
+            continue;
         }
         tracing::warn!(
             pipeline,
@@ -80,5 +120,53 @@ pub async fn run(
         tracing::info!(pipeline, reason, "resuming pipeline");
         last_resume = Some(Instant::now());
         pause.resume();
+    }
+}
+
+/// Probes `ledger` until a writability check succeeds; `false` on shutdown.
+async fn probe_ledger(
+    ledger: &Ledger,
+    pipeline: &'static str,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut delay = FIRST_DELAY / 2;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(delay) => {}
+        }
+        let checked = tokio::select! {
+            () = shutdown.cancelled() => return false,
+            checked = ledger.check_writable() => checked,
+        };
+        match checked {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(pipeline, error = %e, next_probe_ms = delay.as_millis() as u64, "ledger still unavailable")
+            }
+        }
+        delay = (delay * 2).min(LEDGER_MAX_DELAY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unavailable_ledger_pauses_and_damage_retries() {
+        for e in [
+            LedgerError::Io("disk full".into()),
+            LedgerError::Unavailable("no answer to claim_import within 3000 ms".into()),
+        ] {
+            assert!(
+                matches!(ledger_decision(&e), Decision::Pause { reason: LEDGER, .. }),
+                "{e:?}"
+            );
+        }
+        assert!(matches!(
+            ledger_decision(&LedgerError::Corrupt("bad kind".into())),
+            Decision::Retry { .. }
+        ));
     }
 }

@@ -147,7 +147,7 @@ pub enum Decision {
     /// The message is fine but the pipeline is not (key revoked, workflow missing): a copy goes to `<queue>.retry`
     /// without counting an attempt, the original is acked, and the consumer pauses until resumed.
     Pause {
-        /// `credentials` or `workflow_missing`.
+        /// `credentials`, `workflow_missing` or `ledger` (see [`crate::probe`]).
         reason: &'static str,
         /// What the pipeline saw.
         detail: String,
@@ -200,7 +200,7 @@ impl PauseControl {
         }
     }
 
-    /// Pauses consuming because of `reason` (`credentials`, `workflow_missing`).
+    /// Pauses consuming because of `reason` (`credentials`, `workflow_missing`, `ledger`).
     pub fn pause(&self, reason: &'static str) {
         self.pause_because(reason, "");
     }

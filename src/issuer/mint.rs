@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::consumer::Decision;
 use crate::amqp::publisher::{Outgoing, Publisher};
 use crate::amqp::{HeaderValue, Names};
 use crate::config::{PartnerConfig, RetryConfig};
@@ -23,7 +24,7 @@ use crate::didit::client::DiditClient;
 use crate::didit::error::Disposition;
 use crate::didit::wire::{SessionKind, SessionStatus, ShareTokenClaims};
 use crate::envelope::{self, ShareTokenEnvelope, SigningKey};
-use crate::ledger::{Claim, Ledger, ShareRecord};
+use crate::ledger::{Claim, LeaseKey, Ledger, ShareRecord};
 use crate::metrics::Metrics;
 use crate::retry::{Failure, with_backoff};
 
@@ -132,13 +133,28 @@ impl Minter {
                     tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, partner = %partner.name, "ledger unavailable; will retry");
-                    return Minted::Retry {
-                        detail: format!("ledger: {e}"),
+                    tracing::warn!(error = %e, partner = %partner.name, "ledger call failed");
+                    return match crate::probe::ledger_decision(&e) {
+                        Decision::Pause { reason, detail } => {
+                            self.metrics.share(&partner.name, "paused");
+                            Minted::Pause { reason, detail }
+                        }
+                        _ => Minted::Retry {
+                            detail: format!("ledger: {e}"),
+                        },
                     };
                 }
             }
         };
+        // Held as long as this mint works on it (backoffs, the publish's confirm); lapses soon after a crash.
+        let _alive = self.ledger.keep_alive(
+            LeaseKey::Share {
+                source_session_id: req.source.session_id.clone(),
+                partner_application_id: partner.application_id.clone(),
+            },
+            &holder,
+            self.lease,
+        );
 
         let outcome = self.share_and_publish(&req, previous.as_ref()).await;
         match &outcome {

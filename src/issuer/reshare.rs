@@ -181,12 +181,7 @@ impl Handler for ReshareHandler {
                     ),
                 };
             }
-            Err(e) => {
-                return Decision::Retry {
-                    detail: format!("ledger: {e}"),
-                    headers: Vec::new(),
-                };
-            }
+            Err(e) => return crate::probe::ledger_decision(&e),
         };
         let reshares = previous.reshares;
         if request.attempt > self.max_reshares || reshares >= self.max_reshares {

@@ -22,6 +22,10 @@
 //! and completes anyway still writes its record — the Didit call has happened and its result is the truth — but never
 //! clears another holder's lease; a release by a non-holder changes nothing.
 //!
+//! Leases are short (`ledger.lease_ms`, seconds) and kept alive while their work lives ([`Ledger::keep_alive`]
+//! renews one every third of its length), so a live handler keeps its key through long backoffs while a dead
+//! replica's keys move to the others within one lease.
+//!
 //! A `holder` names one attempt at the work, not a process: use a fresh id per handling (a UUID, or the replica's
 //! name plus the delivery's message id and attempt). A holder may re-claim its own lease — that is what makes a
 //! retried claim harmless — so two concurrent handlers sharing a holder would both be let in.
@@ -55,9 +59,14 @@ pub enum LedgerError {
     #[error("cannot open the ledger: {0}")]
     Open(String),
     /// A read or write failed (disk full, read-only file, database locked too long, connection lost). Transient:
-    /// the message that needed the ledger must not be acked; retry it later.
+    /// the message that needed the ledger must not be acked; the pipeline pauses until the ledger answers again
+    /// (see [`LedgerError::is_unavailable`]).
     #[error("ledger I/O failed: {0}")]
     Io(String),
+    /// The ledger did not answer within its time limit (`ledger.timeout_ms`): a hung server, a frozen network, a
+    /// file locked by another process. Transient, like [`LedgerError::Io`]; the pipelines pause on both.
+    #[error("ledger unavailable: {0}")]
+    Unavailable(String),
     /// A stored row could not be understood (unknown session kind, a time out of range, a damaged file). An operator
     /// must look: retrying will not help.
     #[error("ledger data is corrupt: {0}")]
@@ -68,7 +77,37 @@ impl LedgerError {
     /// What a pipeline should do with the message that hit this error: `true` when retrying later can succeed (keep
     /// the message, retry with backoff), `false` when it cannot (stop and tell an operator: `/readyz` fails).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, LedgerError::Io(_))
+        matches!(self, LedgerError::Io(_) | LedgerError::Unavailable(_))
+    }
+
+    /// Whether the fault is the ledger's, not the message's: the ledger cannot be read or written right now. A
+    /// pipeline that hits this pauses (the message waits without using up an attempt) until the ledger answers its
+    /// probe again, instead of burning delivery attempts and dead-lettering work that is perfectly fine.
+    pub fn is_unavailable(&self) -> bool {
+        self.is_retryable()
+    }
+}
+
+/// How long one ledger call may take by default (`ledger.timeout_ms`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Runs one backend call under `limit`. `on_timeout` lets the backend drop a connection that stopped answering, so
+/// that the next call reconnects instead of queueing behind it.
+async fn bounded<T>(
+    op: &'static str,
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, LedgerError>>,
+    on_timeout: impl FnOnce(),
+) -> Result<T, LedgerError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => {
+            on_timeout();
+            Err(LedgerError::Unavailable(format!(
+                "no answer to {op} within {} ms",
+                limit.as_millis()
+            )))
+        }
     }
 }
 
@@ -317,6 +356,37 @@ pub(crate) fn to_u32(n: i64, column: &str) -> Result<u32, LedgerError> {
     u32::try_from(n).map_err(|_| LedgerError::Corrupt(format!("`{column}` out of range: {n}")))
 }
 
+/// A claimed key, for [`Ledger::keep_alive`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseKey {
+    /// The issuer's key.
+    Share {
+        /// The issuer's session.
+        source_session_id: String,
+        /// The partner's application.
+        partner_application_id: String,
+    },
+    /// The receiver's key.
+    Import {
+        /// The issuer's application.
+        issuer_application_id: String,
+        /// The issuer's session.
+        source_session_id: String,
+    },
+}
+
+/// Renews a lease while it lives (see [`Ledger::keep_alive`]); dropping it stops the renewals.
+#[derive(Debug)]
+pub struct LeaseKeeper {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The idempotency ledger, on one of its backends. Cheap to clone: clones share one connection (SQLite: one writer
 /// thread; PostgreSQL: one pipelined connection, re-established when lost).
 #[derive(Debug, Clone)]
@@ -327,11 +397,17 @@ pub enum Ledger {
     Postgres(PostgresLedger),
 }
 
+/// Every call goes through here: bounded by the backend's timeout, so that a hung ledger turns into
+/// [`LedgerError::Unavailable`] (a pause) instead of a handler frozen past `retry.hold_max` and its lease.
 macro_rules! dispatch {
     ($self:ident . $method:ident ( $($arg:expr),* )) => {
         match $self {
-            Ledger::Sqlite(l) => l.$method($($arg),*).await,
-            Ledger::Postgres(l) => l.$method($($arg),*).await,
+            Ledger::Sqlite(l) => {
+                bounded(stringify!($method), l.timeout(), l.$method($($arg),*), || {}).await
+            }
+            Ledger::Postgres(l) => {
+                bounded(stringify!($method), l.timeout(), l.$method($($arg),*), || l.drop_connections()).await
+            }
         }
     };
 }
@@ -340,6 +416,15 @@ impl Ledger {
     /// Opens the ledger at `url`: `sqlite://PATH` (creates missing directories and the file; an absolute path is
     /// `sqlite:///var/lib/...`) or `postgres://…` / `postgresql://…`. Creates or migrates the schema.
     pub async fn open(url: &SecretUrl) -> Result<Ledger, LedgerError> {
+        Ledger::open_with_timeout(url, DEFAULT_TIMEOUT).await
+    }
+
+    /// [`Ledger::open`], every later call bounded by `timeout` (on PostgreSQL also the sessions'
+    /// `statement_timeout`).
+    pub async fn open_with_timeout(
+        url: &SecretUrl,
+        timeout: Duration,
+    ) -> Result<Ledger, LedgerError> {
         let text = url.expose();
         if let Some(path) = text.strip_prefix("sqlite://") {
             if path.is_empty() || path.contains('?') {
@@ -349,10 +434,14 @@ impl Ledger {
                 )));
             }
             Ok(Ledger::Sqlite(
-                SqliteLedger::open(std::path::Path::new(path)).await?,
+                SqliteLedger::open(std::path::Path::new(path))
+                    .await?
+                    .with_timeout(timeout),
             ))
         } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            Ok(Ledger::Postgres(PostgresLedger::open(url).await?))
+            Ok(Ledger::Postgres(
+                PostgresLedger::open_with_timeout(url, timeout).await?,
+            ))
         } else {
             Err(LedgerError::Open(format!(
                 "unsupported ledger URL {} (expected sqlite://PATH or postgres://...)",
@@ -373,7 +462,8 @@ impl Ledger {
     /// power loss) are taken up at once instead of waiting out their leases — webhook delivery keys left pending
     /// included (they stay pending, without a holder). Only for the embedded SQLite ledger,
     /// which belongs to exactly one process (replicas share PostgreSQL, where a lease may be a live replica's and
-    /// must expire by itself). Returns how many leases were voided.
+    /// must expire by itself). "Exactly one" is enforced, not assumed: the process holds an exclusive lock on its
+    /// `state_dir` (`app::lock_state_dir`) before it opens the ledger, so no live process can own these leases. Returns how many leases were voided.
     pub async fn void_leases_of_previous_run(&self) -> Result<u64, LedgerError> {
         match self {
             Ledger::Sqlite(l) => l.void_all_leases().await,
@@ -595,12 +685,95 @@ impl Ledger {
         dispatch!(self.release_webhook(key, holder))
     }
 
+    /// Extends `holder`'s lease on the issuer's key to `until`. `false` when `holder` no longer holds it (completed,
+    /// released, or taken over after it lapsed).
+    pub async fn renew_share(
+        &self,
+        source_session_id: &str,
+        partner_application_id: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        dispatch!(self.renew_share(source_session_id, partner_application_id, holder, until))
+    }
+
+    /// Extends `holder`'s lease on the receiver's key to `until`; `false` as for [`Ledger::renew_share`].
+    pub async fn renew_import(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        dispatch!(self.renew_import(issuer_application_id, source_session_id, holder, until))
+    }
+
+    /// Keeps `holder`'s lease on `key` alive while the returned keeper lives: every `lease / 3` the lease is
+    /// extended to `now + lease`. Dropping the keeper (the handler finished, failed, panicked or was cancelled)
+    /// stops the renewals; a process that dies stops them with it, and its leases lapse within `lease`, so that
+    /// another replica takes the work over within seconds while a live handler can hold its key as long as it works
+    /// (backoffs up to `retry.hold_max`, a slow Didit, a slow confirm).
+    ///
+    /// Why renewals and not a PostgreSQL session-level advisory lock: the ledger multiplexes every handler over one
+    /// pipelined connection (advisory locks are re-entrant per session, so they would not separate two handlers of
+    /// one process), and the embedded SQLite ledger has no such lock; a renewed lease works the same on both.
+    pub fn keep_alive(&self, key: LeaseKey, holder: &str, lease: Duration) -> LeaseKeeper {
+        let ledger = self.clone();
+        let holder = holder.to_string();
+        let every = (lease / 3).max(Duration::from_millis(50));
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let until = after(Utc::now(), lease);
+                let renewed = match &key {
+                    LeaseKey::Share {
+                        source_session_id,
+                        partner_application_id,
+                    } => {
+                        ledger
+                            .renew_share(source_session_id, partner_application_id, &holder, until)
+                            .await
+                    }
+                    LeaseKey::Import {
+                        issuer_application_id,
+                        source_session_id,
+                    } => {
+                        ledger
+                            .renew_import(issuer_application_id, source_session_id, &holder, until)
+                            .await
+                    }
+                };
+                match renewed {
+                    Ok(true) => {}
+                    // Completed or released (the normal end), or lapsed and taken over: nothing left to keep.
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not renew a ledger lease; it lapses unless renewed")
+                    }
+                }
+            }
+        });
+        LeaseKeeper { task }
+    }
+
     /// Deletes rows last touched before `older_than` (completed share records, abandoned claims, reshare counters)
     /// and webhook keys first seen before it; a row whose lease is still live (at `older_than` or at the wall clock,
     /// whichever is earlier) is kept, and so is every recorded import and every unresolved import intent, whatever
     /// its age (`ledger.retention_days` does not apply to them). Returns how many rows were deleted.
     pub async fn prune(&self, older_than: DateTime<Utc>) -> Result<u64, LedgerError> {
-        dispatch!(self.prune(older_than))
+        // Many chunks in one call: a longer bound than one claim's (each chunk is its own statement, bounded on
+        // PostgreSQL by `statement_timeout`), and no reconnect when it runs out: slow is not hung here.
+        let limit = |t: Duration| (t * 20).max(Duration::from_secs(60));
+        match self {
+            Ledger::Sqlite(l) => {
+                bounded("prune", limit(l.timeout()), l.prune(older_than), || {}).await
+            }
+            Ledger::Postgres(l) => {
+                bounded("prune", limit(l.timeout()), l.prune(older_than), || {}).await
+            }
+        }
     }
 }
 

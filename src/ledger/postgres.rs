@@ -20,6 +20,10 @@
 //! not retried here, because a claim or a webhook key might have been written before the answer was lost — the
 //! caller's retry is safe where a silent one might not be).
 //!
+//! Every call is bounded (see [`super::Ledger`]): a call that times out drops both connections, so the next call
+//! connects afresh rather than queueing behind a server that stopped answering; each session also carries the same
+//! limit as its `statement_timeout`, and TCP keepalives notice a vanished server on an idle connection.
+//!
 //! The tables live in the connection's `search_path` (choose a schema with `?options=-c%20search_path%3Dmy_schema`
 //! in the URL). TLS is not supported yet (`NoTls`): use a Unix socket or a trusted network until rustls is wired in.
 
@@ -43,6 +47,12 @@ pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// TCP keepalives: first probe after this much silence, then every interval, the connection dropped after the
+/// retries go unanswered (about 25 s in all).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
 
 /// How often a refused claim is re-tried when the row changed between the claim and the read that explains it.
 const CLAIM_ATTEMPTS: usize = 10;
@@ -116,6 +126,8 @@ const IMPORT_COLUMNS: &str = "imported_session_id, session_number, status, sessi
 /// Every statement, prepared once per connection.
 struct Statements {
     probe: Statement,
+    renew_share: Statement,
+    renew_import: Statement,
     claim_share: Statement,
     read_share: Statement,
     complete_share: Statement,
@@ -147,6 +159,18 @@ impl Statements {
                 .prepare(
                     "INSERT INTO ledger_meta (key, value) VALUES ('writable_probe', $1)
                      ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                )
+                .await?,
+            renew_share: client
+                .prepare(
+                    "UPDATE shares SET lease_until = $4
+                     WHERE source_session_id = $1 AND partner_application_id = $2 AND lease_holder = $3",
+                )
+                .await?,
+            renew_import: client
+                .prepare(
+                    "UPDATE imports SET lease_until = $4
+                     WHERE issuer_application_id = $1 AND source_session_id = $2 AND lease_holder = $3",
                 )
                 .await?,
             claim_share: client
@@ -391,12 +415,17 @@ struct Inner {
     fast: Slot,
     /// Import completions: commits wait for the WAL flush. Opened on first use.
     durable: Slot,
+    /// Set as each session's `statement_timeout` (unless the URL's `options` set one), so that the server, too,
+    /// gives up on a statement the caller has stopped waiting for.
+    statement_timeout: Option<Duration>,
 }
 
 /// The PostgreSQL backend. Clones share one connection.
 #[derive(Clone)]
 pub struct PostgresLedger {
     inner: Arc<Inner>,
+    /// How long one call may take (see [`super::Ledger`]'s dispatch).
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for PostgresLedger {
@@ -463,6 +492,11 @@ impl Inner {
                 .batch_execute("SET synchronous_commit TO off")
                 .await?;
         }
+        if let Some(limit) = self.statement_timeout {
+            client
+                .batch_execute(&format!("SET statement_timeout = {}", limit.as_millis()))
+                .await?;
+        }
         let st = Statements::prepare(&client).await?;
         Ok(Arc::new(Connection { client, st }))
     }
@@ -491,6 +525,16 @@ impl PostgresLedger {
     /// Connects, creates or migrates the schema (serialised across replicas by an advisory lock), and prepares the
     /// statements.
     pub async fn open(url: &SecretUrl) -> Result<PostgresLedger, LedgerError> {
+        PostgresLedger::open_with_timeout(url, super::DEFAULT_TIMEOUT).await
+    }
+
+    /// [`PostgresLedger::open`], calls bounded by `timeout`, which is also each session's `statement_timeout`.
+    /// TCP keepalives are tightened (unless the URL sets them) so that a server that vanished (failover, a cut
+    /// network) is noticed within about half a minute even on an idle connection.
+    pub async fn open_with_timeout(
+        url: &SecretUrl,
+        timeout: Duration,
+    ) -> Result<PostgresLedger, LedgerError> {
         let shown = url.redacted();
         let mut config: tokio_postgres::Config = url
             .expose()
@@ -502,6 +546,19 @@ impl PostgresLedger {
         if config.get_application_name().is_none() {
             config.application_name("partner-bridge");
         }
+        // The driver's defaults (idle 2 h) notice nothing in time; a URL that chose its own values keeps them.
+        if config.get_keepalives()
+            && config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60)
+        {
+            config
+                .keepalives_idle(KEEPALIVE_IDLE)
+                .keepalives_interval(KEEPALIVE_INTERVAL)
+                .keepalives_retries(KEEPALIVE_RETRIES);
+        }
+        let statement_timeout = (!config
+            .get_options()
+            .is_some_and(|o| o.contains("statement_timeout")))
+        .then_some(timeout);
         let password = config
             .get_password()
             .map(|p| String::from_utf8_lossy(p).into_owned());
@@ -511,11 +568,13 @@ impl PostgresLedger {
             password,
             fast: Slot::new(false),
             durable: Slot::new(true),
+            statement_timeout,
         };
         let open = |e: LedgerError| match e {
-            LedgerError::Open(text) | LedgerError::Io(text) | LedgerError::Corrupt(text) => {
-                LedgerError::Open(text)
-            }
+            LedgerError::Open(text)
+            | LedgerError::Io(text)
+            | LedgerError::Unavailable(text)
+            | LedgerError::Corrupt(text) => LedgerError::Open(text),
         };
         let mut client = inner.connect().await.map_err(open)?;
         let db_open = |e: tokio_postgres::Error| {
@@ -529,7 +588,72 @@ impl PostgresLedger {
         inner.fast.set(conn);
         Ok(PostgresLedger {
             inner: Arc::new(inner),
+            timeout,
         })
+    }
+
+    /// How long one call may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Forgets both connections (a call on one of them timed out: the server or the network hangs), so that the
+    /// next call connects afresh instead of queueing behind the stuck one — after a failover, the fresh connection
+    /// reaches the new primary.
+    pub fn drop_connections(&self) {
+        for slot in [&self.inner.fast, &self.inner.durable] {
+            slot.current.lock().expect("ledger connection lock").take();
+        }
+    }
+
+    /// See [`super::Ledger::renew_share`].
+    pub async fn renew_share(
+        &self,
+        source_session_id: &str,
+        partner_application_id: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        let c = self.conn().await?;
+        let n = c
+            .client
+            .execute(
+                &c.st.renew_share,
+                &[
+                    &source_session_id,
+                    &partner_application_id,
+                    &holder,
+                    &millis(until),
+                ],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    /// See [`super::Ledger::renew_import`].
+    pub async fn renew_import(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        let c = self.conn().await?;
+        let n = c
+            .client
+            .execute(
+                &c.st.renew_import,
+                &[
+                    &issuer_application_id,
+                    &source_session_id,
+                    &holder,
+                    &millis(until),
+                ],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
     }
 
     /// The connection for everything but import completions.

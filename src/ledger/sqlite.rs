@@ -120,6 +120,8 @@ ALTER TABLE imports ADD COLUMN intent_at INTEGER;
 pub struct SqliteLedger {
     jobs: mpsc::Sender<Box<dyn Job>>,
     path: Arc<PathBuf>,
+    /// How long one call may take (see [`super::Ledger`]'s dispatch).
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for SqliteLedger {
@@ -217,7 +219,19 @@ impl SqliteLedger {
         Ok(SqliteLedger {
             jobs,
             path: Arc::new(path),
+            timeout: super::DEFAULT_TIMEOUT,
         })
+    }
+
+    /// The same ledger, its calls bounded by `timeout` instead.
+    pub fn with_timeout(mut self, timeout: Duration) -> SqliteLedger {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long one call may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The database file.
@@ -410,6 +424,56 @@ impl SqliteLedger {
         );
         self.call(false, move |conn| Ok(read_share(conn, &s, &p)?.0))
             .await
+    }
+
+    /// See [`super::Ledger::renew_share`].
+    pub async fn renew_share(
+        &self,
+        source_session_id: &str,
+        partner_application_id: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        let (s, p, h) = (
+            source_session_id.to_string(),
+            partner_application_id.to_string(),
+            holder.to_string(),
+        );
+        self.call(false, move |conn| {
+            conn.prepare_cached(
+                "UPDATE shares SET lease_until = ?4
+                 WHERE source_session_id = ?1 AND partner_application_id = ?2 AND lease_holder = ?3",
+            )
+            .and_then(|mut st| st.execute(params![s, p, h, millis(until)]))
+            .map(|n| n > 0)
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::renew_import`].
+    pub async fn renew_import(
+        &self,
+        issuer_application_id: &str,
+        source_session_id: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        let (i, s, h) = (
+            issuer_application_id.to_string(),
+            source_session_id.to_string(),
+            holder.to_string(),
+        );
+        self.call(false, move |conn| {
+            conn.prepare_cached(
+                "UPDATE imports SET lease_until = ?4
+                 WHERE issuer_application_id = ?1 AND source_session_id = ?2 AND lease_holder = ?3",
+            )
+            .and_then(|mut st| st.execute(params![i, s, h, millis(until)]))
+            .map(|n| n > 0)
+            .map_err(db_error)
+        })
+        .await
     }
 
     /// See [`super::Ledger::claim_import`].

@@ -72,7 +72,9 @@ use crate::envelope::{
     self, ImportOutcome, ImportResult, Message, ReshareRequest, ShareTokenEnvelope, SigningKey,
     VerifyingKey,
 };
-use crate::ledger::{Claim, ImportIntent, ImportRecord, IntentClaim, Ledger};
+use crate::ledger::{
+    Claim, ImportIntent, ImportRecord, IntentClaim, LeaseKey, Ledger, LedgerError,
+};
 use crate::metrics::{Metrics, pipeline};
 use crate::receiver::outcome::{
     Located, locate_import, outcome_for_reason, render_vendor_data, vendor_data_names_the_source,
@@ -293,10 +295,7 @@ impl TokenHandler {
                 Ok(Claim::Busy { until }) => until,
                 Err(e) => {
                     self.metrics.import(&job.peer.name, "retried");
-                    return Decision::Retry {
-                        detail: format!("ledger: {e}"),
-                        headers: Vec::new(),
-                    };
+                    return crate::probe::ledger_decision(&e);
                 }
             };
             let wait = (until - Utc::now())
@@ -312,6 +311,15 @@ impl TokenHandler {
             }
             tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
         }
+        // Renewed while this delivery works on the session; lapses within `ledger.lease_ms` if the process dies.
+        let _alive = self.ledger.keep_alive(
+            LeaseKey::Import {
+                issuer_application_id: job.peer.application_id.clone(),
+                source_session_id: envelope.source_session_id.clone(),
+            },
+            &holder,
+            self.lease,
+        );
 
         let now = Utc::now();
         let expired_by_claim = claims
@@ -383,7 +391,7 @@ impl TokenHandler {
                 }
                 Err(e) => {
                     self.release(job, &holder).await;
-                    return self.retry(job, format!("ledger: {e}"));
+                    return self.ledger_failed(job, &e);
                 }
             }
         };
@@ -448,6 +456,19 @@ impl TokenHandler {
                 }
             }
         }
+    }
+
+    /// A ledger call failed: pause while the ledger is unavailable (nothing is dead-lettered because the ledger was
+    /// down, and no attempt is used up), retry for anything else; the message is kept either way.
+    fn ledger_failed(&self, job: &Job<'_>, e: &LedgerError) -> Decision {
+        let decision = crate::probe::ledger_decision(e);
+        let outcome = if matches!(decision, Decision::Pause { .. }) {
+            "paused"
+        } else {
+            "retried"
+        };
+        self.metrics.import(&job.peer.name, outcome);
+        decision
     }
 
     /// Counts a retry and keeps the message.
@@ -518,7 +539,7 @@ impl TokenHandler {
                     }
                     Err(e) => {
                         self.release(job, holder).await;
-                        Resolution::Decided(self.retry(job, format!("ledger: {e}")))
+                        Resolution::Decided(self.ledger_failed(job, &e))
                     }
                 }
             }
@@ -584,7 +605,7 @@ impl TokenHandler {
             // Not acked: without the row a later token would be sent to Didit again.
             tracing::warn!(error = %e, message_id = %envelope.message_id, "could not record the import; retrying");
             self.release(job, holder).await;
-            return self.retry(job, format!("ledger: {e}"));
+            return self.ledger_failed(job, &e);
         }
         self.already_imported(
             job,
@@ -679,7 +700,7 @@ impl TokenHandler {
         if let Err(e) = self.ledger.complete_import(&record, holder).await {
             tracing::warn!(error = %e, message_id = %job.envelope.message_id, "could not record the import; retrying");
             self.release(job, holder).await;
-            return self.retry(job, format!("ledger: {e}"));
+            return self.ledger_failed(job, &e);
         }
         self.metrics
             .import(&job.peer.name, ImportOutcome::Imported.as_str());
@@ -743,7 +764,7 @@ impl TokenHandler {
             // token, gets 403 already-imported and finds the session through the list lookup.
             tracing::warn!(error = %e, message_id = %envelope.message_id, imported_session_id = %decision.session_id, "imported but not recorded in the ledger; retrying");
             self.release(job, holder).await;
-            return self.retry(job, format!("ledger: {e}"));
+            return self.ledger_failed(job, &e);
         }
         if let Err(e) = self
             .ledger
@@ -914,19 +935,11 @@ impl TokenHandler {
         if job.replayed
             && let Err(e) = self.ledger.reset_reshares(issuer, session).await
         {
-            return Decision::Retry {
-                detail: format!("ledger: {e}"),
-                headers: Vec::new(),
-            };
+            return self.ledger_failed(job, &e);
         }
         let sent = match self.ledger.reshares(issuer, session).await {
             Ok(n) => n,
-            Err(e) => {
-                return Decision::Retry {
-                    detail: format!("ledger: {e}"),
-                    headers: Vec::new(),
-                };
-            }
+            Err(e) => return crate::probe::ledger_decision(&e),
         };
         if sent >= self.max_reshares {
             return self

@@ -12,6 +12,7 @@ mod e2e;
 mod import_edges;
 mod issuer;
 mod ledger;
+mod ledger_edges;
 mod ops;
 mod receiver;
 mod reliability;

@@ -66,8 +66,8 @@ pub fn both_toml(world: &World) -> String {
 }
 
 /// `toml` through `amqp_url`, handling `prefetch` messages at once per consumer, with short Didit and hold limits so
-/// that a claim left behind by a killed process lapses within seconds (the lease is hold + 2 × Didit timeout +
-/// confirm timeout + 5 s).
+/// that a killed process's deliveries come back within seconds (its claims lapse with their leases,
+/// `ledger.lease_ms`, renewed only while their work is alive).
 pub fn tuned(toml: &str, amqp_url: &str, prefetch: u16) -> String {
     let toml = set_key(toml, "url", &format!("\"{amqp_url}\""));
     let toml = set_key(&toml, "prefetch", &prefetch.to_string());
