@@ -204,8 +204,9 @@ pub fn in_flight(text: &str) -> f64 {
         .sum()
 }
 
-/// Source sessions with an `import.result` saying they are in the partner's application (`imported`, or
-/// `duplicate` after a redelivery whose first result was lost with a crash).
+/// Source sessions with an `import.result` saying they are in the partner's application and naming the session
+/// they became there (`imported`, or `duplicate` for a later token of an imported session): the partner's backend
+/// must always learn the imported session's id, whatever crashed or was lost on the way.
 pub fn sessions_with_results(results: &Collector) -> BTreeSet<String> {
     results
         .results()
@@ -214,7 +215,7 @@ pub fn sessions_with_results(results: &Collector) -> BTreeSet<String> {
             matches!(
                 r.outcome,
                 ImportOutcome::Imported | ImportOutcome::Duplicate
-            )
+            ) && r.imported_session_id.is_some()
         })
         .map(|r| r.source_session_id)
         .collect()
