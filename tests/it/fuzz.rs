@@ -26,12 +26,18 @@ use serde_json::Value;
 
 /// Cases per property: `PB_FUZZ_CASES`, default 256.
 fn fuzz_config() -> ProptestConfig {
-    let cases = std::env::var("PB_FUZZ_CASES")
+    scaled_fuzz_config(1)
+}
+
+/// `PB_FUZZ_CASES / divisor` cases (at least 16), for a property whose cases are expensive: Ed25519 in a debug
+/// build takes milliseconds per signature, a hundred times what a parse costs.
+fn scaled_fuzz_config(divisor: u32) -> ProptestConfig {
+    let cases: u32 = std::env::var("PB_FUZZ_CASES")
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(256);
     ProptestConfig {
-        cases,
+        cases: (cases / divisor).max(16),
         failure_persistence: None,
         ..ProptestConfig::default()
     }
@@ -377,6 +383,26 @@ proptest! {
         }
     }
 
+    /// A body over the limit is refused as `oversized` whatever it holds; at the limit it is parsed.
+    #[test]
+    fn envelope_oversized_bodies_are_refused(
+        (_, body) in mutated_corpus("envelope"),
+        under in 1usize..4096,
+    ) {
+        let max = body.len().saturating_sub(under);
+        if body.len() > max {
+            prop_assert_eq!(envelope::parse(&body, max).unwrap_err().reason, "oversized");
+        }
+        if let Err(bad) = envelope::parse(&body, body.len()) {
+            prop_assert_ne!(bad.reason, "oversized");
+        }
+    }
+}
+
+proptest! {
+    // Six Ed25519 operations per case: an eighth of the cases keeps this property's time in line with the others.
+    #![proptest_config(scaled_fuzz_config(8))]
+
     /// A signed body verifies; any single-byte change of the body, or of the signature's bytes, or any single
     /// character of the header, fails with `bad_signature`; arbitrary header text never panics.
     #[test]
@@ -423,21 +449,6 @@ proptest! {
         }
         let other = SigningKey::from_base64(&B64.encode([8u8; 32])).unwrap().verifying_key();
         prop_assert!(other.verify(&body, &signed).is_err());
-    }
-
-    /// A body over the limit is refused as `oversized` whatever it holds; at the limit it is parsed.
-    #[test]
-    fn envelope_oversized_bodies_are_refused(
-        (_, body) in mutated_corpus("envelope"),
-        under in 1usize..4096,
-    ) {
-        let max = body.len().saturating_sub(under);
-        if body.len() > max {
-            prop_assert_eq!(envelope::parse(&body, max).unwrap_err().reason, "oversized");
-        }
-        if let Err(bad) = envelope::parse(&body, body.len()) {
-            prop_assert_ne!(bad.reason, "oversized");
-        }
     }
 }
 
@@ -837,4 +848,16 @@ fn fuzz_corpus_covers_every_target() {
             assert!(!err.key.is_empty(), "config seed {name}: {err}");
         }
     }
+}
+
+/// Found by `config_env_overrides_never_panic`: an environment variable whose name holds a backtick made the
+/// unknown-field error name no key at all (`key` was empty), because the key was cut at the first backtick pair.
+/// Fails on the old `from_config_error`.
+#[test]
+fn fuzz_found_env_key_with_backtick_is_named() {
+    let env = HashMap::from([("PARTNER_BRIDGE__`X".to_string(), "1".to_string())]);
+    let err = Config::load(None, env).unwrap_err();
+    assert_eq!(err.key, "`x", "{err}");
+    let env = HashMap::from([("PARTNER_BRIDGE__A`B".to_string(), "1".to_string())]);
+    assert!(!Config::load(None, env).unwrap_err().key.is_empty());
 }
