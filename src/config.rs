@@ -1344,10 +1344,19 @@ fn from_config_error(err: config::ConfigError) -> ConfigError {
         config::ConfigError::NotFound(key) => ConfigError::new(key.clone(), "not found"),
         config::ConfigError::Message(msg) => {
             // serde's messages look like "unknown field `foo`, expected one of ..." (sometimes followed by
-            // " for key `section`"); name the field.
+            // " for key `section`"); name the field. A field name with a backtick in it (an environment variable
+            // can be called anything) ends at "`, " instead; an empty name falls back to `config` (found by
+            // tests/it/fuzz.rs: the error named no key at all).
             let key = msg
                 .split('`')
                 .nth(1)
+                .filter(|field| !field.is_empty())
+                .or_else(|| {
+                    msg.split_once('`')
+                        .and_then(|(_, rest)| rest.split_once("`, "))
+                        .map(|(field, _)| field)
+                        .filter(|field| !field.is_empty())
+                })
                 .map(|field| match msg.rsplit_once("for key `") {
                     Some((_, section)) => format!("{}.{field}", section.trim_end_matches('`')),
                     None => field.to_string(),
