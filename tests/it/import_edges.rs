@@ -28,6 +28,7 @@ use serde_json::Value;
 
 use crate::support::bridge::{Amqp, Collector, World, metric};
 use crate::support::faults::*;
+use crate::support::pg_ledger::{PgSchema, admin};
 use crate::support::proxy::Proxy;
 use crate::support::t_receiver::{
     Tap, drain_n, envelope_for, hand_token, mint, publish_signed, receiver_dead_queue,
@@ -245,72 +246,6 @@ async fn answers_lost_after_didit_imported_still_end_imported_with_the_session()
 
 // ---- the ledger failing right after Didit imported ------------------------------------------------------------
 
-/// A PostgreSQL schema of its own for one test, dropped at the end.
-struct PgSchema {
-    name: String,
-}
-
-const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-impl PgSchema {
-    async fn create(tag: &str) -> PgSchema {
-        let name = format!(
-            "pbt_{tag}_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let (client, conn) = tokio_postgres::connect(PG, tokio_postgres::NoTls)
-            .await
-            .expect("PostgreSQL at 127.0.0.1:5432");
-        tokio::spawn(conn);
-        client
-            .batch_execute(&format!("CREATE SCHEMA {name}"))
-            .await
-            .unwrap();
-        PgSchema { name }
-    }
-
-    /// The ledger URL for this schema through `host:port`.
-    fn url(&self, address: &str) -> String {
-        format!(
-            "postgres://postgres@{address}/test?options=-c%20search_path%3D{}",
-            self.name
-        )
-    }
-
-    async fn drop_now(self) {
-        drop_schema(&self.name).await;
-    }
-}
-
-async fn drop_schema(name: &str) {
-    if let Ok((client, conn)) = tokio_postgres::connect(PG, tokio_postgres::NoTls).await {
-        tokio::spawn(conn);
-        let _ = client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-            .await;
-    }
-}
-
-/// A test that panics never reaches [`PgSchema::drop_now`]: drop its schema from a thread of its own (Drop cannot
-/// await, and this thread may be a runtime worker).
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                runtime.block_on(drop_schema(&name));
-            }
-        })
-        .join();
-    }
-}
-
 /// Didit imports (its answer held), then the PostgreSQL ledger becomes unreachable: the receiver learns the
 /// session but cannot record it. It must not ack: no `import.result`, nothing dead-lettered, the pipeline paused
 /// on the ledger while it is down; once the ledger is back, the session ends `imported` with its id, imported once.
@@ -326,7 +261,7 @@ async fn a_failed_ledger_write_after_didits_import_is_not_acked_and_ends_importe
     let toml = tuned(&world.receiver_toml(false), &crate::support::amqp_url(), 4);
     let toml = format!(
         "{toml}\n[ledger]\nurl = \"{}\"\n",
-        schema.url(&proxy.addr().to_string())
+        schema.url_via(&proxy.addr().to_string())
     );
     let receiver = world.start(world.config(&toml)).await;
     let tap = Tap::start(&world.names.imports_exchange(), "import.#").await;
@@ -384,7 +319,6 @@ async fn a_failed_ledger_write_after_didits_import_is_not_acked_and_ends_importe
     drop(tap);
     amqp.close().await;
     world.cleanup().await;
-    schema.drop_now().await;
 }
 
 // ---- the ledger: intents, and import rows under pruning (both backends) ---------------------------------------
@@ -404,9 +338,7 @@ async fn ledger_on(backend: Backend) -> (Ledger, tempfile::TempDir, Option<PgSch
         }
         Backend::Postgres => {
             let schema = PgSchema::create("ledger").await;
-            let ledger = Ledger::open(&SecretUrl::new(schema.url("127.0.0.1:5432")))
-                .await
-                .unwrap();
+            let ledger = Ledger::open(&SecretUrl::new(schema.url())).await.unwrap();
             (ledger, dir, Some(schema))
         }
     }
@@ -594,9 +526,8 @@ async fn sqlite_intents_block_other_tokens_until_resolved() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_intents_block_other_tokens_until_resolved() {
-    let (l, _dir, schema) = ledger_on(Backend::Postgres).await;
+    let (l, _dir, _schema) = ledger_on(Backend::Postgres).await;
     intents_block_other_tokens_until_resolved(l).await;
-    schema.unwrap().drop_now().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -607,9 +538,8 @@ async fn sqlite_import_rows_and_intents_survive_prune() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_import_rows_and_intents_survive_prune() {
-    let (l, _dir, schema) = ledger_on(Backend::Postgres).await;
+    let (l, _dir, _schema) = ledger_on(Backend::Postgres).await;
     import_rows_and_intents_survive_prune(l).await;
-    schema.unwrap().drop_now().await;
 }
 
 /// A v1 ledger (the released schema) opens with this binary: its import rows are kept and intents work.
@@ -670,7 +600,7 @@ async fn a_v1_sqlite_ledger_migrates_to_v2_and_keeps_its_imports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v1_postgres_ledger_migrates_to_v2_and_keeps_its_imports() {
     let schema = PgSchema::create("v1").await;
-    let url = SecretUrl::new(schema.url("127.0.0.1:5432"));
+    let url = SecretUrl::new(schema.url());
     {
         let l = Ledger::open(&url).await.unwrap();
         assert!(matches!(
@@ -679,10 +609,7 @@ async fn a_v1_postgres_ledger_migrates_to_v2_and_keeps_its_imports() {
         ));
         l.complete_import(&record("old"), "a").await.unwrap();
     }
-    let (client, conn) = tokio_postgres::connect(PG, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = admin().await.unwrap();
     client
         .batch_execute(&format!(
             "ALTER TABLE {s}.imports DROP COLUMN intent_digest, DROP COLUMN intent_message_id,
@@ -690,7 +617,7 @@ async fn a_v1_postgres_ledger_migrates_to_v2_and_keeps_its_imports() {
              ALTER TABLE {s}.webhook_deliveries DROP COLUMN confirmed, DROP COLUMN lease_holder,
                  DROP COLUMN lease_until;
              UPDATE {s}.ledger_meta SET value = '1' WHERE key = 'schema_version';",
-            s = schema.name
+            s = schema.schema
         ))
         .await
         .unwrap();
@@ -710,7 +637,7 @@ async fn a_v1_postgres_ledger_migrates_to_v2_and_keeps_its_imports() {
         .query_one(
             &format!(
                 "SELECT value FROM {}.ledger_meta WHERE key = 'schema_version'",
-                schema.name
+                schema.schema
             ),
             &[],
         )
@@ -719,7 +646,6 @@ async fn a_v1_postgres_ledger_migrates_to_v2_and_keeps_its_imports() {
         .get(0);
     assert_eq!(version, "2");
     drop(l);
-    schema.drop_now().await;
 }
 
 // ---- the sandbox: GET /v3/sessions/ and the lost-answer faults -----------------------------------------------

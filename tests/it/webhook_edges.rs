@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 
 use crate::support::bridge::{Amqp, Collector, World, metric_of};
 use crate::support::faults::*;
+use crate::support::pg_ledger::{PgSchema, admin};
 use crate::support::proxy::Proxy;
 use crate::support::t_receiver::Tap;
 use crate::support::wait_for;
@@ -505,65 +506,6 @@ async fn tap_done(tap: Tap, results: Collector, amqp: Amqp, world: World) {
 
 // ---- the ledger's delivery keys ----------------------------------------------------------------------------------
 
-/// The PostgreSQL server the tests use (override with `PB_TEST_POSTGRES_URL`).
-fn postgres_url() -> String {
-    std::env::var("PB_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
-
-async fn pg_admin() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
-        .await
-        .expect("postgres at 127.0.0.1:5432");
-    tokio::spawn(connection);
-    client
-}
-
-/// A schema of its own, dropped at the end (passed or failed).
-struct PgSchema(String);
-
-impl PgSchema {
-    async fn create() -> PgSchema {
-        let name = format!(
-            "pbt_wh_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        pg_admin()
-            .await
-            .batch_execute(&format!("CREATE SCHEMA {name}"))
-            .await
-            .unwrap();
-        PgSchema(name)
-    }
-
-    fn url(&self) -> SecretUrl {
-        SecretUrl::new(format!(
-            "{}?options=-c%20search_path%3D{}",
-            postgres_url(),
-            self.0
-        ))
-    }
-}
-
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        let name = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    let _ = pg_admin()
-                        .await
-                        .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                        .await;
-                })
-        })
-        .join();
-    }
-}
-
 const LEASE: Duration = Duration::from_secs(30);
 
 /// Pending → final, on one backend: a new key is held by its claimant (another attempt is busy), is taken over once
@@ -639,8 +581,8 @@ async fn sqlite_delivery_keys_are_pending_until_confirmed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_delivery_keys_are_pending_until_confirmed() {
-    let schema = PgSchema::create().await;
-    let l = Ledger::open(&schema.url()).await.unwrap();
+    let schema = PgSchema::create("wh").await;
+    let l = Ledger::open(&SecretUrl::new(schema.url())).await.unwrap();
     delivery_keys_are_pending_until_confirmed(&l).await;
     drop(l);
 }
@@ -678,22 +620,21 @@ async fn a_version_1_ledger_migrates_with_its_delivery_keys_pending() {
         .unwrap();
     assert_eq!(version, sqlite::SCHEMA_VERSION);
 
-    let schema = PgSchema::create().await;
-    let admin = pg_admin().await;
-    admin
-        .batch_execute(&format!(
-            "SET search_path TO {s};
+    let schema = PgSchema::create("wh").await;
+    let pg = admin().await.expect("postgres at 127.0.0.1:5432");
+    pg.batch_execute(&format!(
+        "SET search_path TO {s};
              CREATE TABLE ledger_meta (key TEXT NOT NULL PRIMARY KEY, value TEXT NOT NULL);
              {v1}
              INSERT INTO ledger_meta (key, value) VALUES ('schema_version', '1');
              INSERT INTO webhook_deliveries (key, seen_at) VALUES ('v1-key', {ms});",
-            s = schema.0,
-            v1 = postgres::SCHEMA_V1,
-            ms = t.timestamp_millis()
-        ))
-        .await
-        .unwrap();
-    let l = Ledger::open(&schema.url())
+        s = schema.schema,
+        v1 = postgres::SCHEMA_V1,
+        ms = t.timestamp_millis()
+    ))
+    .await
+    .unwrap();
+    let l = Ledger::open(&SecretUrl::new(schema.url()))
         .await
         .expect("a v1 database opens");
     assert_eq!(
@@ -703,11 +644,11 @@ async fn a_version_1_ledger_migrates_with_its_delivery_keys_pending() {
         DeliveryClaim::Retaken
     );
     drop(l);
-    let version: String = admin
+    let version: String = pg
         .query_one(
             &format!(
                 "SELECT value FROM {}.ledger_meta WHERE key = 'schema_version'",
-                schema.0
+                schema.schema
             ),
             &[],
         )

@@ -38,6 +38,11 @@ impl PgSchema {
         PgSchema { schema }
     }
 
+    /// The ledger URL for this schema, on the server itself.
+    pub fn url(&self) -> String {
+        self.url_via(&postgres_address())
+    }
+
     /// The ledger URL for this schema, through `address` (`host:port`: the server, or a proxy in front of it).
     pub fn url_via(&self, address: &str) -> String {
         let url = postgres_url().replacen(&postgres_address(), address, 1);
@@ -74,7 +79,8 @@ impl Drop for PgSchema {
     }
 }
 
-async fn admin() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+/// A client on the server itself (outside any test schema), for setting a schema up by hand.
+pub async fn admin() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) =
         tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
