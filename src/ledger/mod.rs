@@ -375,6 +375,22 @@ pub enum LeaseKey {
     },
 }
 
+impl LeaseKey {
+    /// The key's two columns, in the order its table's primary key lists them.
+    pub(crate) fn columns(&self) -> (&str, &str) {
+        match self {
+            LeaseKey::Share {
+                source_session_id,
+                partner_application_id,
+            } => (source_session_id, partner_application_id),
+            LeaseKey::Import {
+                issuer_application_id,
+                source_session_id,
+            } => (issuer_application_id, source_session_id),
+        }
+    }
+}
+
 /// Renews a lease while it lives (see [`Ledger::keep_alive`]); dropping it stops the renewals.
 #[derive(Debug)]
 pub struct LeaseKeeper {
@@ -685,27 +701,15 @@ impl Ledger {
         dispatch!(self.release_webhook(key, holder))
     }
 
-    /// Extends `holder`'s lease on the issuer's key to `until`. `false` when `holder` no longer holds it (completed,
-    /// released, or taken over after it lapsed).
-    pub async fn renew_share(
+    /// Extends `holder`'s lease on `key` to `until`. `false` when `holder` no longer holds it (completed, released,
+    /// or taken over after it lapsed).
+    pub async fn renew(
         &self,
-        source_session_id: &str,
-        partner_application_id: &str,
+        key: &LeaseKey,
         holder: &str,
         until: DateTime<Utc>,
     ) -> Result<bool, LedgerError> {
-        dispatch!(self.renew_share(source_session_id, partner_application_id, holder, until))
-    }
-
-    /// Extends `holder`'s lease on the receiver's key to `until`; `false` as for [`Ledger::renew_share`].
-    pub async fn renew_import(
-        &self,
-        issuer_application_id: &str,
-        source_session_id: &str,
-        holder: &str,
-        until: DateTime<Utc>,
-    ) -> Result<bool, LedgerError> {
-        dispatch!(self.renew_import(issuer_application_id, source_session_id, holder, until))
+        dispatch!(self.renew(key, holder, until))
     }
 
     /// Keeps `holder`'s lease on `key` alive while the returned keeper lives: every `lease / 3` the lease is
@@ -727,24 +731,7 @@ impl Ledger {
             loop {
                 tick.tick().await;
                 let until = after(Utc::now(), lease);
-                let renewed = match &key {
-                    LeaseKey::Share {
-                        source_session_id,
-                        partner_application_id,
-                    } => {
-                        ledger
-                            .renew_share(source_session_id, partner_application_id, &holder, until)
-                            .await
-                    }
-                    LeaseKey::Import {
-                        issuer_application_id,
-                        source_session_id,
-                    } => {
-                        ledger
-                            .renew_import(issuer_application_id, source_session_id, &holder, until)
-                            .await
-                    }
-                };
+                let renewed = ledger.renew(&key, &holder, until).await;
                 match renewed {
                     Ok(true) => {}
                     // Completed or released (the normal end), or lapsed and taken over: nothing left to keep.

@@ -36,9 +36,9 @@ use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use super::sqlite::{PRUNE_CHUNK, lease_of, required};
 use super::{
-    Claim, DeliveryClaim, ImportIntent, ImportRecord, IntentClaim, Lease, LedgerError, ShareRecord,
-    after, decide_import, decide_intent, decide_share, decide_webhook, from_millis, millis,
-    parse_kind, to_u32,
+    Claim, DeliveryClaim, ImportIntent, ImportRecord, IntentClaim, Lease, LeaseKey, LedgerError,
+    ShareRecord, after, decide_import, decide_intent, decide_share, decide_webhook, from_millis,
+    millis, parse_kind, to_u32,
 };
 use crate::secret::SecretUrl;
 
@@ -606,51 +606,22 @@ impl PostgresLedger {
         }
     }
 
-    /// See [`super::Ledger::renew_share`].
-    pub async fn renew_share(
+    /// See [`super::Ledger::renew`].
+    pub async fn renew(
         &self,
-        source_session_id: &str,
-        partner_application_id: &str,
+        key: &LeaseKey,
         holder: &str,
         until: DateTime<Utc>,
     ) -> Result<bool, LedgerError> {
         let c = self.conn().await?;
+        let statement = match key {
+            LeaseKey::Share { .. } => &c.st.renew_share,
+            LeaseKey::Import { .. } => &c.st.renew_import,
+        };
+        let (a, b) = key.columns();
         let n = c
             .client
-            .execute(
-                &c.st.renew_share,
-                &[
-                    &source_session_id,
-                    &partner_application_id,
-                    &holder,
-                    &millis(until),
-                ],
-            )
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(n > 0)
-    }
-
-    /// See [`super::Ledger::renew_import`].
-    pub async fn renew_import(
-        &self,
-        issuer_application_id: &str,
-        source_session_id: &str,
-        holder: &str,
-        until: DateTime<Utc>,
-    ) -> Result<bool, LedgerError> {
-        let c = self.conn().await?;
-        let n = c
-            .client
-            .execute(
-                &c.st.renew_import,
-                &[
-                    &issuer_application_id,
-                    &source_session_id,
-                    &holder,
-                    &millis(until),
-                ],
-            )
+            .execute(statement, &[&a, &b, &holder, &millis(until)])
             .await
             .map_err(|e| self.err(e))?;
         Ok(n > 0)

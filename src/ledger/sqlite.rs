@@ -30,9 +30,9 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavio
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Claim, DeliveryClaim, ImportIntent, ImportRecord, IntentClaim, Lease, LedgerError, ShareRecord,
-    decide_import, decide_intent, decide_share, decide_webhook, from_millis, millis, parse_kind,
-    to_u32,
+    Claim, DeliveryClaim, ImportIntent, ImportRecord, IntentClaim, Lease, LeaseKey, LedgerError,
+    ShareRecord, decide_import, decide_intent, decide_share, decide_webhook, from_millis, millis,
+    parse_kind, to_u32,
 };
 
 /// The schema this binary writes.
@@ -426,52 +426,30 @@ impl SqliteLedger {
             .await
     }
 
-    /// See [`super::Ledger::renew_share`].
-    pub async fn renew_share(
+    /// See [`super::Ledger::renew`].
+    pub async fn renew(
         &self,
-        source_session_id: &str,
-        partner_application_id: &str,
+        key: &LeaseKey,
         holder: &str,
         until: DateTime<Utc>,
     ) -> Result<bool, LedgerError> {
-        let (s, p, h) = (
-            source_session_id.to_string(),
-            partner_application_id.to_string(),
-            holder.to_string(),
-        );
-        self.call(false, move |conn| {
-            conn.prepare_cached(
+        let sql = match key {
+            LeaseKey::Share { .. } => {
                 "UPDATE shares SET lease_until = ?4
-                 WHERE source_session_id = ?1 AND partner_application_id = ?2 AND lease_holder = ?3",
-            )
-            .and_then(|mut st| st.execute(params![s, p, h, millis(until)]))
-            .map(|n| n > 0)
-            .map_err(db_error)
-        })
-        .await
-    }
-
-    /// See [`super::Ledger::renew_import`].
-    pub async fn renew_import(
-        &self,
-        issuer_application_id: &str,
-        source_session_id: &str,
-        holder: &str,
-        until: DateTime<Utc>,
-    ) -> Result<bool, LedgerError> {
-        let (i, s, h) = (
-            issuer_application_id.to_string(),
-            source_session_id.to_string(),
-            holder.to_string(),
-        );
-        self.call(false, move |conn| {
-            conn.prepare_cached(
+                 WHERE source_session_id = ?1 AND partner_application_id = ?2 AND lease_holder = ?3"
+            }
+            LeaseKey::Import { .. } => {
                 "UPDATE imports SET lease_until = ?4
-                 WHERE issuer_application_id = ?1 AND source_session_id = ?2 AND lease_holder = ?3",
-            )
-            .and_then(|mut st| st.execute(params![i, s, h, millis(until)]))
-            .map(|n| n > 0)
-            .map_err(db_error)
+                 WHERE issuer_application_id = ?1 AND source_session_id = ?2 AND lease_holder = ?3"
+            }
+        };
+        let (a, b) = key.columns();
+        let (a, b, h) = (a.to_string(), b.to_string(), holder.to_string());
+        self.call(false, move |conn| {
+            conn.prepare_cached(sql)
+                .and_then(|mut st| st.execute(params![a, b, h, millis(until)]))
+                .map(|n| n > 0)
+                .map_err(db_error)
         })
         .await
     }

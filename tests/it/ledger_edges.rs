@@ -443,8 +443,12 @@ async fn leases_are_renewed_while_kept_alive_and_lapse_after() {
         );
         // Only the holder renews.
         let later = now + chrono::Duration::seconds(60);
-        assert!(!ledger.renew_import("i", "s", "b", later).await.unwrap());
-        assert!(ledger.renew_import("i", "s", "a", later).await.unwrap());
+        let import_key = LeaseKey::Import {
+            issuer_application_id: "i".into(),
+            source_session_id: "s".into(),
+        };
+        assert!(!ledger.renew(&import_key, "b", later).await.unwrap());
+        assert!(ledger.renew(&import_key, "a", later).await.unwrap());
         assert!(matches!(
             ledger
                 .claim_import("i", "s", "b", lease, now + chrono::Duration::seconds(30))
@@ -453,7 +457,17 @@ async fn leases_are_renewed_while_kept_alive_and_lapse_after() {
             Claim::Busy { .. }
         ));
         assert!(
-            !ledger.renew_share("s", "p", "a", later).await.unwrap(),
+            !ledger
+                .renew(
+                    &LeaseKey::Share {
+                        source_session_id: "s".into(),
+                        partner_application_id: "p".into(),
+                    },
+                    "a",
+                    later
+                )
+                .await
+                .unwrap(),
             "no such share claim"
         );
 
