@@ -7,7 +7,7 @@
 use std::fmt;
 
 use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
+use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD};
 use chrono::{DateTime, SecondsFormat, Utc};
 use ed25519_dalek::{Signer, Verifier};
 use serde::{Deserialize, Serialize};
@@ -363,8 +363,20 @@ fn decode32(text: &str) -> Result<[u8; 32], KeyError> {
     bytes.try_into().map_err(|_| KeyError::WrongLength(len))
 }
 
-/// The key id of a public key: the first 8 bytes of its SHA-256, hex.
+/// The key id of a public key: its RFC 7638 JWK thumbprint, i.e. base64url (no padding) of the SHA-256 of
+/// `{"crv":"Ed25519","kty":"OKP","x":"<base64url public key>"}` (RFC 8037's members, in lexicographic order, no
+/// whitespace). The same id any JOSE library computes for the key.
 fn key_id_of(public: &ed25519_dalek::VerifyingKey) -> String {
+    let jwk = format!(
+        r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
+        URL_SAFE_NO_PAD.encode(public.as_bytes())
+    );
+    URL_SAFE_NO_PAD.encode(Sha256::digest(jwk.as_bytes()))
+}
+
+/// The key id earlier versions sent in `x-pb-key-id`: the first 8 bytes of the key's SHA-256, hex. Still
+/// accepted for the same key, so that envelopes signed before an upgrade verify after it.
+fn legacy_key_id_of(public: &ed25519_dalek::VerifyingKey) -> String {
     hex::encode(&Sha256::digest(public.as_bytes())[..8])
 }
 
@@ -399,10 +411,13 @@ impl SigningKey {
 
     /// The matching public key.
     pub fn verifying_key(&self) -> VerifyingKey {
-        VerifyingKey {
-            inner: self.inner.verifying_key(),
-            key_id: self.key_id.clone(),
-        }
+        VerifyingKey::from_dalek(self.inner.verifying_key())
+    }
+
+    /// Whether this key's 32 secret bytes are those of `public`: a public key pasted where the private one belongs
+    /// (both are 32 bytes of base64, so the text alone cannot tell them apart).
+    pub fn is_public_key(&self, public: &VerifyingKey) -> bool {
+        self.inner.to_bytes() == *public.inner.as_bytes()
     }
 
     /// `ed25519:<base64 signature>` of exactly these bytes.
@@ -416,6 +431,7 @@ impl SigningKey {
 pub struct VerifyingKey {
     inner: ed25519_dalek::VerifyingKey,
     key_id: String,
+    legacy_key_id: String,
 }
 
 impl VerifyingKey {
@@ -423,8 +439,21 @@ impl VerifyingKey {
     pub fn from_base64(text: &str) -> Result<VerifyingKey, KeyError> {
         let inner = ed25519_dalek::VerifyingKey::from_bytes(&decode32(text)?)
             .map_err(|_| KeyError::InvalidPoint)?;
-        let key_id = key_id_of(&inner);
-        Ok(VerifyingKey { inner, key_id })
+        Ok(Self::from_dalek(inner))
+    }
+
+    fn from_dalek(inner: ed25519_dalek::VerifyingKey) -> VerifyingKey {
+        VerifyingKey {
+            key_id: key_id_of(&inner),
+            legacy_key_id: legacy_key_id_of(&inner),
+            inner,
+        }
+    }
+
+    /// Whether `id` (an `x-pb-key-id` value) names this key: its RFC 7638 thumbprint, or the hex id that earlier
+    /// versions sent.
+    pub fn has_id(&self, id: &str) -> bool {
+        id == self.key_id || id == self.legacy_key_id
     }
 
     /// Base64 of the 32 key bytes.
@@ -479,6 +508,28 @@ mod tests {
         assert!(other.verify(body, &sig).is_err());
         let again = SigningKey::from_base64(&key.to_base64()).unwrap();
         assert_eq!(again.key_id(), key.key_id());
+    }
+
+    /// RFC 8037 appendix A.1 (the key) and A.3 (its RFC 7638 thumbprint).
+    #[test]
+    fn key_ids_are_rfc7638_thumbprints() {
+        let seed = URL_SAFE_NO_PAD
+            .decode("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A")
+            .unwrap();
+        let key = SigningKey::from_base64(&B64.encode(seed)).unwrap();
+        let public = key.verifying_key();
+        assert_eq!(
+            URL_SAFE_NO_PAD.encode(B64.decode(public.to_base64()).unwrap()),
+            "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"
+        );
+        assert_eq!(key.key_id(), "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k");
+        assert_eq!(public.key_id(), key.key_id());
+        assert!(public.has_id("kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"));
+        // The id earlier versions sent still names the same key.
+        let legacy = hex::encode(&Sha256::digest(B64.decode(public.to_base64()).unwrap())[..8]);
+        assert!(public.has_id(&legacy));
+        assert!(!SigningKey::generate().verifying_key().has_id(&legacy));
+        assert!(!key.is_public_key(&SigningKey::generate().verifying_key()));
     }
 
     #[test]

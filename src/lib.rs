@@ -27,6 +27,7 @@ pub mod envelope;
 pub mod health;
 pub mod http_server;
 pub mod issuer;
+pub mod keys;
 pub mod ledger;
 pub mod metrics;
 pub mod probe;

@@ -176,6 +176,14 @@ pub struct Metrics {
     amqp_reconnects: Counter,
     paused: Family<PausedLabels, Gauge>,
     last_success: Family<PipelineLabels, Gauge<f64, AtomicU64>>,
+    key_reload_errors: Family<KeyLabels, Counter>,
+}
+
+/// `{key}`
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    /// The config key the file was given under (`issuer.signing_key_file`, `didit.api_key_file`, …).
+    pub key: String,
 }
 
 /// Event outcomes.
@@ -260,7 +268,13 @@ impl Metrics {
             amqp_reconnects: Counter::default(),
             paused: Family::default(),
             last_success: Family::default(),
+            key_reload_errors: Family::default(),
         };
+        registry.register(
+            "key_reload_errors",
+            "Key, secret and key-set files that became unreadable or invalid while running (the last good keys stay in use)",
+            m.key_reload_errors.clone(),
+        );
         registry.register(
             "build",
             "Build information of the running binary",
@@ -502,6 +516,15 @@ impl Metrics {
             .get_or_create(&ImportLabels {
                 issuer: issuer.to_string(),
                 outcome,
+            })
+            .inc();
+    }
+
+    /// A key or secret file that is re-read on change could not be used (the last good value stays in use).
+    pub fn key_reload_error(&self, key: &str) {
+        self.key_reload_errors
+            .get_or_create(&KeyLabels {
+                key: key.to_string(),
             })
             .inc();
     }
