@@ -24,14 +24,14 @@ use crate::amqp::consumer::{ConsumerSpec, PauseControl, run_consumer};
 use crate::amqp::publisher::Publisher;
 use crate::amqp::topology::{self, Entity, QueueSettings};
 use crate::amqp::{HeaderValue, Link, LinkOptions, Names};
-use crate::config::Config;
+use crate::config::{Config, next_webhook_secret_source};
 use crate::didit::client::DiditClient;
-use crate::envelope::SigningKey;
 use crate::health::Health;
 use crate::issuer::mint::Minter;
 use crate::issuer::onboarding::OnboardingHandler;
 use crate::issuer::reshare::{ReshareHandler, ResharePartner};
 use crate::issuer::webhook::{self, WebhookState};
+use crate::keys::{PublicKeys, SigningKeys};
 use crate::ledger::Ledger;
 use crate::metrics::{Metrics, pipeline};
 use crate::receiver::tokens::{Peer, TokenHandler};
@@ -222,15 +222,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let access = config.issuer_didit()?;
         let client = DiditClient::new(&access, metrics.clone())
             .map_err(|e| anyhow::anyhow!("cannot build the issuer's Didit client: {e}"))?;
-        let signing_key = SigningKey::from_base64(
-            config
-                .signing_key_source()?
-                .load()
-                .context("cannot read the signing key")?
-                .expose(),
+        let signing_key = SigningKeys::load(
+            &config.signing_key_source()?,
+            signing_key_config_name(&config),
+            config.known_public_keys(),
+            Some(metrics.clone()),
         )
         .map_err(|e| anyhow::anyhow!("invalid signing key: {e}"))?;
-        tracing::info!(key_id = signing_key.key_id(), application_id = %access.application_id, "issuer role enabled");
+        tracing::info!(key_id = signing_key.signer().key_id(), application_id = %access.application_id, "issuer role enabled");
 
         let tokens_link = link_for(&config.tokens_url()?, pipeline::ISSUER_TOKENS);
         tasks.spawn(declare_in_background(
@@ -295,9 +294,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
         let mut reshare_partners = Vec::new();
         for (i, partner) in config.issuer.partners.iter().enumerate() {
+            let (fixed, files) = config.partner_key_sources(i)?;
             reshare_partners.push(ResharePartner {
                 config: partner.clone(),
-                keys: config.partner_public_keys(i)?,
+                keys: PublicKeys::load(fixed, files, Some(metrics.clone()))
+                    .map_err(|e| anyhow::anyhow!("partner {}: {e}", partner.name))?,
             });
         }
         let reshare_pause =
@@ -347,6 +348,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             webhook_addr = Some(listener.local_addr()?);
             let state = Arc::new(WebhookState {
                 secret: config.webhook_secret_source(webhook_config)?,
+                next_secret: next_webhook_secret_source(webhook_config).map(|(s, _)| s),
                 accept_raw: webhook_config.accept_raw_signature,
                 accept_simple: webhook_config.accept_simple_signature,
                 max_skew_s: webhook_config.max_skew_s,
@@ -390,14 +392,29 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let access = config.receiver_didit()?;
         let client = DiditClient::new(&access, metrics.clone())
             .map_err(|e| anyhow::anyhow!("cannot build the receiver's Didit client: {e}"))?;
-        let reshare_key = config.receiver_signing_key()?;
-        tracing::info!(application_id = %access.application_id, reshare_key_id = reshare_key.as_ref().map(|k| k.key_id()), "receiver role enabled");
+        let reshare_key = match config.receiver_signing_key_source() {
+            Some((source, name)) => Some(
+                SigningKeys::load(
+                    &source,
+                    name,
+                    config.known_public_keys(),
+                    Some(metrics.clone()),
+                )
+                .map_err(|e| anyhow::anyhow!("invalid receiver signing key: {e}"))?,
+            ),
+            None => None,
+        };
+        tracing::info!(application_id = %access.application_id, reshare_key_id = reshare_key.as_ref().map(|k| k.signer().key_id().to_string()), "receiver role enabled");
         let mut peers = Vec::new();
         for (i, peer) in config.receiver.issuers.iter().enumerate() {
             peers.push(Peer {
                 name: peer.name.clone(),
                 application_id: peer.application_id.clone(),
-                key: Some(config.issuer_public_key(i)?),
+                key: Some({
+                    let (fixed, files) = config.issuer_key_sources(i)?;
+                    PublicKeys::load(fixed, files, Some(metrics.clone()))
+                        .map_err(|e| anyhow::anyhow!("issuer {}: {e}", peer.name))?
+                }),
                 trust_review: peer.trust_review,
             });
         }
@@ -706,5 +723,14 @@ async fn watch_ledger(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(LEDGER_CHECK_EVERY) => {}
         }
+    }
+}
+
+/// The config key the issuer's signing key was given under, for logs and metrics.
+fn signing_key_config_name(config: &Config) -> &'static str {
+    if config.issuer.signing_key.is_some() {
+        "issuer.signing_key"
+    } else {
+        "issuer.signing_key_file"
     }
 }

@@ -394,7 +394,8 @@ pub struct IssuerConfig {
     pub api_key_file: Option<PathBuf>,
     /// The Ed25519 signing key (base64 of 32 bytes), inline; prefer `signing_key_file`.
     pub signing_key: Option<Secret>,
-    /// A file with the Ed25519 signing key written by `partner-bridge keygen`.
+    /// A key-set file written by `partner-bridge keygen` (one base64 key per line, the last one signs; `keygen
+    /// --rotate` appends a new key). Re-read when it changes, so a rotated key signs without a restart.
     pub signing_key_file: Option<PathBuf>,
     /// Fresh tokens minted for one (session, partner) on reshare requests before they are refused.
     pub max_reshares: u32,
@@ -441,8 +442,13 @@ pub struct WebhookConfig {
     pub listen: SocketAddr,
     /// The destination's `secret_shared_key`, inline; prefer `secret_file` or env.
     pub secret: Option<Secret>,
-    /// A file holding the webhook secret.
+    /// A file holding the webhook secret (re-read on every delivery).
     pub secret_file: Option<PathBuf>,
+    /// During a rotation: the next secret, inline; deliveries signed with it or with `secret` are accepted.
+    pub next_secret: Option<Secret>,
+    /// During a rotation: a file holding the next secret (re-read on every delivery); deliveries signed with it or
+    /// with `secret_file`'s are accepted. Once Didit signs with the new one, move it to `secret_file` and drop this.
+    pub next_secret_file: Option<PathBuf>,
     /// Also accept `X-Signature` (HMAC of the raw body) when `X-Signature-V2` is absent.
     pub accept_raw_signature: bool,
     /// Also accept `X-Signature-Simple` (covers only a few fields) when the others are absent.
@@ -460,6 +466,8 @@ impl Default for WebhookConfig {
             listen: "0.0.0.0:8080".parse().expect("static address"),
             secret: None,
             secret_file: None,
+            next_secret: None,
+            next_secret_file: None,
             accept_raw_signature: false,
             accept_simple_signature: false,
             max_skew_s: 300,
@@ -492,7 +500,8 @@ pub struct PartnerConfig {
     /// signed with. Any listed key is accepted, so a receiver can rotate: list the new key, then drop the old one.
     #[serde(default)]
     pub public_keys: Vec<String>,
-    /// Files holding more such keys (as written by `keygen`), accepted like `public_keys`.
+    /// Key-set files holding more such keys (the receiver's `signing.pub` as written by `keygen`, one key per
+    /// line), accepted like `public_keys` and re-read when they change.
     #[serde(default)]
     pub public_key_files: Vec<PathBuf>,
 }
@@ -542,7 +551,8 @@ pub struct ReceiverConfig {
     /// `PARTNER_BRIDGE__RECEIVER__SIGNING_KEY`. Signs `reshare.request`s; without it they go out unsigned, which
     /// issuers refuse unless they set `issuer.allow_unsigned_reshare`.
     pub signing_key: Option<Secret>,
-    /// A file with the receiver's signing key written by `partner-bridge keygen`.
+    /// A key-set file with the receiver's signing keys written by `partner-bridge keygen` (the last one signs),
+    /// re-read when it changes.
     pub signing_key_file: Option<PathBuf>,
     /// Accept envelopes without a signature (never in production).
     pub allow_unsigned: bool,
@@ -590,13 +600,21 @@ pub struct IssuerPeerConfig {
     /// The issuer's Ed25519 public key, base64.
     #[serde(default)]
     pub public_key: Option<String>,
-    /// A file holding the public key (as written by `keygen`).
+    /// More public keys of this issuer (base64); any of them is accepted, so the issuer can rotate: list the new
+    /// key, let the issuer sign with it, then drop the old one.
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    /// A key-set file with the issuer's public keys (its `signing.pub` as written by `keygen`, one key per line),
+    /// accepted like `public_keys` and re-read when it changes.
     #[serde(default)]
     pub public_key_file: Option<PathBuf>,
     /// Keep the issuer's decision on import (`true`) or land in review (`false`, the safe default).
     #[serde(default)]
     pub trust_review: bool,
 }
+
+/// Public keys given inline (decoded) and key-set files to read them from, each with its config key.
+pub type KeySources = (Vec<crate::envelope::VerifyingKey>, Vec<(String, PathBuf)>);
 
 /// Everything one role needs to call Didit, resolved from `[didit]` and the role's overrides.
 #[derive(Debug, Clone)]
@@ -781,16 +799,7 @@ impl Config {
                 format!("cannot read the API key: {e}"),
             )
         })?;
-        self.signing_key_source()?
-            .load()
-            .map_err(|e| {
-                ConfigError::new(signing_key_name(&self.issuer), format!("cannot read: {e}"))
-            })
-            .and_then(|s| {
-                crate::envelope::SigningKey::from_base64(s.expose())
-                    .map(|_| ())
-                    .map_err(|e| ConfigError::new(signing_key_name(&self.issuer), e.to_string()))
-            })?;
+        self.issuer_signing_keys()?;
         self.tokens_url()?;
         if self.issuer.concurrency == Some(0) {
             return Err(ConfigError::new("issuer.concurrency", "must be at least 1"));
@@ -863,6 +872,24 @@ impl Config {
             self.partner_public_keys(i)?;
         }
         if let Some(webhook) = &self.issuer.webhook {
+            match next_webhook_secret_source(webhook) {
+                Some((SecretSource::Inline(secret), name)) if secret.is_empty() => {
+                    return Err(ConfigError::new(name, "is empty"));
+                }
+                // A missing or empty file means no rotation is under way (see `warnings`); any other read error
+                // is a mistake.
+                Some((SecretSource::File(path), name)) => match std::fs::read_to_string(&path) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(ConfigError::new(
+                            name,
+                            format!("cannot read {}: {e}", path.display()),
+                        ));
+                    }
+                },
+                _ => {}
+            }
             self.webhook_secret_source(webhook)?
                 .load()
                 .map_err(|e| {
@@ -938,7 +965,7 @@ impl Config {
             if !ids.insert(peer.application_id.clone()) {
                 return Err(ConfigError::new(key("application_id"), "listed twice"));
             }
-            self.issuer_public_key(i)?;
+            self.issuer_public_keys(i)?;
         }
         self.receiver_signing_key()?;
         Ok(())
@@ -1092,74 +1119,136 @@ impl Config {
         }
     }
 
-    /// The decoded public key of `receiver.issuers[index]`.
-    pub fn issuer_public_key(
-        &self,
-        index: usize,
-    ) -> Result<crate::envelope::VerifyingKey, ConfigError> {
+    /// Where the public keys of `receiver.issuers[index]` come from: `public_key` and `public_keys` (decoded), and
+    /// `public_key_file` (a key-set file, with its config key). At least one is required.
+    pub fn issuer_key_sources(&self, index: usize) -> Result<KeySources, ConfigError> {
         let peer = &self.receiver.issuers[index];
-        let (text, key) = match (&peer.public_key, &peer.public_key_file) {
-            (Some(k), _) => (k.clone(), format!("receiver.issuers[{index}].public_key")),
-            (None, Some(f)) => {
-                let key = format!("receiver.issuers[{index}].public_key_file");
-                let text = std::fs::read_to_string(f).map_err(|e| {
-                    ConfigError::new(&key, format!("cannot read {}: {e}", f.display()))
-                })?;
-                (text, key)
-            }
-            (None, None) => {
-                return Err(ConfigError::new(
-                    format!("receiver.issuers[{index}].public_key"),
-                    "required: the issuer's Ed25519 public key (base64), or public_key_file",
-                ));
-            }
-        };
-        crate::envelope::VerifyingKey::from_base64(text.trim())
-            .map_err(|e| ConfigError::new(key, e.to_string()))
+        let mut fixed = Vec::new();
+        if let Some(text) = &peer.public_key {
+            fixed.push(decode_public(
+                text,
+                format!("receiver.issuers[{index}].public_key"),
+            )?);
+        }
+        for (j, text) in peer.public_keys.iter().enumerate() {
+            fixed.push(decode_public(
+                text,
+                format!("receiver.issuers[{index}].public_keys[{j}]"),
+            )?);
+        }
+        let files: Vec<(String, PathBuf)> = peer
+            .public_key_file
+            .iter()
+            .map(|f| {
+                (
+                    format!("receiver.issuers[{index}].public_key_file"),
+                    f.clone(),
+                )
+            })
+            .collect();
+        if fixed.is_empty() && files.is_empty() {
+            return Err(ConfigError::new(
+                format!("receiver.issuers[{index}].public_key"),
+                "required: the issuer's Ed25519 public key (base64), or public_keys, or public_key_file",
+            ));
+        }
+        Ok((fixed, files))
     }
 
-    /// The decoded reshare keys of `issuer.partners[index]`: `public_keys`, then `public_key_files` (empty when
-    /// the partner has none; see [`Config::warnings`]).
-    pub fn partner_public_keys(
+    /// Every public key `receiver.issuers[index]` is accepted with now (`public_key`, `public_keys`, then the keys of
+    /// `public_key_file`).
+    pub fn issuer_public_keys(
         &self,
         index: usize,
     ) -> Result<Vec<crate::envelope::VerifyingKey>, ConfigError> {
-        let partner = &self.issuer.partners[index];
-        let mut keys = Vec::new();
-        for (j, text) in partner.public_keys.iter().enumerate() {
-            let key = crate::envelope::VerifyingKey::from_base64(text.trim()).map_err(|e| {
-                ConfigError::new(
-                    format!("issuer.partners[{index}].public_keys[{j}]"),
-                    e.to_string(),
-                )
-            })?;
-            keys.push(key);
-        }
-        for (j, path) in partner.public_key_files.iter().enumerate() {
-            let name = format!("issuer.partners[{index}].public_key_files[{j}]");
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::new(&name, format!("cannot read {}: {e}", path.display()))
-            })?;
-            let key = crate::envelope::VerifyingKey::from_base64(text.trim())
-                .map_err(|e| ConfigError::new(&name, e.to_string()))?;
-            keys.push(key);
+        let (mut keys, files) = self.issuer_key_sources(index)?;
+        for (name, path) in files {
+            keys.extend(read_public_set(&name, &path)?);
         }
         Ok(keys)
     }
 
-    /// The receiver's signing key for `reshare.request`s, when one is configured.
+    /// Where the reshare keys of `issuer.partners[index]` come from: `public_keys` (decoded) and `public_key_files`
+    /// (key-set files, with their config keys).
+    pub fn partner_key_sources(&self, index: usize) -> Result<KeySources, ConfigError> {
+        let partner = &self.issuer.partners[index];
+        let mut fixed = Vec::new();
+        for (j, text) in partner.public_keys.iter().enumerate() {
+            fixed.push(decode_public(
+                text,
+                format!("issuer.partners[{index}].public_keys[{j}]"),
+            )?);
+        }
+        let files = partner
+            .public_key_files
+            .iter()
+            .enumerate()
+            .map(|(j, f)| {
+                (
+                    format!("issuer.partners[{index}].public_key_files[{j}]"),
+                    f.clone(),
+                )
+            })
+            .collect();
+        Ok((fixed, files))
+    }
+
+    /// The decoded reshare keys of `issuer.partners[index]`: `public_keys`, then every key of `public_key_files`
+    /// (empty when the partner has none; see [`Config::warnings`]).
+    pub fn partner_public_keys(
+        &self,
+        index: usize,
+    ) -> Result<Vec<crate::envelope::VerifyingKey>, ConfigError> {
+        let (mut keys, files) = self.partner_key_sources(index)?;
+        for (name, path) in files {
+            keys.extend(read_public_set(&name, &path)?);
+        }
+        Ok(keys)
+    }
+
+    /// Every public key this configuration names (inline or in readable files), on both sides: a signing key equal
+    /// to one of them is a public key given where a private one belongs.
+    pub fn known_public_keys(&self) -> Vec<crate::envelope::VerifyingKey> {
+        let mut out = Vec::new();
+        for i in 0..self.receiver.issuers.len() {
+            if let Ok(keys) = self.issuer_public_keys(i) {
+                out.extend(keys);
+            }
+        }
+        for i in 0..self.issuer.partners.len() {
+            if let Ok(keys) = self.partner_public_keys(i) {
+                out.extend(keys);
+            }
+        }
+        out
+    }
+
+    /// The issuer's signing key set (the last one signs), with the config key it was given under.
+    pub fn issuer_signing_keys(&self) -> Result<Vec<crate::envelope::SigningKey>, ConfigError> {
+        let source = self.signing_key_source()?;
+        signing_set(
+            &source,
+            signing_key_name(&self.issuer),
+            &self.known_public_keys(),
+        )
+    }
+
+    /// Where the receiver's signing keys come from, with the config key, when configured.
+    pub fn receiver_signing_key_source(&self) -> Option<(SecretSource, &'static str)> {
+        match (&self.receiver.signing_key, &self.receiver.signing_key_file) {
+            (Some(k), _) => Some((SecretSource::Inline(k.clone()), "receiver.signing_key")),
+            (None, Some(f)) => Some((SecretSource::File(f.clone()), "receiver.signing_key_file")),
+            (None, None) => None,
+        }
+    }
+
+    /// The receiver's signing key for `reshare.request`s (the newest of its set), when one is configured.
     pub fn receiver_signing_key(&self) -> Result<Option<crate::envelope::SigningKey>, ConfigError> {
-        let (source, name) = match (&self.receiver.signing_key, &self.receiver.signing_key_file) {
-            (Some(k), _) => (SecretSource::Inline(k.clone()), "receiver.signing_key"),
-            (None, Some(f)) => (SecretSource::File(f.clone()), "receiver.signing_key_file"),
-            (None, None) => return Ok(None),
+        let Some((source, name)) = self.receiver_signing_key_source() else {
+            return Ok(None);
         };
-        let secret = source
-            .load()
-            .map_err(|e| ConfigError::new(name, format!("cannot read: {e}")))?;
-        crate::envelope::SigningKey::from_base64(secret.expose())
-            .map(Some)
-            .map_err(|e| ConfigError::new(name, e.to_string()))
+        let mut keys = signing_set(&source, name, &self.known_public_keys())?;
+        Ok(keys.pop())
     }
 
     /// Valid but unsafe or incomplete settings, one sentence each, for `check-config` (stderr) and the startup log.
@@ -1180,6 +1269,16 @@ impl Config {
                         )
                     });
                 }
+            }
+            if let Some(webhook) = &self.issuer.webhook
+                && let Some(path) = &webhook.next_secret_file
+                && webhook.next_secret.is_none()
+                && read_secret_file(path).map_or(true, |s| s.is_empty())
+            {
+                out.push(format!(
+                    "issuer.webhook.next_secret_file {} is missing or empty: only the current secret is accepted until it holds the next one",
+                    path.display()
+                ));
             }
             if self.issuer.allow_unsigned_reshare {
                 out.push(
@@ -1231,6 +1330,69 @@ fn signing_key_name(issuer: &IssuerConfig) -> &'static str {
         "issuer.signing_key"
     } else {
         "issuer.signing_key_file"
+    }
+}
+
+/// Where the next webhook secret comes from during a rotation (`next_secret`, else `next_secret_file`).
+pub fn next_webhook_secret_source(webhook: &WebhookConfig) -> Option<(SecretSource, &'static str)> {
+    match (&webhook.next_secret, &webhook.next_secret_file) {
+        (Some(s), _) => Some((
+            SecretSource::Inline(s.clone()),
+            "issuer.webhook.next_secret",
+        )),
+        (None, Some(f)) => Some((
+            SecretSource::File(f.clone()),
+            "issuer.webhook.next_secret_file",
+        )),
+        (None, None) => None,
+    }
+}
+
+fn decode_public(text: &str, key: String) -> Result<crate::envelope::VerifyingKey, ConfigError> {
+    crate::envelope::VerifyingKey::from_base64(text.trim())
+        .map_err(|e| ConfigError::new(key, e.to_string()))
+}
+
+fn read_public_set(
+    name: &str,
+    path: &Path,
+) -> Result<Vec<crate::envelope::VerifyingKey>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(name, format!("cannot read {}: {e}", path.display())))?;
+    crate::keys::parse_public_set(&text, path).map_err(|e| ConfigError::new(name, e.to_string()))
+}
+
+/// Reads a signing key set from its source; `known` are the configuration's public keys (plus, for a file, the
+/// `signing.pub` next to it), none of which may appear in it.
+fn signing_set(
+    source: &SecretSource,
+    name: &str,
+    known: &[crate::envelope::VerifyingKey],
+) -> Result<Vec<crate::envelope::SigningKey>, ConfigError> {
+    match source {
+        SecretSource::Inline(secret) => {
+            let key = crate::envelope::SigningKey::from_base64(secret.expose())
+                .map_err(|e| ConfigError::new(name, e.to_string()))?;
+            if let Some(p) = known.iter().find(|p| key.is_public_key(p)) {
+                return Err(ConfigError::new(
+                    name,
+                    format!(
+                        "holds a public key (key id {}), not a private signing key",
+                        p.key_id()
+                    ),
+                ));
+            }
+            Ok(vec![key])
+        }
+        SecretSource::File(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(name, format!("cannot read {}: {e}", path.display()))
+            })?;
+            let mut known = known.to_vec();
+            known.extend(crate::keys::sibling_public_keys(path));
+            crate::keys::parse_signing_set(&text, path, &known)
+                .map_err(|e| ConfigError::new(name, e.to_string()))
+        }
     }
 }
 

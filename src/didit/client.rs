@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::io;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::header::{ACCEPT, HeaderMap, HeaderValue};
@@ -24,6 +24,7 @@ use super::wire::{
     ShareResponse, ShareTokenClaims,
 };
 use crate::config::DiditAccess;
+use crate::keys::Watched;
 use crate::metrics::Metrics;
 use crate::secret::{Secret, SecretSource, redact_url};
 
@@ -108,10 +109,17 @@ struct Inner {
     base: Url,
     application_id: String,
     key_source: SecretSource,
-    key: RwLock<CurrentKey>,
+    key: KeyHolder,
     metrics: Arc<Metrics>,
     timeout: Duration,
     connect_timeout: Duration,
+}
+
+/// The key in use: given inline, or from a file whose every change is picked up on the next call (one `stat` per
+/// call; see [`crate::keys::Watched`]), so rotating the file switches keys without a restart, paused or not.
+enum KeyHolder {
+    Inline(CurrentKey),
+    File(Watched<CurrentKey>),
 }
 
 /// The key as loaded, and the header value made from it (marked sensitive, so HTTP/2 never indexes it).
@@ -143,7 +151,28 @@ impl DiditClient {
                 redact_url(base.as_str())
             )));
         }
-        let key = load_key(&access.api_key).map_err(|e| DiditError::Config(e.to_string()))?;
+        let key = match &access.api_key {
+            SecretSource::Inline(_) => KeyHolder::Inline(
+                load_key(&access.api_key).map_err(|e| DiditError::Config(e.to_string()))?,
+            ),
+            SecretSource::File(path) => {
+                let p = path.clone();
+                KeyHolder::File(
+                    Watched::new(
+                        "api_key_file",
+                        path,
+                        move |text| {
+                            key_from(Secret::new(text.trim()))
+                                .map_err(|e| format!("the API key file {}: {e}", p.display()))
+                        },
+                        Some(metrics.clone()),
+                    )
+                    .map_err(|e| {
+                        DiditError::Config(format!("cannot read the API key file: {e}"))
+                    })?,
+                )
+            }
+        };
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(access.connect_timeout)
@@ -160,7 +189,7 @@ impl DiditClient {
                 base,
                 application_id: access.application_id.clone(),
                 key_source: access.api_key.clone(),
-                key: RwLock::new(key),
+                key,
                 metrics,
                 timeout: access.timeout,
                 connect_timeout: access.connect_timeout,
@@ -344,21 +373,12 @@ impl DiditClient {
     /// is the same or was given inline; an unreadable, empty or unsendable file is an error and the current key
     /// stays in use.
     pub fn reload_key(&self) -> io::Result<bool> {
-        if !matches!(self.inner.key_source, SecretSource::File(_)) {
-            return Ok(false);
+        match &self.inner.key {
+            KeyHolder::Inline(_) => Ok(false),
+            KeyHolder::File(file) => file
+                .reload()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
         }
-        let fresh = load_key(&self.inner.key_source)?;
-        let mut current = self
-            .inner
-            .key
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if current.secret == fresh.secret {
-            return Ok(false);
-        }
-        *current = fresh;
-        tracing::info!("Didit API key reloaded from its file");
-        Ok(true)
     }
 
     /// `base` + segments, each percent-encoded (a session id can never change the path's shape).
@@ -383,12 +403,13 @@ impl DiditClient {
     }
 
     fn current_key(&self) -> (Secret, HeaderValue) {
-        let key = self
-            .inner
-            .key
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        (key.secret.clone(), key.header.clone())
+        match &self.inner.key {
+            KeyHolder::Inline(key) => (key.secret.clone(), key.header.clone()),
+            KeyHolder::File(file) => {
+                let key = file.current();
+                (key.secret.clone(), key.header.clone())
+            }
+        }
     }
 
     /// The strings scrubbed from anything Didit sends back: the key in use and, on import, the token.
@@ -508,6 +529,11 @@ fn load_key(source: &SecretSource) -> io::Result<CurrentKey> {
         ),
         SecretSource::Inline(_) => e,
     })?;
+    key_from(secret)
+}
+
+/// The header value of a key; errors say what is wrong without the key itself.
+fn key_from(secret: Secret) -> io::Result<CurrentKey> {
     if secret.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,

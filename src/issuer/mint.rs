@@ -23,7 +23,8 @@ use crate::config::{PartnerConfig, RetryConfig};
 use crate::didit::client::DiditClient;
 use crate::didit::error::Disposition;
 use crate::didit::wire::{SessionKind, SessionStatus, ShareTokenClaims};
-use crate::envelope::{self, ShareTokenEnvelope, SigningKey};
+use crate::envelope::{self, ShareTokenEnvelope};
+use crate::keys::SigningKeys;
 use crate::ledger::{Claim, LeaseKey, Ledger, ShareRecord};
 use crate::metrics::Metrics;
 use crate::retry::{Failure, with_backoff};
@@ -34,7 +35,8 @@ pub(crate) struct Minter {
     pub ledger: Ledger,
     pub tokens: Publisher,
     pub names: Names,
-    pub signing_key: SigningKey,
+    /// The issuer's key set; its newest key signs (re-read on change).
+    pub signing_key: SigningKeys,
     pub application_id: String,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
@@ -275,7 +277,8 @@ impl Minter {
             occurred_at: source.occurred_at,
         };
         let body = serde_json::to_vec(&envelope).expect("envelopes serialise");
-        let signature = self.signing_key.sign(&body);
+        let signer = self.signing_key.signer();
+        let signature = signer.sign(&body);
         let routing_key = Names::token_key(&partner.application_id);
         let exchange = self.names.tokens_exchange();
         let published = self
@@ -293,7 +296,7 @@ impl Minter {
                     ),
                     (
                         envelope::HEADER_KEY_ID.to_string(),
-                        HeaderValue::Str(self.signing_key.key_id().to_string()),
+                        HeaderValue::Str(signer.key_id().to_string()),
                     ),
                 ],
             })

@@ -26,8 +26,9 @@ use crate::amqp::consumer::{Decision, Handler, Incoming};
 use crate::config::PartnerConfig;
 use crate::didit::error::Disposition;
 use crate::didit::wire::SessionDecision;
-use crate::envelope::{self, Message, VerifyingKey};
+use crate::envelope::{self, Message};
 use crate::issuer::mint::{MintRequest, Minted, Minter, Source};
+use crate::keys::{PublicKeys, Refused};
 use crate::metrics::pipeline;
 use crate::retry::{Failure, with_backoff};
 
@@ -35,7 +36,7 @@ use crate::retry::{Failure, with_backoff};
 #[derive(Debug, Clone)]
 pub(crate) struct ResharePartner {
     pub config: PartnerConfig,
-    pub keys: Vec<VerifyingKey>,
+    pub keys: PublicKeys,
 }
 
 /// Why a request is refused: the dead-letter reason and a sentence for a person.
@@ -87,26 +88,22 @@ pub(crate) fn check_signature(
             detail: "reshare request carries no x-pb-signature header".into(),
         });
     };
-    let candidates: Vec<&VerifyingKey> = match key_id {
-        Some(id) => partner.keys.iter().filter(|k| k.key_id() == id).collect(),
-        None => partner.keys.iter().collect(),
-    };
-    if candidates.is_empty() {
-        return Err(Refusal {
+    match partner.keys.verify(body, signature, key_id) {
+        Ok(key) => {
+            tracing::debug!(partner = %name, key_id = key.key_id(), "reshare request signature verified");
+            Ok(())
+        }
+        Err(Refused::UnknownKey(id)) => Err(Refusal {
             reason: "bad_signature",
             detail: format!(
-                "signed with key {}, which is not one of partner {name}'s public_keys",
-                key_id.unwrap_or_default()
+                "signed with key {id}, which is not one of partner {name}'s public_keys"
             ),
-        });
+        }),
+        Err(Refused::Bad(_)) => Err(Refusal {
+            reason: "bad_signature",
+            detail: format!("signature does not verify against partner {name}'s public_keys"),
+        }),
     }
-    if candidates.iter().any(|k| k.verify(body, signature).is_ok()) {
-        return Ok(());
-    }
-    Err(Refusal {
-        reason: "bad_signature",
-        detail: format!("signature does not verify against partner {name}'s public_keys"),
-    })
 }
 
 /// Handles `reshare.request` deliveries.
@@ -336,7 +333,7 @@ mod tests {
                 public_keys: Vec::new(),
                 public_key_files: Vec::new(),
             },
-            keys: keys.iter().map(|k| k.verifying_key()).collect(),
+            keys: PublicKeys::new(keys.iter().map(|k| k.verifying_key()).collect(), vec![]),
         }
     }
 

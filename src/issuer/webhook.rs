@@ -65,6 +65,8 @@ pub const BUSY_WAIT: Duration = Duration::from_secs(2);
 /// What the intake needs.
 pub(crate) struct WebhookState {
     pub secret: SecretSource,
+    /// During a rotation, the next secret (`next_secret_file`): a delivery signed with either is accepted.
+    pub next_secret: Option<SecretSource>,
     pub accept_raw: bool,
     pub accept_simple: bool,
     pub max_skew_s: u64,
@@ -244,10 +246,61 @@ async fn receive(
             "body is not a JSON object",
         );
     };
-    let secret = match state.secret.load() {
-        Ok(secret) => secret,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the webhook secret; answering 503 so Didit delivers again");
+    // The current secret and, during a rotation, the next one: a delivery signed with either is accepted.
+    let mut secrets = Vec::with_capacity(2);
+    let mut unreadable = false;
+    for (which, source) in std::iter::once(("secret", &state.secret))
+        .chain(state.next_secret.iter().map(|s| ("next_secret", s)))
+    {
+        let next = which == "next_secret";
+        match source.load() {
+            Ok(secret) if !secret.is_empty() => secrets.push((which, secret)),
+            // No next secret yet (or any more): no rotation under way.
+            Ok(_) if next => {}
+            Err(e) if next && e.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(_) => {
+                unreadable = true;
+                tracing::error!(which, "the webhook secret file is empty");
+            }
+            Err(e) => {
+                unreadable = true;
+                tracing::error!(which, error = %e, "cannot read the webhook secret");
+            }
+        }
+    }
+    let check = |secret: &str| {
+        if let Some(sig) = header(&headers, "x-signature-v2") {
+            signature::verify_v2(secret, &value, sig).then_some(Verified::V2)
+        } else if let (true, Some(sig)) = (state.accept_raw, header(&headers, "x-signature")) {
+            signature::verify_raw(secret, &bytes, sig).then_some(Verified::Raw)
+        } else if let (true, Some(sig)) =
+            (state.accept_simple, header(&headers, "x-signature-simple"))
+        {
+            // Read leniently here: a field that does not parse cannot have been signed this way.
+            let text = |name: &str| fields.get(name).and_then(Value::as_str);
+            match (
+                fields.get("timestamp").and_then(Value::as_i64),
+                text("session_id"),
+                text("status"),
+                text("webhook_type"),
+            ) {
+                (Some(ts), Some(id), Some(status), Some(kind)) => {
+                    signature::verify_simple(secret, ts, id, status, kind, sig)
+                        .then_some(Verified::Simple)
+                }
+                _ => None,
+            }
+        } else {
+            None
+        }
+    };
+    let verified = secrets
+        .iter()
+        .find_map(|(which, secret)| check(secret.expose()).map(|v| (*which, v)));
+    let Some((which, verified)) = verified else {
+        if unreadable {
+            // The delivery may be signed with the secret that cannot be read: let Didit deliver again.
+            tracing::error!("webhook secret unavailable; answering 503 so Didit delivers again");
             return answer(
                 metrics,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -255,32 +308,6 @@ async fn receive(
                 "webhook secret unavailable",
             );
         }
-    };
-
-    let verified = if let Some(sig) = header(&headers, "x-signature-v2") {
-        signature::verify_v2(secret.expose(), &value, sig).then_some(Verified::V2)
-    } else if let (true, Some(sig)) = (state.accept_raw, header(&headers, "x-signature")) {
-        signature::verify_raw(secret.expose(), &bytes, sig).then_some(Verified::Raw)
-    } else if let (true, Some(sig)) = (state.accept_simple, header(&headers, "x-signature-simple"))
-    {
-        // Read leniently here: a field that does not parse cannot have been signed this way.
-        let text = |name: &str| fields.get(name).and_then(Value::as_str);
-        match (
-            fields.get("timestamp").and_then(Value::as_i64),
-            text("session_id"),
-            text("status"),
-            text("webhook_type"),
-        ) {
-            (Some(ts), Some(id), Some(status), Some(kind)) => {
-                signature::verify_simple(secret.expose(), ts, id, status, kind, sig)
-                    .then_some(Verified::Simple)
-            }
-            _ => None,
-        }
-    } else {
-        None
-    };
-    let Some(verified) = verified else {
         tracing::warn!("webhook refused: missing or wrong signature");
         return answer(
             metrics,
@@ -289,6 +316,11 @@ async fn receive(
             "missing or invalid signature",
         );
     };
+    tracing::debug!(
+        secret = which,
+        signature = verified.as_str(),
+        "webhook signature verified"
+    );
 
     // From here on the body is signed: a field that does not parse is the sender's error, named in a 400.
     let common = (|| {

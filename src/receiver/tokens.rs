@@ -69,9 +69,9 @@ use crate::didit::client::{DiditClient, SessionQuery};
 use crate::didit::error::Disposition;
 use crate::didit::wire::{ImportRequest, SessionDecision, SessionSummary, ShareTokenClaims};
 use crate::envelope::{
-    self, ImportOutcome, ImportResult, Message, ReshareRequest, ShareTokenEnvelope, SigningKey,
-    VerifyingKey,
+    self, ImportOutcome, ImportResult, Message, ReshareRequest, ShareTokenEnvelope,
 };
+use crate::keys::{PublicKeys, Refused, SigningKeys};
 use crate::ledger::{
     Claim, ImportIntent, ImportRecord, IntentClaim, LeaseKey, Ledger, LedgerError,
 };
@@ -104,7 +104,8 @@ enum Resolution {
 pub(crate) struct Peer {
     pub name: String,
     pub application_id: String,
-    pub key: Option<VerifyingKey>,
+    /// `None`: an unknown issuer, explicitly allowed.
+    pub key: Option<PublicKeys>,
     pub trust_review: bool,
 }
 
@@ -117,7 +118,7 @@ pub(crate) struct TokenHandler {
     pub application_id: String,
     pub peers: Vec<Peer>,
     /// Signs `reshare.request`s (`receiver.signing_key_file`); `None` sends them unsigned.
-    pub signing_key: Option<SigningKey>,
+    pub signing_key: Option<SigningKeys>,
     pub allow_unsigned: bool,
     pub allow_unknown_issuers: bool,
     pub workflow_user: Option<String>,
@@ -240,25 +241,30 @@ impl TokenHandler {
                 "envelope carries no x-pb-signature header".into(),
             ));
         };
-        let Some(key) = &peer.key else {
+        let Some(keys) = &peer.key else {
             // An unknown issuer, explicitly allowed: there is no key to check against.
             return Ok(());
         };
-        if let Some(key_id) = msg.header(envelope::HEADER_KEY_ID)
-            && key_id != key.key_id()
-        {
-            return Err(self.refuse(
+        match keys.verify(&msg.body, signature, msg.header(envelope::HEADER_KEY_ID)) {
+            Ok(key) => {
+                tracing::debug!(issuer = %peer.name, key_id = key.key_id(), "envelope signature verified");
+                Ok(())
+            }
+            Err(Refused::UnknownKey(key_id)) => Err(self.refuse(
                 &peer.name,
                 "bad_signature",
                 format!(
-                    "signed with key {key_id}, but issuer {} is configured with key {}",
+                    "signed with key {key_id}, which is not one of issuer {}'s configured public keys ({})",
                     peer.name,
-                    key.key_id()
+                    keys.all()
+                        .iter()
+                        .map(|k| k.key_id())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
-            ));
+            )),
+            Err(Refused::Bad(bad)) => Err(self.refuse(&peer.name, bad.reason, bad.detail)),
         }
-        key.verify(&msg.body, signature)
-            .map_err(|bad| self.refuse(&peer.name, bad.reason, bad.detail))
     }
 
     async fn import(&self, job: &Job<'_>, claims: Option<&ShareTokenClaims>) -> Decision {
@@ -978,6 +984,7 @@ impl TokenHandler {
                 headers: self
                     .signing_key
                     .iter()
+                    .map(SigningKeys::signer)
                     .flat_map(|key| {
                         [
                             (

@@ -519,10 +519,7 @@ fn compose_configs_validate_and_match_the_sandbox_fixture() {
     )
     .expect("a signing key");
     assert_eq!(
-        receiver
-            .issuer_public_key(0)
-            .expect("issuer public key")
-            .key_id(),
+        receiver.issuer_public_keys(0).expect("issuer public key")[0].key_id(),
         signing.key_id()
     );
     // And the issuer verifies reshare requests with the key the receiver signs them with.
