@@ -75,8 +75,13 @@ pub enum Command {
     /// Create an Ed25519 key pair: an issuer signs share-token envelopes with it, a receiver its reshare requests.
     Keygen {
         /// Directory to write signing.key (mode 0600) and signing.pub into.
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required_unless_present = "rotate")]
+        out: Option<PathBuf>,
+        /// Add a new key to the key set in DIR (default: --out): appended to signing.key, where the last key signs,
+        /// and to signing.pub, which keeps the old public keys. Distribute signing.pub to the verifiers before the
+        /// signer reads the new signing.key.
+        #[arg(long, value_name = "DIR", num_args = 0..=1, conflicts_with = "if_missing")]
+        rotate: Option<Option<PathBuf>>,
         /// When DIR/signing.key exists, keep it and print its key id instead of failing (for init jobs).
         #[arg(long)]
         if_missing: bool,

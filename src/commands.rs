@@ -53,36 +53,79 @@ pub fn check_config(config: &Config) -> String {
 pub enum Keygen {
     /// A new pair was written; its key id.
     Created(String),
-    /// `--if-missing` and a key was there already; its key id.
+    /// `--if-missing` and a key was there already; the key id of the one that signs.
     Kept(String),
+    /// `--rotate`: a new key was added to the set; its key id and how many keys the set holds now.
+    Rotated(String, usize),
+}
+
+/// Reads `DIR/signing.key` as a key set (the last key signs).
+fn read_key_set(key_path: &Path) -> anyhow::Result<Vec<SigningKey>> {
+    let text = std::fs::read_to_string(key_path)
+        .with_context(|| format!("cannot read {}", key_path.display()))?;
+    crate::keys::parse_signing_set(&text, key_path, &[])
+        .map_err(|e| anyhow::anyhow!("{} is not a signing key set: {e}", key_path.display()))
+}
+
+fn public_lines(keys: &[SigningKey]) -> String {
+    keys.iter()
+        .map(|k| format!("{}\n", k.verifying_key().to_base64()))
+        .collect()
+}
+
+/// Writes `text` to `path` through a temporary file in the same directory and a rename, so that a bridge
+/// re-reading the file never sees half of it. `private` files get mode 0600.
+fn write_atomically(path: &Path, text: &str, private: bool) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut file = options
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
 }
 
 /// `keygen --out DIR`: writes `DIR/signing.key` (mode 0600) and `DIR/signing.pub`, both base64. Refuses to
 /// overwrite an existing key — losing a signing key means every receiver must be reconfigured — unless
-/// `if_missing`, which keeps the existing pair (and rewrites a missing `signing.pub` from it).
+/// `if_missing`, which keeps the existing set (and rewrites a missing `signing.pub` from it).
 ///
 /// One format serves both sides: an issuer's pair signs `share_token` envelopes (`issuer.signing_key_file`, its
 /// `signing.pub` goes to each receiver's `[[receiver.issuers]] public_key_file`); a receiver's own pair signs its
 /// `reshare.request`s (`receiver.signing_key_file`, its `signing.pub` goes to each issuer's `[[issuer.partners]]
-/// public_keys` or `public_key_files`). A process running both roles uses two directories.
+/// public_keys` or `public_key_files`). A process running both roles uses two directories. Both files are key
+/// sets (see [`crate::keys`]); [`keygen_rotate`] adds keys to them.
 pub fn keygen(dir: &Path, if_missing: bool) -> anyhow::Result<Keygen> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let key_path = dir.join("signing.key");
     let pub_path = dir.join("signing.pub");
     if key_path.exists() && if_missing {
-        let text = std::fs::read_to_string(&key_path)
-            .with_context(|| format!("cannot read {}", key_path.display()))?;
-        let key = SigningKey::from_base64(&text)
-            .map_err(|e| anyhow::anyhow!("{} is not a signing key: {e}", key_path.display()))?;
+        let keys = read_key_set(&key_path)?;
         if !pub_path.exists() {
-            std::fs::write(&pub_path, format!("{}\n", key.verifying_key().to_base64()))
+            std::fs::write(&pub_path, public_lines(&keys))
                 .with_context(|| format!("cannot write {}", pub_path.display()))?;
         }
-        return Ok(Keygen::Kept(key.key_id().to_string()));
+        let signer = keys.last().expect("a parsed set is never empty");
+        return Ok(Keygen::Kept(signer.key_id().to_string()));
     }
     if key_path.exists() {
         anyhow::bail!(
-            "{} already exists; move it away first if you really mean to replace the key",
+            "{} already exists; move it away first if you really mean to replace the key (or add a key with --rotate)",
             key_path.display()
         );
     }
@@ -105,19 +148,66 @@ pub fn keygen(dir: &Path, if_missing: bool) -> anyhow::Result<Keygen> {
     Ok(Keygen::Created(key.key_id().to_string()))
 }
 
-/// `keygen --public-out PUB`: writes `PUB/signing.pub`, derived from `DIR/signing.key` (so it always matches the
-/// private key, whichever run created it), and nothing else into `PUB`.
-pub fn export_public(dir: &Path, public_out: &Path) -> anyhow::Result<()> {
+/// `keygen --rotate DIR`: adds a new key at the end of `DIR/signing.key` (so it is the one that signs) and its
+/// public key at the end of `DIR/signing.pub`, keeping every key already there; both files are replaced
+/// atomically. A verifier that lists the new `signing.pub` accepts envelopes signed with the old key and the new one.
+pub fn keygen_rotate(dir: &Path) -> anyhow::Result<Keygen> {
     let key_path = dir.join("signing.key");
-    let text = std::fs::read_to_string(&key_path)
+    let pub_path = dir.join("signing.pub");
+    if !key_path.exists() {
+        anyhow::bail!(
+            "{} does not exist: there is no key to rotate (create the first with `keygen --out {}`)",
+            key_path.display(),
+            dir.display()
+        );
+    }
+    let mut keys = read_key_set(&key_path)?;
+    let key = SigningKey::generate();
+    let mut private = std::fs::read_to_string(&key_path)
         .with_context(|| format!("cannot read {}", key_path.display()))?;
-    let key = SigningKey::from_base64(&text)
-        .map_err(|e| anyhow::anyhow!("{} is not a signing key: {e}", key_path.display()))?;
+    if !private.is_empty() && !private.ends_with('\n') {
+        private.push('\n');
+    }
+    let stamp = crate::envelope::rfc3339(chrono::Utc::now());
+    private.push_str(&format!(
+        "# key id {} added {stamp} (the last key signs)\n{}\n",
+        key.key_id(),
+        key.to_base64()
+    ));
+    let public = match std::fs::read_to_string(&pub_path) {
+        Ok(mut text) => {
+            crate::keys::parse_public_set(&text, &pub_path).map_err(|e| {
+                anyhow::anyhow!("{} is not a public key set: {e}", pub_path.display())
+            })?;
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => public_lines(&keys),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", pub_path.display())),
+    };
+    let public = format!(
+        "{public}# key id {} added {stamp}\n{}\n",
+        key.key_id(),
+        key.verifying_key().to_base64()
+    );
+    // The public set first: whoever copies both files mid-way gets a public set that already knows the new key.
+    write_atomically(&pub_path, &public, false)?;
+    write_atomically(&key_path, &private, true)?;
+    keys.push(key);
+    let id = keys.last().expect("just pushed").key_id().to_string();
+    Ok(Keygen::Rotated(id, keys.len()))
+}
+
+/// `keygen --public-out PUB`: writes `PUB/signing.pub` with the public key of every key in `DIR/signing.key`
+/// (derived from the private set, so it always matches it), and nothing else into `PUB`.
+pub fn export_public(dir: &Path, public_out: &Path) -> anyhow::Result<()> {
+    let keys = read_key_set(&dir.join("signing.key"))?;
     std::fs::create_dir_all(public_out)
         .with_context(|| format!("cannot create {}", public_out.display()))?;
     let pub_path = public_out.join("signing.pub");
-    std::fs::write(&pub_path, format!("{}\n", key.verifying_key().to_base64()))
-        .with_context(|| format!("cannot write {}", pub_path.display()))
+    write_atomically(&pub_path, &public_lines(&keys), false)
 }
 
 /// `healthcheck --url URL`: Ok when the URL answers 200 within 3 seconds.
@@ -262,6 +352,43 @@ mod tests {
         )
         .unwrap();
         assert_eq!(key.key_id(), id);
+    }
+
+    #[test]
+    fn rotate_adds_a_signing_key_and_keeps_the_old_public_key() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(keygen_rotate(dir.path()).is_err(), "nothing to rotate yet");
+        let Keygen::Created(first) = keygen(dir.path(), false).unwrap() else {
+            panic!("a new key was expected")
+        };
+        let Keygen::Rotated(second, 2) = keygen_rotate(dir.path()).unwrap() else {
+            panic!("a second key was expected")
+        };
+        assert_ne!(first, second);
+        let key_path = dir.path().join("signing.key");
+        let keys = read_key_set(&key_path).unwrap();
+        assert_eq!(keys[0].key_id(), first);
+        assert_eq!(keys[1].key_id(), second, "the newest key signs");
+        let pub_path = dir.path().join("signing.pub");
+        let public =
+            crate::keys::parse_public_set(&std::fs::read_to_string(&pub_path).unwrap(), &pub_path)
+                .unwrap();
+        let ids: Vec<_> = public.iter().map(|k| k.key_id().to_string()).collect();
+        assert_eq!(ids, [first.clone(), second.clone()]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key_path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert_eq!(
+            keygen(dir.path(), true).unwrap(),
+            Keygen::Kept(second.clone())
+        );
+        let out = tempfile::tempdir().unwrap();
+        export_public(dir.path(), out.path()).unwrap();
+        let exported = std::fs::read_to_string(out.path().join("signing.pub")).unwrap();
+        assert_eq!(exported.lines().count(), 2);
     }
 
     #[test]

@@ -155,10 +155,31 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Keygen {
             out,
+            rotate,
             if_missing,
             public_out,
         } => {
-            match commands::keygen(&out, if_missing)? {
+            let rotate_dir = match rotate {
+                Some(Some(dir)) => Some(dir),
+                Some(None) => Some(out.clone().ok_or_else(|| {
+                    anyhow::anyhow!("--rotate needs a directory (--rotate DIR or --out DIR)")
+                })?),
+                None => None,
+            };
+            let out = match (&rotate_dir, out) {
+                (Some(dir), _) => dir.clone(),
+                (None, Some(out)) => out,
+                (None, None) => return Err(anyhow::anyhow!("--out DIR is required").into()),
+            };
+            let done = match &rotate_dir {
+                Some(dir) => commands::keygen_rotate(dir)?,
+                None => commands::keygen(&out, if_missing)?,
+            };
+            match done {
+                commands::Keygen::Rotated(id, count) => println!(
+                    "added key id {id} to {0}/signing.key ({count} keys; the newest signs) and its public key to {0}/signing.pub",
+                    out.display()
+                ),
                 commands::Keygen::Created(id) => println!(
                     "wrote {0}/signing.key and {0}/signing.pub; key id {id}",
                     out.display()
