@@ -237,6 +237,23 @@ impl Control {
         Ok(Secret::new(key))
     }
 
+    /// `POST /sandbox/applications/{id}/keys`: one more key for the application (the others keep working).
+    pub async fn add_key(&self, application_id: &str) -> anyhow::Result<Secret> {
+        let value = self
+            .call(
+                Method::POST,
+                &format!("/sandbox/applications/{application_id}/keys"),
+                None,
+                None,
+            )
+            .await?;
+        let key = value
+            .get("api_key")
+            .and_then(Value::as_str)
+            .context("keys answer has no api_key")?;
+        Ok(Secret::new(key))
+    }
+
     /// `GET /sandbox/stats`.
     pub async fn stats(&self) -> anyhow::Result<Stats> {
         self.typed(Method::GET, "/sandbox/stats", None).await

@@ -32,6 +32,7 @@ pub fn router() -> Router<Arc<Shared>> {
         )
         .route("/sandbox/applications/{id}", delete(delete_application))
         .route("/sandbox/applications/{id}/revoke-key", post(revoke_key))
+        .route("/sandbox/applications/{id}/keys", post(add_key))
         .route("/sandbox/applications/{id}/workflows", post(add_workflow))
         .route(
             "/sandbox/applications/{id}/workflows/{workflow_id}",
@@ -127,6 +128,17 @@ async fn revoke_key(
 ) -> Result<Json<Value>, ApiError> {
     let key = shared.state().revoke_key(&id)?;
     Ok(Json(json!({ "application_id": id, "api_key": key })))
+}
+
+async fn add_key(
+    AxState(shared): AxState<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let key = shared.state().add_key(&id)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "application_id": id, "api_key": key })),
+    ))
 }
 
 #[derive(Deserialize)]

@@ -605,6 +605,13 @@ fn control_paths() -> Value {
                     "properties": {"application_id": {"type": "string"}, "api_key": {"type": "string"}}}))),
                 &["id"])
         },
+        "/sandbox/applications/{id}/keys": {
+            "post": control("sandboxAddKey", "Issue one more API key for the application (the others keep working)", None,
+                ("201", ok("The additional key, for a rotation: move to it, then revoke the old one.", json!({"type": "object",
+                    "required": ["application_id", "api_key"],
+                    "properties": {"application_id": {"type": "string"}, "api_key": {"type": "string"}}}))),
+                &["id"])
+        },
         "/sandbox/applications/{id}/workflows": {
             "post": control("sandboxAddWorkflow", "Add a workflow of one kind",
                 Some(json!({"type": "object", "required": ["kind"], "additionalProperties": false,

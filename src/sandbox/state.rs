@@ -590,6 +590,15 @@ impl State {
         Ok(key)
     }
 
+    /// Issues one more key for the application; every key it had keeps working (a key rotation: the bridge moves to
+    /// the new key, then the old one is revoked with [`State::revoke_key`], which leaves this one valid).
+    pub fn add_key(&mut self, id: &str) -> Result<String, ApiError> {
+        self.live_app_mut(id)?;
+        let key = random_key();
+        self.keys.insert(key.clone(), id.to_string());
+        Ok(key)
+    }
+
     /// Soft-deletes an application: its key stops working and tokens can no longer name it.
     pub fn delete_application(&mut self, id: &str) -> Result<(), ApiError> {
         let app = self.live_app_mut(id)?;
