@@ -19,6 +19,7 @@ mod receiver;
 mod reliability;
 mod replay_edges;
 mod reshare_trust;
+mod rotation;
 mod sandbox;
 mod support;
 mod trust_edges;
