@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use partner_bridge::amqp::Names;
 use partner_bridge::didit::signature;
+use partner_bridge::didit::wire::SessionKind;
 use partner_bridge::envelope::SigningKey;
 use partner_bridge::sandbox::{FaultEndpoint, FaultSettings};
 
@@ -571,4 +572,80 @@ fn a_bad_line_in_a_key_set_file_is_refused_naming_file_and_line() {
             public.display()
         )
     );
+}
+
+/// Upgrade: a token signed by the configured key under the key id earlier versions sent (the first 8 bytes of the
+/// key's SHA-256, hex) — one already in the queue when the receiver is upgraded — is imported; the issuer is listed
+/// through `public_keys`, beside a key it has not started using yet. A key id that names no configured key is
+/// `bad_signature`. Old code: the hex id was the only one; `public_keys` did not exist for a receiver's issuer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_in_flight_under_the_old_key_id_is_imported_after_the_upgrade() {
+    use partner_bridge::envelope;
+    use sha2::Digest;
+
+    use crate::support::t_receiver::{body_of, hand_token, publish_token_body};
+
+    let world = World::new("rot-legacy").await;
+    let next = SigningKey::generate();
+    let toml = world.receiver_toml(false).replacen(
+        &format!("public_key = \"{}\"", world.key.verifying_key().to_base64()),
+        &format!(
+            "public_keys = [\"{}\", \"{}\"]",
+            next.verifying_key().to_base64(),
+            world.key.verifying_key().to_base64()
+        ),
+        1,
+    );
+    let receiver = world.start(world.config(&toml)).await;
+    let amqp = Amqp::connect().await;
+    let results = Collector::start(&world.results_queue()).await;
+
+    let public_bytes = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        world.key.verifying_key().to_base64(),
+    )
+    .unwrap();
+    let legacy_id = hex::encode(&sha2::Sha256::digest(&public_bytes)[..8]);
+    assert_ne!(legacy_id, world.key.key_id());
+    let token = hand_token(&world, SessionKind::User, "Approved", Some("legacy")).await;
+    let body = body_of(&token);
+    let signature = world.key.sign(&body);
+    publish_token_body(
+        &world,
+        &amqp,
+        &body,
+        &[
+            (envelope::HEADER_SIGNATURE, signature.as_str()),
+            (envelope::HEADER_KEY_ID, legacy_id.as_str()),
+        ],
+    )
+    .await;
+    let got = results.wait_count(1, WAIT).await;
+    let result: envelope::ImportResult = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(result.source_session_id, token.source_session_id);
+    assert_eq!(result.outcome, envelope::ImportOutcome::Imported);
+
+    let stranger = hand_token(&world, SessionKind::User, "Approved", Some("stranger")).await;
+    let body = body_of(&stranger);
+    let signature = world.key.sign(&body);
+    publish_token_body(
+        &world,
+        &amqp,
+        &body,
+        &[
+            (envelope::HEADER_SIGNATURE, signature.as_str()),
+            (envelope::HEADER_KEY_ID, "0123456789abcdef"),
+        ],
+    )
+    .await;
+    let dead = Names::dead_queue(&world.names.receiver_tokens_queue());
+    let copies = crate::support::t_receiver::drain_n(&amqp, &dead, 1, WAIT).await;
+    assert_eq!(copies[0].header("x-pb-reason"), Some("bad_signature"));
+    let detail = copies[0].header("x-pb-detail").unwrap_or_default();
+    assert!(detail.contains("0123456789abcdef"), "{detail}");
+    assert!(detail.contains(world.key.key_id()), "{detail}");
+
+    amqp.close().await;
+    receiver.stop().await.unwrap();
+    world.cleanup().await;
 }
