@@ -24,8 +24,8 @@ use partner_bridge::sandbox::{FaultEndpoint, FaultSettings};
 
 use crate::support::bridge::{Amqp, Collector, World, metric};
 use crate::support::faults::{
-    BIN, assert_exactly_once, both_toml, create_sessions, imported_sessions, publish_sessions,
-    set_key, wait_settled,
+    BIN, Binary, assert_exactly_once, assert_no_secrets_in_log, binary_config, both_toml,
+    create_sessions, imported_sessions, log_tail, publish_sessions, showing_log, wait_settled,
 };
 use crate::support::t_receiver::Tap;
 use crate::support::wait_for;
@@ -270,7 +270,7 @@ async fn the_receiver_reshare_key_rotates_while_reshares_flow() {
 /// Webhook secret rotation: `next_secret_file` is configured from the start (missing: no rotation under way). The
 /// operator writes the new secret into it; deliveries signed with the old and the new secret are both accepted
 /// while Didit switches; then the new secret moves to `secret_file` and the next file is removed: the new secret
-/// alone is accepted. Every accepted delivery's session is imported exactly once; the secrets never reach the log.
+/// alone is accepted. Every accepted delivery's session is imported exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_secret_rotates_with_two_secrets_accepted_meanwhile() {
     let world = World::new("rot-hook").await;
@@ -366,45 +366,49 @@ async fn the_webhook_secret_rotates_with_two_secrets_accepted_meanwhile() {
     world.cleanup().await;
 }
 
-/// Didit API key rotation: both roles read their keys from files. Mid-stream the sandbox issues a second key for
-/// each application, the files are rewritten with them, and the old keys are revoked; the bridges switch on their
-/// next call (not only when a pipeline pauses), so no call is ever refused, nothing pauses and every session is
-/// imported exactly once.
+/// Didit API key rotation, through the real binary running both roles, each reading its key from a file. Mid-stream
+/// the sandbox issues a second key for each application, the files are rewritten with them, and the old keys are
+/// revoked; the bridge switches on its next call (not only when a pipeline pauses), so no call is ever refused and
+/// every session is imported exactly once. No key, old or new, appears in the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_key_file_is_reread_on_change_while_calls_flow() {
     const BATCH: usize = 10;
     let world = World::new("rot-apikey").await;
     let issuer_key = world.dir.path().join("issuer.api-key");
     let receiver_key = world.dir.path().join("receiver.api-key");
-    std::fs::write(
-        &issuer_key,
-        format!("{}\n", world.issuer_app.api_key.expose()),
-    )
-    .unwrap();
-    std::fs::write(
-        &receiver_key,
-        format!("{}\n", world.partner_app.api_key.expose()),
-    )
-    .unwrap();
-    let from_file = |toml: String, path: &Path| {
-        set_key(&toml, "api_key", "\"\"").replacen(
-            "api_key = \"\"",
-            &format!("api_key_file = \"{}\"", path.display()),
+    let (old_issuer, old_partner) = (
+        world.issuer_app.api_key.expose().to_string(),
+        world.partner_app.api_key.expose().to_string(),
+    );
+    std::fs::write(&issuer_key, format!("{old_issuer}\n")).unwrap();
+    std::fs::write(&receiver_key, format!("{old_partner}\n")).unwrap();
+    let (config, admin) = binary_config(&world, 4, 5);
+    let toml = std::fs::read_to_string(&config).unwrap();
+    let toml = toml
+        .replacen(
+            &format!("api_key = \"{old_issuer}\""),
+            &format!("api_key_file = \"{}\"", issuer_key.display()),
             1,
         )
-    };
-    let issuer_toml = from_file(world.issuer_toml(), &issuer_key);
-    let receiver_toml = from_file(world.receiver_toml(false), &receiver_key);
-    assert!(!issuer_toml.contains(world.issuer_app.api_key.expose()));
-    let receiver = world.start(world.config(&receiver_toml)).await;
-    let issuer = world.start(world.config(&issuer_toml)).await;
+        .replacen(
+            &format!("api_key = \"{old_partner}\""),
+            &format!("api_key_file = \"{}\"", receiver_key.display()),
+            1,
+        );
+    assert!(!toml.contains(&old_issuer) && !toml.contains(&old_partner));
+    std::fs::write(&config, toml).unwrap();
+    let log = world.dir.path().join("bridge.log");
+    let mut bridge = Binary::start(&config, admin, log.clone()).await;
     let amqp = Amqp::connect().await;
     let results = Collector::start(&world.results_queue()).await;
 
     let mut sessions = publish_sessions(&world, &amqp, BATCH, "before").await;
-    wait_for("a few imports before the rotation", WAIT, || async {
-        (imported_sessions(&world).await >= 3).then_some(())
-    })
+    showing_log(
+        &log,
+        wait_for("a few imports before the rotation", WAIT, || async {
+            (imported_sessions(&world).await >= 3).then_some(())
+        }),
+    )
     .await;
     let issuer_new = world
         .control
@@ -425,28 +429,43 @@ async fn the_api_key_file_is_reread_on_change_while_calls_flow() {
     }
 
     sessions.extend(publish_sessions(&world, &amqp, BATCH, "after").await);
-    let expositions = || async { vec![issuer.metrics().encode(), receiver.metrics().encode()] };
-    wait_settled(&world, &amqp, &results, &sessions, WAIT, expositions).await;
+    showing_log(
+        &log,
+        wait_settled(&world, &amqp, &results, &sessions, WAIT, || async {
+            vec![bridge.metrics().await]
+        }),
+    )
+    .await;
     let stats = world.control.stats().await.unwrap();
     assert_eq!(
         stats.rejected("invalid_api_key"),
         0,
         "no call went out with a revoked key"
     );
-    for running in [&issuer, &receiver] {
-        let text = running.metrics().encode();
-        assert!(
-            !text
-                .lines()
-                .any(|l| l.starts_with("partner_bridge_didit_requests_total{")
-                    && l.contains("status=\"401\"")),
-            "{text}"
-        );
-    }
+    let text = bridge.metrics().await;
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("partner_bridge_didit_requests_total{")
+                && l.contains("status=\"401\"")),
+        "{text}"
+    );
 
-    issuer.stop().await.unwrap();
-    receiver.stop().await.unwrap();
-    assert_exactly_once(&world, &amqp, &sessions).await;
+    bridge.terminate();
+    let status = bridge.exited_within(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    showing_log(&log, assert_exactly_once(&world, &amqp, &sessions)).await;
+    assert_no_secrets_in_log(&world, &log);
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        written.contains("key file changed; reloaded"),
+        "{}",
+        log_tail(&log)
+    );
+    for key in [issuer_new.expose(), receiver_new.expose()] {
+        assert!(!written.contains(key), "a new API key appears in the log");
+    }
+    results.stop();
     amqp.close().await;
     world.cleanup().await;
 }
