@@ -176,8 +176,12 @@ impl<T> Watched<T> {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let value = parse(&text)?;
+        let key = key.into();
+        if let Some(metrics) = &metrics {
+            metrics.key_watched(&key);
+        }
         Ok(Watched {
-            key: key.into(),
+            key,
             path,
             parse: Box::new(parse),
             metrics,

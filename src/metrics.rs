@@ -520,6 +520,14 @@ impl Metrics {
             .inc();
     }
 
+    /// A key or secret file is watched under this config key: its error counter starts at zero, so that the first
+    /// error is an increase Prometheus can see.
+    pub fn key_watched(&self, key: &str) {
+        let _ = self.key_reload_errors.get_or_create(&KeyLabels {
+            key: key.to_string(),
+        });
+    }
+
     /// A key or secret file that is re-read on change could not be used (the last good value stays in use).
     pub fn key_reload_error(&self, key: &str) {
         self.key_reload_errors

@@ -105,6 +105,8 @@ fn bridge_exposition() -> String {
     // `didit_requests_total{operation, status}` carries the HTTP status Didit answered, which no configuration
     // knows in advance, so `init_known` cannot create it: the family appears with the first Didit call.
     metrics.didit_request("share", "200", std::time::Duration::from_millis(5));
+    // One series per key file the configuration names (`partner_bridge_key_reload_errors_total{key}`).
+    metrics.key_watched("issuer.signing_key_file");
     metrics.encode()
 }
 
