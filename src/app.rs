@@ -254,11 +254,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             signing_key,
             application_id: access.application_id.clone(),
             metrics: metrics.clone(),
+            health: health.clone(),
             shutdown: shutdown.clone(),
             retry: config.retry.clone(),
             lease,
         });
 
+        tasks.spawn(crate::probe::check_key_at_start(
+            client.clone(),
+            "issuer",
+            config.api_key_origin("issuer"),
+            health.clone(),
+            shutdown.clone(),
+        ));
         let onboarding_pause =
             PauseControl::new(pipeline::ISSUER_ONBOARDING, health.clone(), metrics.clone());
         tasks.spawn(crate::probe::run(
@@ -407,6 +415,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         }
         let link = link_for(&amqp_url, pipeline::RECEIVER_TOKENS);
         let publisher = Publisher::new(link.clone(), confirm_timeout, metrics.clone());
+        tasks.spawn(crate::probe::check_key_at_start(
+            client.clone(),
+            "receiver",
+            config.api_key_origin("receiver"),
+            health.clone(),
+            shutdown.clone(),
+        ));
         let pause = PauseControl::new(pipeline::RECEIVER_TOKENS, health.clone(), metrics.clone());
         tasks.spawn(crate::probe::run(
             pause.clone(),
