@@ -168,6 +168,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?
         .with_limits(config.http.limits());
     let admin_addr = admin.local_addr()?;
+    tracing::info!(listener = "admin", addr = %admin_addr, "listening (/metrics, /livez, /readyz)");
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin.serve(admin_stop.clone()));
 
@@ -352,7 +353,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                         webhook_config.listen
                     )
                 })?;
-            webhook_addr = Some(listener.local_addr()?);
+            let addr = listener.local_addr()?;
+            tracing::info!(listener = "webhook", %addr, "listening (Didit webhooks)");
+            webhook_addr = Some(addr);
             let state = Arc::new(WebhookState {
                 secret: config.webhook_secret_source(webhook_config)?,
                 accept_raw: webhook_config.accept_raw_signature,

@@ -110,7 +110,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             action: TopologyAction::Declare { config },
         } => {
             let config = load(&config)?;
-            telemetry::init(LogFormat::Pretty, "warn");
+            telemetry::init_cli("warn");
             print!("declared:\n{}", commands::topology_declare(&config).await?);
         }
         Command::DeadLetters {
@@ -122,7 +122,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 },
         } => {
             let config = load(&config)?;
-            telemetry::init(LogFormat::Pretty, "warn");
+            telemetry::init_cli("warn");
             print!(
                 "{}",
                 commands::dead_letters_list(&config, &queue, limit).await?
@@ -137,7 +137,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 },
         } => {
             let config = load(&config)?;
-            telemetry::init(LogFormat::Pretty, "warn");
+            telemetry::init_cli("warn");
             let replayed = commands::dead_letters_replay(&config, &queue, limit).await?;
             println!(
                 "moved {} message(s) from {queue}.dead back to {queue}",

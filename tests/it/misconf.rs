@@ -5,11 +5,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
 use partner_bridge::amqp::topology;
 use partner_bridge::didit::wire::SessionKind;
 
 use crate::support::bridge::{Amqp, World, metric};
-use crate::support::faults::{Binary, free_port, get, set_key, showing_log, tuned};
+use crate::support::faults::{
+    BIN, Binary, binary_config, free_port, get, set_key, showing_log, tuned,
+};
 use crate::support::wait_for;
 
 /// Writes `toml` as the binary's configuration with the admin server on a free port and info logs.
@@ -169,5 +173,136 @@ async fn unroutable_tokens_name_the_partner_and_the_routing_key() {
     .await;
     bridge.terminate();
     amqp.close().await;
+    world.cleanup().await;
+}
+
+/// Each listener says it is up and where; `message_id` is a plain string in every line about a message (it was
+/// `Some("…")` in the lines about bad and dead-lettered messages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_log_their_address_and_message_ids_are_plain_strings() {
+    let world = World::new("misconf-logs").await;
+    let (config, admin) = binary_config(&world, 4, 5);
+    let webhook: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[issuer.webhook]\nlisten = \"{webhook}\"\nsecret = \"whsec_test\"\n"
+    ));
+    std::fs::write(&config, text).unwrap();
+    let log = world.dir.path().join("bridge.log");
+    let bridge = Binary::start(&config, admin, log.clone()).await;
+
+    let amqp = Amqp::connect().await;
+    let message_id = format!("bad-{}", world.prefix);
+    amqp.channel
+        .basic_publish(
+            world.names.onboarding_exchange().as_str().into(),
+            "onboarding.finished".into(),
+            BasicPublishOptions::default(),
+            b"not json",
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(message_id.as_str().into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let lines = showing_log(
+        &log,
+        wait_for(
+            "the bad event's log lines",
+            Duration::from_secs(20),
+            || async {
+                let text = std::fs::read_to_string(&log).ok()?;
+                let lines: Vec<String> = text
+                    .lines()
+                    .filter(|l| l.contains(&message_id))
+                    .map(str::to_string)
+                    .collect();
+                (lines.iter().any(|l| l.contains("message dead-lettered"))).then_some(lines)
+            },
+        ),
+    )
+    .await;
+    assert!(
+        lines.iter().any(|l| l.contains("bad onboarding event")),
+        "{lines:?}"
+    );
+    for line in &lines {
+        assert!(
+            line.contains(&format!("\"message_id\":\"{message_id}\"")),
+            "message_id not a plain string: {line}"
+        );
+    }
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    for (listener, addr) in [("admin", admin), ("webhook", webhook)] {
+        assert!(
+            text.lines().any(|l| l.contains("listening")
+                && l.contains(&format!("\"listener\":\"{listener}\""))
+                && l.contains(&format!("\"addr\":\"{addr}\""))),
+            "no listening line for {listener} on {addr}:\n{text}"
+        );
+    }
+    bridge.terminate();
+    amqp.close().await;
+    world.cleanup().await;
+}
+
+/// `partner-bridge sandbox` says where it listens in its log as well as on stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_logs_where_it_listens() {
+    let port = free_port();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["sandbox", "--listen", &format!("127.0.0.1:{port}")])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(20), async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("listening") {
+                return line;
+            }
+        }
+        panic!("the sandbox exited without a listening line");
+    })
+    .await
+    .expect("a listening line within 20 s");
+    assert!(
+        line.contains(&format!("addr=127.0.0.1:{port}")) && line.contains("listener=\"sandbox\"")
+            || line.contains(&format!("addr=127.0.0.1:{port}"))
+                && line.contains("listener=sandbox"),
+        "{line}"
+    );
+    child.kill().await.unwrap();
+}
+
+/// A CLI command that fails on the broker prints its own error, not lapin's internal lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_commands_show_their_error_without_lapin_lines() {
+    let world = World::new("misconf-cli").await;
+    let path = world.dir.path().join("receiver.toml");
+    std::fs::write(&path, world.receiver_toml(false)).unwrap();
+    let queue = format!("{}.no-such-queue", world.prefix);
+    let out = tokio::process::Command::new(BIN)
+        .args(["dead-letters", "list", "--config"])
+        .arg(&path)
+        .args(["--queue", &queue])
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "only the command's own error: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(lines[0].contains(&format!("{queue}.dead")), "{stderr}");
     world.cleanup().await;
 }
