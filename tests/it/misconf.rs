@@ -1,6 +1,6 @@
 //! Mistakes that used to pass `check-config` and `/readyz` and then fail quietly, through the real binary: a Didit
 //! key that Didit refuses, tokens nobody can receive, and the log lines an operator needs to see what is up (issue
-//! #10, item 2).
+//! #10, item 2); and the demo saying what its partner accepts (item 3).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -305,4 +305,31 @@ async fn cli_commands_show_their_error_without_lapin_lines() {
     assert!(lines[0].starts_with("error: "), "{stderr}");
     assert!(lines[0].contains(&format!("{queue}.dead")), "{stderr}");
     world.cleanup().await;
+}
+
+/// The demo says what its partner accepts and how that differs from a partner configured with the defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_explains_its_partner_policy() {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let out = tokio::process::Command::new(BIN)
+        .args(["demo", "--sessions", "1", "--admin-listen", &admin])
+        .args(["--amqp-url", &crate::support::amqp_url()])
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(partner_bridge::demo::POLICY_EXPLANATION),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("A partner configured without `statuses` receives\n            Approved only (the default, statuses = [\"Approved\"])"),
+        "{stdout}"
+    );
 }
