@@ -1563,6 +1563,7 @@ fn unknown_env_vars(env: &HashMap<String, String>) -> Vec<ConfigError> {
             k.starts_with(&format!("{ENV_PREFIX}_"))
                 && !k.starts_with(&format!("{ENV_PREFIX}__"))
                 && k.as_str() != "PARTNER_BRIDGE_CONFIG"
+                && !is_service_link(k)
         })
         .collect();
     vars.sort();
@@ -1585,6 +1586,30 @@ fn unknown_env_vars(env: &HashMap<String, String>) -> Vec<ConfigError> {
             )
         })
         .collect()
+}
+
+/// Kubernetes puts `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT`, `<SERVICE>_PORT_8080_TCP_ADDR` and the like into
+/// every pod of a namespace for each Service (a Service named `partner-bridge-issuer-webhook` gives
+/// `PARTNER_BRIDGE_ISSUER_WEBHOOK_SERVICE_HOST`); those are nobody's mistake.
+fn is_service_link(var: &str) -> bool {
+    if var.ends_with("_SERVICE_HOST")
+        || var.ends_with("_SERVICE_PORT")
+        || var.contains("_SERVICE_PORT_")
+        || var.ends_with("_PORT")
+    {
+        return true;
+    }
+    // `_PORT_<number>_<protocol>`, optionally followed by `_PROTO`, `_PORT` or `_ADDR`.
+    var.split("_PORT_").skip(1).any(|rest| {
+        let mut parts = rest.split('_');
+        let number = parts.next().unwrap_or("");
+        let protocol = parts.next().unwrap_or("");
+        let tail: Vec<&str> = parts.collect();
+        !number.is_empty()
+            && number.chars().all(|c| c.is_ascii_digit())
+            && ["TCP", "UDP", "SCTP"].contains(&protocol)
+            && matches!(tail.as_slice(), [] | ["PROTO"] | ["PORT"] | ["ADDR"])
+    })
 }
 
 /// The configuration key `rest` (`AMQP_URL`, `issuer_webhook_secret`) most likely means: each `_` may separate

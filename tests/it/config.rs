@@ -403,6 +403,14 @@ fn an_environment_variable_that_matches_no_key_is_reported() {
             ("PARTNER_BRIDGE_AMQP__URL", "amqp://elsewhere/%2f"),
             ("PARTNER_BRIDGE__AMQP__PREFETSH", "5"),
             ("PARTNER_BRIDGE_CONFIG", "ignored-because---config-is-given"),
+            // Kubernetes' service links for a Service named partner-bridge-issuer-webhook: not mistakes.
+            ("PARTNER_BRIDGE_ISSUER_WEBHOOK_SERVICE_HOST", "10.0.0.7"),
+            ("PARTNER_BRIDGE_ISSUER_WEBHOOK_SERVICE_PORT", "8080"),
+            ("PARTNER_BRIDGE_ISSUER_WEBHOOK_PORT", "tcp://10.0.0.7:8080"),
+            (
+                "PARTNER_BRIDGE_ISSUER_WEBHOOK_PORT_8080_TCP_ADDR",
+                "10.0.0.7",
+            ),
         ],
     );
     assert_eq!(code, 64, "{stderr}");
