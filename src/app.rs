@@ -168,6 +168,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?
         .with_limits(config.http.limits());
     let admin_addr = admin.local_addr()?;
+    tracing::info!(listener = "admin", addr = %admin_addr, "listening (/metrics, /livez, /readyz)");
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin.serve(admin_stop.clone()));
 
@@ -253,11 +254,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             signing_key,
             application_id: access.application_id.clone(),
             metrics: metrics.clone(),
+            health: health.clone(),
             shutdown: shutdown.clone(),
             retry: config.retry.clone(),
             lease,
         });
 
+        tasks.spawn(crate::probe::check_key_at_start(
+            client.clone(),
+            "issuer",
+            config.api_key_origin("issuer"),
+            health.clone(),
+            shutdown.clone(),
+        ));
         let onboarding_pause =
             PauseControl::new(pipeline::ISSUER_ONBOARDING, health.clone(), metrics.clone());
         tasks.spawn(crate::probe::run(
@@ -345,7 +354,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                         webhook_config.listen
                     )
                 })?;
-            webhook_addr = Some(listener.local_addr()?);
+            let addr = listener.local_addr()?;
+            tracing::info!(listener = "webhook", %addr, "listening (Didit webhooks)");
+            webhook_addr = Some(addr);
             let state = Arc::new(WebhookState {
                 secret: config.webhook_secret_source(webhook_config)?,
                 next_secret: next_webhook_secret_source(webhook_config).map(|(s, _)| s),
@@ -424,6 +435,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         }
         let link = link_for(&amqp_url, pipeline::RECEIVER_TOKENS);
         let publisher = Publisher::new(link.clone(), confirm_timeout, metrics.clone());
+        tasks.spawn(crate::probe::check_key_at_start(
+            client.clone(),
+            "receiver",
+            config.api_key_origin("receiver"),
+            health.clone(),
+            shutdown.clone(),
+        ));
         let pause = PauseControl::new(pipeline::RECEIVER_TOKENS, health.clone(), metrics.clone());
         tasks.spawn(crate::probe::run(
             pause.clone(),

@@ -220,7 +220,7 @@ impl HttpConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self, p: &mut Problems) {
         // Zero would disable a bound (or, for hyper's timer, close every connection at once); a day is far past any
         // sane value and keeps Duration arithmetic clear of overflow.
         for (value, key) in [
@@ -229,14 +229,14 @@ impl HttpConfig {
             (self.idle_timeout_ms, "http.idle_timeout_ms"),
         ] {
             if value == 0 || value > 86_400_000 {
-                return Err(ConfigError::new(
+                p.push(ConfigError::new(
                     key,
                     format!("must be between 1 and 86400000 (got {value})"),
                 ));
             }
         }
         if self.max_connections == 0 || self.max_connections > 1_000_000 {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "http.max_connections",
                 format!(
                     "must be between 1 and 1000000 (got {})",
@@ -246,7 +246,7 @@ impl HttpConfig {
         }
         let min = crate::http_server::MIN_HEADER_BYTES;
         if !(min..=1_048_576).contains(&self.max_header_bytes) {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "http.max_header_bytes",
                 format!(
                     "must be between {min} and 1048576 (got {})",
@@ -254,7 +254,6 @@ impl HttpConfig {
                 ),
             ));
         }
-        Ok(())
     }
 }
 
@@ -385,6 +384,7 @@ impl Default for ShutdownConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IssuerConfig {
     /// Run the issuer role.
+    #[serde(deserialize_with = "strict_bool")]
     pub enabled: bool,
     /// Overrides `didit.application_id` for this role.
     pub application_id: Option<String>,
@@ -401,6 +401,7 @@ pub struct IssuerConfig {
     pub max_reshares: u32,
     /// Accept reshare requests without a signature, and from partners with no `public_keys` (never in production:
     /// anyone who can publish to the reshare exchange could then ask for tokens).
+    #[serde(deserialize_with = "strict_bool")]
     pub allow_unsigned_reshare: bool,
     /// Messages handled at once (default: `amqp.prefetch`).
     pub concurrency: Option<usize>,
@@ -450,8 +451,10 @@ pub struct WebhookConfig {
     /// with `secret_file`'s are accepted. Once Didit signs with the new one, move it to `secret_file` and drop this.
     pub next_secret_file: Option<PathBuf>,
     /// Also accept `X-Signature` (HMAC of the raw body) when `X-Signature-V2` is absent.
+    #[serde(deserialize_with = "strict_bool")]
     pub accept_raw_signature: bool,
     /// Also accept `X-Signature-Simple` (covers only a few fields) when the others are absent.
+    #[serde(deserialize_with = "strict_bool")]
     pub accept_simple_signature: bool,
     /// Deliveries whose signed timestamp (the body's `timestamp`, else `created_at`; never `X-Timestamp` alone) is
     /// further than this from now are refused.
@@ -494,7 +497,7 @@ pub struct PartnerConfig {
     #[serde(default = "default_kinds")]
     pub session_kinds: Vec<SessionKind>,
     /// Whether `source_vendor_data` travels to this partner.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict_bool")]
     pub share_vendor_data: bool,
     /// The partner receiver's Ed25519 public keys (base64, its `signing.pub`), which its `reshare.request`s must be
     /// signed with. Any listed key is accepted, so a receiver can rotate: list the new key, then drop the old one.
@@ -532,6 +535,7 @@ impl PartnerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ReceiverConfig {
     /// Run the receiver role.
+    #[serde(deserialize_with = "strict_bool")]
     pub enabled: bool,
     /// Overrides `didit.application_id` for this role.
     pub application_id: Option<String>,
@@ -555,13 +559,16 @@ pub struct ReceiverConfig {
     /// re-read when it changes.
     pub signing_key_file: Option<PathBuf>,
     /// Accept envelopes without a signature (never in production).
+    #[serde(deserialize_with = "strict_bool")]
     pub allow_unsigned: bool,
     /// Accept envelopes from issuers not listed below (never in production).
+    #[serde(deserialize_with = "strict_bool")]
     pub allow_unknown_issuers: bool,
     /// Messages handled at once (default: `amqp.prefetch`).
     pub concurrency: Option<usize>,
     /// Declare `<prefix>.receiver.results`, bound to the imports exchange with `import.#`, so every
     /// `import.result` is kept until the backend reads it. Set false when the backend binds its own queue.
+    #[serde(deserialize_with = "strict_bool")]
     pub results_queue: bool,
     /// The issuers whose tokens are accepted.
     pub issuers: Vec<IssuerPeerConfig>,
@@ -609,7 +616,7 @@ pub struct IssuerPeerConfig {
     #[serde(default)]
     pub public_key_file: Option<PathBuf>,
     /// Keep the issuer's decision on import (`true`) or land in review (`false`, the safe default).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict_bool")]
     pub trust_review: bool,
 }
 
@@ -634,21 +641,42 @@ pub struct DiditAccess {
 impl Config {
     /// Builds the configuration from defaults, an optional TOML file and environment variables (`env` is passed
     /// in so that tests never touch the process environment). Does not validate; call [`Config::validate`].
+    /// Fails with the first problem; [`Config::load_report`] gives all of them.
     pub fn load(file: Option<&Path>, env: HashMap<String, String>) -> Result<Config, ConfigError> {
+        match Self::load_report(file, env) {
+            (Some(config), errors) if errors.is_empty() => Ok(config),
+            (_, mut errors) => Err(errors.remove(0)),
+        }
+    }
+
+    /// Loads like [`Config::load`] but collects every problem of the file and the environment: unknown keys (with
+    /// their full path, e.g. `issuer.partners[0].statuse`), values of the wrong type, and `PARTNER_BRIDGE_*`
+    /// variables that match no key. A key that is wrong is left at its default and loading goes on, so the
+    /// configuration comes back too (for [`Config::problems`]) unless something required is missing.
+    pub fn load_report(
+        file: Option<&Path>,
+        env: HashMap<String, String>,
+    ) -> (Option<Config>, Vec<ConfigError>) {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             if !path.exists() {
-                return Err(ConfigError::new(
-                    "--config",
-                    format!("file {} does not exist", path.display()),
-                ));
+                return (
+                    None,
+                    vec![ConfigError::new(
+                        "--config",
+                        format!("file {} does not exist", path.display()),
+                    )],
+                );
             }
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
+        let mut errors = unknown_env_vars(&env);
         let env: HashMap<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
             .collect();
+        let env_keys: HashMap<String, String> =
+            env.keys().map(|var| (env_key(var), var.clone())).collect();
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
@@ -656,8 +684,12 @@ impl Config {
                 .try_parsing(true)
                 .source(Some(env)),
         );
-        let raw = builder.build().map_err(from_config_error)?;
-        raw.try_deserialize::<Config>().map_err(from_config_error)
+        let (config, more) = match builder.build() {
+            Ok(raw) => deserialize_all(raw, &env_keys),
+            Err(e) => (None, vec![from_config_error(e)]),
+        };
+        errors.extend(more);
+        (config, errors)
     }
 
     /// Loads a TOML string (tests and the demo build configs this way).
@@ -666,26 +698,69 @@ impl Config {
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
             .map_err(from_config_error)?;
-        raw.try_deserialize::<Config>().map_err(from_config_error)
+        match deserialize_all(raw, &HashMap::new()) {
+            (Some(config), errors) if errors.is_empty() => Ok(config),
+            (_, mut errors) => Err(errors.remove(0)),
+        }
+    }
+
+    /// Loads and validates, collecting every problem instead of the first (what the binary does for every command,
+    /// so `check-config` lists them all). A key that was refused while loading takes its default; problems that
+    /// default would cause are not reported a second time.
+    pub fn load_checked(
+        file: Option<&Path>,
+        env: HashMap<String, String>,
+    ) -> Result<Config, Vec<ConfigError>> {
+        let (config, mut errors) = Self::load_report(file, env);
+        let Some(config) = config else {
+            return Err(errors);
+        };
+        let refused: Vec<String> = errors.iter().map(|e| e.key.clone()).collect();
+        errors.extend(
+            config
+                .problems()
+                .into_iter()
+                .filter(|e| !refused.iter().any(|r| related_keys(r, &e.key))),
+        );
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
     }
 
     /// Checks every rule the file format cannot express, reading each secret file once to prove it is there.
+    /// Fails with the first problem; [`Config::problems`] gives all of them.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.problems().into_iter().next() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Every problem [`Config::validate`] checks for, in the order of the file, so that `check-config` can name
+    /// them all at once.
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let mut p = Problems::default();
         if !self.issuer.enabled && !self.receiver.enabled {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "issuer.enabled",
                 "neither the issuer nor the receiver role is enabled; enable at least one",
             ));
         }
         if self.state_dir.as_os_str().is_empty() {
-            return Err(ConfigError::new("state_dir", "must not be empty"));
+            p.push(ConfigError::new("state_dir", "must not be empty"));
         }
-        check_url(&self.didit.base_url, "didit.base_url", &["http", "https"])?;
-        positive(self.didit.timeout_ms, "didit.timeout_ms")?;
-        positive(self.didit.connect_timeout_ms, "didit.connect_timeout_ms")?;
+        p.check(check_base_url(&self.didit.base_url));
+        p.check(positive(self.didit.timeout_ms, "didit.timeout_ms"));
+        p.check(positive(
+            self.didit.connect_timeout_ms,
+            "didit.connect_timeout_ms",
+        ));
 
-        let amqp = self.amqp_url()?;
-        check_url(amqp.expose(), "amqp.url", &["amqp", "amqps"])?;
+        if let Some(amqp) = p.ok(self.amqp_url()) {
+            p.check(check_url(amqp.expose(), "amqp.url", &["amqp", "amqps"]));
+        }
         if self.amqp.prefix.is_empty()
             || !self
                 .amqp
@@ -693,45 +768,48 @@ impl Config {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "amqp.prefix",
                 "must be non-empty and use only letters, digits, '-', '_' and '.'",
             ));
         }
         if self.amqp.prefetch == 0 {
-            return Err(ConfigError::new("amqp.prefetch", "must be at least 1"));
+            p.push(ConfigError::new("amqp.prefetch", "must be at least 1"));
         }
-        positive(self.amqp.confirm_timeout_ms, "amqp.confirm_timeout_ms")?;
+        p.check(positive(
+            self.amqp.confirm_timeout_ms,
+            "amqp.confirm_timeout_ms",
+        ));
         if self.amqp.delivery_limit == 0 {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "amqp.delivery_limit",
                 "must be at least 1",
             ));
         }
-        positive(self.amqp.retry_delay_ms, "amqp.retry_delay_ms")?;
+        p.check(positive(self.amqp.retry_delay_ms, "amqp.retry_delay_ms"));
         if self.amqp.max_message_bytes < 1024 {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "amqp.max_message_bytes",
                 "must be at least 1024",
             ));
         }
 
-        positive(self.retry.initial_ms, "retry.initial_ms")?;
+        p.check(positive(self.retry.initial_ms, "retry.initial_ms"));
         if self.retry.max_ms < self.retry.initial_ms {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "retry.max_ms",
                 "must not be below retry.initial_ms",
             ));
         }
-        positive(self.retry.hold_max_s, "retry.hold_max_s")?;
+        p.check(positive(self.retry.hold_max_s, "retry.hold_max_s"));
         if self.retry.hold_max_s > 25 * 60 {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "retry.hold_max_s",
                 "must stay well below RabbitMQ's 30 minute delivery timeout (at most 1500)",
             ));
         }
         if self.retry.max_attempts == 0 {
-            return Err(ConfigError::new("retry.max_attempts", "must be at least 1"));
+            p.push(ConfigError::new("retry.max_attempts", "must be at least 1"));
         }
 
         let ledger = self.ledger_url();
@@ -739,213 +817,204 @@ impl Config {
             || ledger.expose().starts_with("postgres://")
             || ledger.expose().starts_with("postgresql://"))
         {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "ledger.url",
                 "must start with sqlite:// or postgres://",
             ));
         }
         if self.ledger.retention_days == 0 {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "ledger.retention_days",
                 "must be at least 1",
             ));
         }
         if !(100..=60_000).contains(&self.ledger.timeout_ms) {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "ledger.timeout_ms",
                 "must be between 100 and 60000",
             ));
         }
         if !(1_000..=600_000).contains(&self.ledger.lease_ms) {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "ledger.lease_ms",
                 "must be between 1000 and 600000",
             ));
-        }
-        // A renewal (every third of the lease) that takes up to the timeout must still land before the lease ends.
-        if self.ledger.timeout_ms * 3 > self.ledger.lease_ms * 2 {
-            return Err(ConfigError::new(
+        } else if self.ledger.timeout_ms * 3 > self.ledger.lease_ms * 2 {
+            // A renewal (every third of the lease) that takes up to the timeout must still land before the lease
+            // ends.
+            p.push(ConfigError::new(
                 "ledger.lease_ms",
                 "must be at least 1.5 × ledger.timeout_ms, so that a slow renewal still lands in time",
             ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| ConfigError::new("log.level", format!("not a valid filter: {e}")))?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            p.push(ConfigError::new(
+                "log.level",
+                format!("not a valid filter: {e}"),
+            ));
+        }
 
-        self.http.validate()?;
+        self.http.validate(&mut p);
 
         if self.issuer.enabled {
-            self.validate_issuer()?;
+            self.validate_issuer(&mut p);
         }
         if self.receiver.enabled {
-            self.validate_receiver()?;
+            self.validate_receiver(&mut p);
         }
         if self.issuer.enabled
             && let Some(webhook) = &self.issuer.webhook
             && clash(webhook.listen, self.admin.listen)
         {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "issuer.webhook.listen",
                 "must differ from admin.listen",
             ));
         }
-        Ok(())
+        p.0
     }
 
-    fn validate_issuer(&self) -> Result<(), ConfigError> {
-        self.issuer_didit()?.api_key.load().map_err(|e| {
-            ConfigError::new(
-                self.role_key_name("issuer"),
-                format!("cannot read the API key: {e}"),
-            )
-        })?;
-        self.issuer_signing_keys()?;
-        self.tokens_url()?;
+    fn validate_issuer(&self, p: &mut Problems) {
+        let didit = p.ok(self.issuer_didit());
+        if let Some(didit) = &didit {
+            p.check(
+                load_source(&didit.api_key, &self.role_key_name("issuer"))
+                    .map(drop)
+                    .map_err(|e| ConfigError::new(e.key, format!("the API key: {}", e.reason))),
+            );
+        }
+        p.check(self.issuer_signing_keys().map(drop));
+        p.check(self.tokens_url().map(drop));
         if self.issuer.concurrency == Some(0) {
-            return Err(ConfigError::new("issuer.concurrency", "must be at least 1"));
+            p.push(ConfigError::new("issuer.concurrency", "must be at least 1"));
         }
         if self.issuer.partners.is_empty() {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "issuer.partners",
                 "the issuer needs at least one [[issuer.partners]] entry",
             ));
         }
-        let own = self.issuer_didit()?.application_id;
+        let own = didit.map(|d| d.application_id);
         let mut names = BTreeSet::new();
         let mut ids = BTreeSet::new();
-        for (i, p) in self.issuer.partners.iter().enumerate() {
+        for (i, partner) in self.issuer.partners.iter().enumerate() {
             let key = |field: &str| format!("issuer.partners[{i}].{field}");
-            check_name(&p.name, &key("name"))?;
-            if !names.insert(p.name.clone()) {
-                return Err(ConfigError::new(
+            p.check(check_name(&partner.name, &key("name")));
+            if !names.insert(partner.name.clone()) {
+                p.push(ConfigError::new(
                     key("name"),
-                    format!("duplicate partner name {:?}", p.name),
+                    format!("duplicate partner name {:?}", partner.name),
                 ));
             }
-            check_id(&p.application_id, &key("application_id"))?;
-            if p.application_id == own {
-                return Err(ConfigError::new(
+            p.check(check_id(&partner.application_id, &key("application_id")));
+            if own.as_ref() == Some(&partner.application_id) {
+                p.push(ConfigError::new(
                     key("application_id"),
                     "must differ from the issuer's own application id (Didit refuses to share with yourself)",
                 ));
             }
-            if !ids.insert(p.application_id.clone()) {
-                return Err(ConfigError::new(key("application_id"), "listed twice"));
+            if !ids.insert(partner.application_id.clone()) {
+                p.push(ConfigError::new(key("application_id"), "listed twice"));
             }
-            if !(60..=86_400).contains(&p.ttl_seconds) {
-                return Err(ConfigError::new(
+            if !(60..=86_400).contains(&partner.ttl_seconds) {
+                p.push(ConfigError::new(
                     key("ttl_seconds"),
-                    format!("must be between 60 and 86400 (got {})", p.ttl_seconds),
+                    format!("must be between 60 and 86400 (got {})", partner.ttl_seconds),
                 ));
             }
-            if p.statuses.is_empty() {
-                return Err(ConfigError::new(
+            if partner.statuses.is_empty() {
+                p.push(ConfigError::new(
                     key("statuses"),
                     "must list at least one status",
                 ));
             }
-            for (j, s) in p.statuses.iter().enumerate() {
+            for (j, s) in partner.statuses.iter().enumerate() {
                 match SessionStatus::parse(s) {
                     Some(st) if st.is_finished() => {}
-                    Some(_) => {
-                        return Err(ConfigError::new(
-                            format!("issuer.partners[{i}].statuses[{j}]"),
-                            format!(
-                                "{s:?} is not a finished status; only Approved, Declined and In Review can be shared"
-                            ),
-                        ));
-                    }
-                    None => {
-                        return Err(ConfigError::new(
-                            format!("issuer.partners[{i}].statuses[{j}]"),
-                            format!("unknown status {s:?}"),
-                        ));
-                    }
+                    Some(_) => p.push(ConfigError::new(
+                        format!("issuer.partners[{i}].statuses[{j}]"),
+                        format!(
+                            "{s:?} is not a finished status; only Approved, Declined and In Review can be shared"
+                        ),
+                    )),
+                    None => p.push(ConfigError::new(
+                        format!("issuer.partners[{i}].statuses[{j}]"),
+                        format!("unknown status {s:?}"),
+                    )),
                 }
             }
-            if p.session_kinds.is_empty() {
-                return Err(ConfigError::new(
+            if partner.session_kinds.is_empty() {
+                p.push(ConfigError::new(
                     key("session_kinds"),
                     "must list at least one kind",
                 ));
             }
-            self.partner_public_keys(i)?;
+            p.check(self.partner_public_keys(i).map(drop));
         }
         if let Some(webhook) = &self.issuer.webhook {
             match next_webhook_secret_source(webhook) {
                 Some((SecretSource::Inline(secret), name)) if secret.is_empty() => {
-                    return Err(ConfigError::new(name, "is empty"));
+                    p.push(ConfigError::new(name, "is empty"));
                 }
                 // A missing or empty file means no rotation is under way (see `warnings`); any other read error
                 // is a mistake.
                 Some((SecretSource::File(path), name)) => match std::fs::read_to_string(&path) {
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(ConfigError::new(
-                            name,
-                            format!("cannot read {}: {e}", path.display()),
-                        ));
-                    }
+                    Err(e) => p.push(ConfigError::new(
+                        name,
+                        format!("cannot read {}: {e}", path.display()),
+                    )),
                 },
                 _ => {}
             }
-            self.webhook_secret_source(webhook)?
-                .load()
-                .map_err(|e| {
-                    ConfigError::new(webhook_secret_name(webhook), format!("cannot read: {e}"))
-                })
-                .and_then(|s| {
-                    if s.is_empty() {
-                        Err(ConfigError::new(webhook_secret_name(webhook), "is empty"))
-                    } else {
-                        Ok(())
-                    }
-                })?;
+            if let Some(source) = p.ok(self.webhook_secret_source(webhook)) {
+                p.check(load_source(&source, webhook_secret_name(webhook)).map(drop));
+            }
             if webhook.max_skew_s == 0 {
-                return Err(ConfigError::new(
+                p.push(ConfigError::new(
                     "issuer.webhook.max_skew_s",
                     "must be at least 1",
                 ));
             }
             if webhook.max_body_bytes < 1024 {
-                return Err(ConfigError::new(
+                p.push(ConfigError::new(
                     "issuer.webhook.max_body_bytes",
                     "must be at least 1024",
                 ));
             }
         }
-        Ok(())
     }
 
-    fn validate_receiver(&self) -> Result<(), ConfigError> {
-        self.receiver_didit()?.api_key.load().map_err(|e| {
-            ConfigError::new(
-                self.role_key_name("receiver"),
-                format!("cannot read the API key: {e}"),
-            )
-        })?;
+    fn validate_receiver(&self, p: &mut Problems) {
+        if let Some(didit) = p.ok(self.receiver_didit()) {
+            p.check(
+                load_source(&didit.api_key, &self.role_key_name("receiver"))
+                    .map(drop)
+                    .map_err(|e| ConfigError::new(e.key, format!("the API key: {}", e.reason))),
+            );
+        }
         if self.receiver.workflow_user.is_none() && self.receiver.workflow_business.is_none() {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "receiver.workflow_user",
                 "set workflow_user and/or workflow_business: imports need a workflow of the token's kind",
             ));
         }
         if let Some(w) = &self.receiver.workflow_user {
-            check_id(w, "receiver.workflow_user")?;
+            p.check(check_id(w, "receiver.workflow_user"));
         }
         if let Some(w) = &self.receiver.workflow_business {
-            check_id(w, "receiver.workflow_business")?;
+            p.check(check_id(w, "receiver.workflow_business"));
         }
-        check_template(&self.receiver.vendor_data)?;
+        p.check(check_template(&self.receiver.vendor_data));
         if self.receiver.concurrency == Some(0) {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "receiver.concurrency",
                 "must be at least 1",
             ));
         }
         if self.receiver.issuers.is_empty() && !self.receiver.allow_unknown_issuers {
-            return Err(ConfigError::new(
+            p.push(ConfigError::new(
                 "receiver.issuers",
                 "the receiver needs at least one [[receiver.issuers]] entry (or allow_unknown_issuers)",
             ));
@@ -954,21 +1023,36 @@ impl Config {
         let mut ids = BTreeSet::new();
         for (i, peer) in self.receiver.issuers.iter().enumerate() {
             let key = |field: &str| format!("receiver.issuers[{i}].{field}");
-            check_name(&peer.name, &key("name"))?;
+            p.check(check_name(&peer.name, &key("name")));
             if !names.insert(peer.name.clone()) {
-                return Err(ConfigError::new(
+                p.push(ConfigError::new(
                     key("name"),
                     format!("duplicate issuer name {:?}", peer.name),
                 ));
             }
-            check_id(&peer.application_id, &key("application_id"))?;
+            p.check(check_id(&peer.application_id, &key("application_id")));
             if !ids.insert(peer.application_id.clone()) {
-                return Err(ConfigError::new(key("application_id"), "listed twice"));
+                p.push(ConfigError::new(key("application_id"), "listed twice"));
             }
-            self.issuer_public_keys(i)?;
+            p.check(self.issuer_public_keys(i).map(drop));
         }
-        self.receiver_signing_key()?;
-        Ok(())
+        p.check(self.receiver_signing_key().map(drop));
+    }
+
+    /// Where `role`'s API key comes from, for log lines and `/readyz`: the config key, and the path when it is a
+    /// file (never the key itself).
+    pub fn api_key_origin(&self, role: &str) -> String {
+        let name = self.role_key_name(role);
+        let file = match name.as_str() {
+            "issuer.api_key_file" => &self.issuer.api_key_file,
+            "receiver.api_key_file" => &self.receiver.api_key_file,
+            "didit.api_key_file" => &self.didit.api_key_file,
+            _ => &None,
+        };
+        match file {
+            Some(path) => format!("{name} ({})", path.display()),
+            None => name,
+        }
     }
 
     fn role_key_name(&self, role: &str) -> String {
@@ -1320,6 +1404,79 @@ impl Config {
     }
 }
 
+/// The problems found so far by [`Config::problems`]; the same problem found twice (both roles share `[didit]`) is
+/// kept once.
+#[derive(Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn push(&mut self, error: ConfigError) {
+        if !self.0.contains(&error) {
+            self.0.push(error);
+        }
+    }
+
+    fn check(&mut self, result: Result<(), ConfigError>) {
+        if let Err(error) = result {
+            self.push(error);
+        }
+    }
+
+    /// The value, or `None` with its error noted.
+    fn ok<T>(&mut self, result: Result<T, ConfigError>) -> Option<T> {
+        result.map_err(|error| self.push(error)).ok()
+    }
+}
+
+/// `didit.base_url` is the origin only: the client appends `/v3/...` itself, so `https://verification.didit.me/v3`
+/// would call `/v3/v3/...` and fail on the first event with a 404 instead of here.
+fn check_base_url(url: &str) -> Result<(), ConfigError> {
+    check_url(url, "didit.base_url", &["http", "https"])?;
+    let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
+    let host = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    if !rest.trim_end_matches('/').eq(host) {
+        return Err(ConfigError::new(
+            "didit.base_url",
+            format!(
+                "must be the API origin without a path (got {url:?}): the client appends /v3/... itself; use \"{scheme}://{host}\""
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a secret file: a missing, unreadable or empty file is an error naming `key` and the path.
+fn secret_from_file(path: &Path, key: &str) -> Result<Secret, ConfigError> {
+    let secret = read_secret_file(path)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
+    if secret.is_empty() {
+        return Err(ConfigError::new(
+            key,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(secret)
+}
+
+/// The secret's current value; empty is an error (a file's names its path).
+fn load_source(source: &SecretSource, key: &str) -> Result<Secret, ConfigError> {
+    match source {
+        SecretSource::Inline(secret) => nonempty(secret, key),
+        SecretSource::File(path) => secret_from_file(path, key),
+    }
+}
+
+/// Whether one key is the other or lies inside it (`issuer` and `issuer.enabled`, `a.b[0]` and `a.b[0].c`).
+fn related_keys(a: &str, b: &str) -> bool {
+    let inside = |outer: &str, inner: &str| {
+        inner == outer
+            || inner
+                .strip_prefix(outer)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+    };
+    inside(a, b) || inside(b, a)
+}
+
 /// Two listeners on the same address cannot both bind, except on port 0, where the system picks a free port for each.
 fn clash(a: SocketAddr, b: SocketAddr) -> bool {
     a == b && a.port() != 0
@@ -1359,6 +1516,9 @@ fn read_public_set(
 ) -> Result<Vec<crate::envelope::VerifyingKey>, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(name, format!("cannot read {}: {e}", path.display())))?;
+    if text.trim().is_empty() {
+        return Err(ConfigError::new(name, format!("{} is empty", path.display())));
+    }
     crate::keys::parse_public_set(&text, path).map_err(|e| ConfigError::new(name, e.to_string()))
 }
 
@@ -1388,6 +1548,9 @@ fn signing_set(
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError::new(name, format!("cannot read {}: {e}", path.display()))
             })?;
+            if text.trim().is_empty() {
+                return Err(ConfigError::new(name, format!("{} is empty", path.display())));
+            }
             let mut known = known.to_vec();
             known.extend(crate::keys::sibling_public_keys(path));
             crate::keys::parse_signing_set(&text, path, &known)
@@ -1412,14 +1575,9 @@ fn url_from(
 ) -> Result<SecretUrl, ConfigError> {
     match (inline, file) {
         (Some(u), _) => Ok(u.clone()),
-        (None, Some(f)) => read_secret_file(f)
-            .map(|s| SecretUrl::new(s.expose()))
-            .map_err(|e| {
-                ConfigError::new(
-                    format!("{key}_file"),
-                    format!("cannot read {}: {e}", f.display()),
-                )
-            }),
+        (None, Some(f)) => {
+            secret_from_file(f, &format!("{key}_file")).map(|s| SecretUrl::new(s.expose()))
+        }
         (None, None) => default
             .map(SecretUrl::new)
             .ok_or_else(|| ConfigError::new(key, "required")),
@@ -1532,4 +1690,286 @@ fn from_config_error(err: config::ConfigError) -> ConfigError {
         ),
         _ => ConfigError::new("config", err.to_string()),
     }
+}
+
+/// Booleans are `true` or `false` only. The `config` crate would also turn `"yes"`, `"on"`, `"1"` or `1` into
+/// `true` (and an environment override is a string to begin with), so a typo such as `enabled = "flase"` would
+/// silently mean something; here anything but a real boolean is an error. An environment override `true` or
+/// `false` arrives as a boolean (`try_parsing`), so `PARTNER_BRIDGE__ISSUER__ENABLED=true` still works.
+fn strict_bool<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    struct Strict;
+    impl serde::de::Visitor<'_> for Strict {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("true or false (unquoted)")
+        }
+        fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<bool, E> {
+            Ok(value)
+        }
+    }
+    deserializer.deserialize_any(Strict)
+}
+
+/// The dotted key an override variable sets: `PARTNER_BRIDGE__AMQP__URL` → `amqp.url` (as the `config` crate maps it).
+fn env_key(var: &str) -> String {
+    var.strip_prefix(&format!("{ENV_PREFIX}__"))
+        .unwrap_or(var)
+        .to_lowercase()
+        .replace("__", ".")
+}
+
+/// Variables named like ours that configure nothing: `PARTNER_BRIDGE_AMQP__URL` (one underscore after the prefix)
+/// would otherwise be ignored without a word. `PARTNER_BRIDGE_CONFIG` is the `--config` flag's variable.
+fn unknown_env_vars(env: &HashMap<String, String>) -> Vec<ConfigError> {
+    let mut vars: Vec<&String> = env
+        .keys()
+        .filter(|k| {
+            k.starts_with(&format!("{ENV_PREFIX}_"))
+                && !k.starts_with(&format!("{ENV_PREFIX}__"))
+                && k.as_str() != "PARTNER_BRIDGE_CONFIG"
+                && !is_service_link(k)
+        })
+        .collect();
+    vars.sort();
+    vars.into_iter()
+        .map(|var| {
+            let rest = &var[ENV_PREFIX.len() + 1..];
+            let hint = match nearest_env_key(rest) {
+                Some(key) => format!(
+                    "; did you mean {ENV_PREFIX}__{} (for `{key}`)?",
+                    key.to_uppercase().replace('.', "__")
+                ),
+                None => String::new(),
+            };
+            ConfigError::new(
+                var.clone(),
+                format!(
+                    "environment variable matches no configuration key: overrides are named \
+                     {ENV_PREFIX}__SECTION__KEY, with two underscores between the parts{hint}"
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Kubernetes puts `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT`, `<SERVICE>_PORT_8080_TCP_ADDR` and the like into
+/// every pod of a namespace for each Service (a Service named `partner-bridge-issuer-webhook` gives
+/// `PARTNER_BRIDGE_ISSUER_WEBHOOK_SERVICE_HOST`); those are nobody's mistake.
+fn is_service_link(var: &str) -> bool {
+    if var.ends_with("_SERVICE_HOST")
+        || var.ends_with("_SERVICE_PORT")
+        || var.contains("_SERVICE_PORT_")
+        || var.ends_with("_PORT")
+    {
+        return true;
+    }
+    // `_PORT_<number>_<protocol>`, optionally followed by `_PROTO`, `_PORT` or `_ADDR`.
+    var.split("_PORT_").skip(1).any(|rest| {
+        let mut parts = rest.split('_');
+        let number = parts.next().unwrap_or("");
+        let protocol = parts.next().unwrap_or("");
+        let tail: Vec<&str> = parts.collect();
+        !number.is_empty()
+            && number.chars().all(|c| c.is_ascii_digit())
+            && ["TCP", "UDP", "SCTP"].contains(&protocol)
+            && matches!(tail.as_slice(), [] | ["PROTO"] | ["PORT"] | ["ADDR"])
+    })
+}
+
+/// The configuration key `rest` (`AMQP_URL`, `issuer_webhook_secret`) most likely means: each `_` may separate
+/// two parts of the key or belong to a name; the first reading that is a real key wins.
+fn nearest_env_key(rest: &str) -> Option<String> {
+    let parts: Vec<String> = rest
+        .to_lowercase()
+        .split('_')
+        .filter(|part| !part.is_empty())
+        .map(str::to_string)
+        .collect();
+    let gaps = parts.len().saturating_sub(1);
+    if parts.is_empty() || gaps > 8 {
+        return None;
+    }
+    // Fewer dots first: `state_dir` before `state.dir`.
+    let mut masks: Vec<u32> = (0..1u32 << gaps).collect();
+    masks.sort_by_key(|m| m.count_ones());
+    masks.into_iter().find_map(|mask| {
+        let mut key = parts[0].clone();
+        for (i, part) in parts.iter().enumerate().skip(1) {
+            key.push(if mask & (1 << (i - 1)) != 0 { '.' } else { '_' });
+            key.push_str(part);
+        }
+        is_known_key(&key).then_some(key)
+    })
+}
+
+/// Whether `key` (dotted) names a configuration key: setting it alone is not refused as unknown.
+fn is_known_key(key: &str) -> bool {
+    let Ok(raw) = config::Config::builder()
+        .set_override(key, "x")
+        .and_then(|b| b.build())
+    else {
+        return false;
+    };
+    match serde_path_to_error::deserialize::<_, Config>(raw) {
+        Ok(_) => true,
+        Err(err) => {
+            // A section given as a plain value is not a key either.
+            let message = err.inner().to_string();
+            !message.starts_with("unknown field") && err.path().to_string() == key
+        }
+    }
+}
+
+/// One step of a path into the raw configuration value.
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// Deserializes the merged configuration, collecting every unknown key and mistyped value instead of stopping at
+/// the first: each failing key is reported with its full path, removed (so it takes its default), and the rest is
+/// tried again. Stops at a missing required field, which cannot be removed.
+fn deserialize_all(
+    raw: config::Config,
+    env_keys: &HashMap<String, String>,
+) -> (Option<Config>, Vec<ConfigError>) {
+    let mut value: config::Value = match raw.try_deserialize() {
+        Ok(value) => value,
+        Err(e) => return (None, vec![from_config_error(e)]),
+    };
+    let mut errors: Vec<ConfigError> = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
+    // Bounded, so that no input can keep it going.
+    for _ in 0..100 {
+        let err = match serde_path_to_error::deserialize::<_, Config>(value.clone()) {
+            Ok(config) => return (Some(config), errors),
+            Err(err) => err,
+        };
+        let mut path = err.path().to_string();
+        if path == "." {
+            path.clear();
+        }
+        let steps: Option<Vec<Step>> = err
+            .path()
+            .iter()
+            .map(|segment| match segment {
+                serde_path_to_error::Segment::Map { key } => Some(Step::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => Some(Step::Index(*index)),
+                _ => None,
+            })
+            .collect();
+        let inner = err.into_inner();
+        if let config::ConfigError::NotFound(field) = &inner {
+            let key = join_key(&path, field.as_str());
+            // Left out because it was mistyped: already reported.
+            if !removed.contains(&key) {
+                errors.push(ConfigError::new(key, "required"));
+            }
+            return (None, errors);
+        }
+        let message = without_key_suffix(inner.to_string());
+        let key = if path.is_empty() {
+            from_config_error(inner).key
+        } else {
+            path.clone()
+        };
+        let mut reason = message.clone();
+        if message.starts_with("unknown field") {
+            if let Some(better) = nearest_field(&message) {
+                let parent = path.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
+                reason = format!(
+                    "unknown key; did you mean `{}`? ({message})",
+                    join_key(parent, &better)
+                );
+            } else {
+                reason = format!("unknown key ({message})");
+            }
+        }
+        if let Some(var) = env_keys.get(&key) {
+            reason = format!("{reason} (set by environment variable {var})");
+        }
+        errors.push(ConfigError::new(key.clone(), reason));
+        match steps {
+            Some(steps) if !steps.is_empty() && remove_at(&mut value, &steps) => removed.push(key),
+            _ => return (None, errors),
+        }
+    }
+    (None, errors)
+}
+
+/// The `config` crate ends its messages with " for key `issuer.partners[0]`" (the parent, not the key); the error
+/// names the key already.
+fn without_key_suffix(mut message: String) -> String {
+    if let Some(at) = message.rfind(" for key `")
+        && message.ends_with('`')
+    {
+        message.truncate(at);
+    }
+    message
+}
+
+fn join_key(parent: &str, field: &str) -> String {
+    if parent.is_empty() {
+        field.to_string()
+    } else {
+        format!("{parent}.{field}")
+    }
+}
+
+/// Removes the value at `steps`; false when there is none.
+fn remove_at(value: &mut config::Value, steps: &[Step]) -> bool {
+    let Some((last, parents)) = steps.split_last() else {
+        return false;
+    };
+    let mut here = value;
+    for step in parents {
+        let next = match (step, &mut here.kind) {
+            (Step::Key(k), config::ValueKind::Table(map)) => map.get_mut(k),
+            (Step::Index(i), config::ValueKind::Array(items)) => items.get_mut(*i),
+            _ => None,
+        };
+        match next {
+            Some(next) => here = next,
+            None => return false,
+        }
+    }
+    match (last, &mut here.kind) {
+        (Step::Key(k), config::ValueKind::Table(map)) => {
+            let before = map.len();
+            map.retain(|name, _| name != k);
+            map.len() < before
+        }
+        (Step::Index(i), config::ValueKind::Array(items)) if *i < items.len() => {
+            items.remove(*i);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The expected field closest to the unknown one in serde's "unknown field `x`, expected one of `a`, `b`".
+fn nearest_field(message: &str) -> Option<String> {
+    let mut quoted = message.split('`').skip(1).step_by(2);
+    let unknown = quoted.next()?.to_lowercase();
+    quoted
+        .map(|candidate| (edit_distance(&unknown, candidate), candidate))
+        .filter(|(d, candidate)| *d <= (candidate.len() / 3).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, candidate)| candidate.to_string())
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }

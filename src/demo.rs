@@ -45,6 +45,13 @@ pub struct DemoOptions {
 
 const STATUSES: [&str; 4] = ["Approved", "In Review", "Approved", "Declined"];
 
+/// What the demo partner accepts and why, printed before anything is shared: the demo's partner is configured
+/// wider than a partner that sets nothing, and without this a first run reads as "every status is shared".
+pub const POLICY_EXPLANATION: &str = "  policy    sponsor-bank accepts statuses Approved, In Review and Declined of user (KYC) and business (KYB)
+            sessions, so the demo can show every outcome. A partner configured without `statuses` receives
+            Approved only (the default, statuses = [\"Approved\"]); session_kinds defaults to both kinds.
+            Widen it per partner in [[issuer.partners]] only when the partner's contract covers it.";
+
 struct Row {
     source_session_id: String,
     kind: SessionKind,
@@ -82,6 +89,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         "  sandbox   {}  (fintech-a issues, sponsor-bank imports)",
         sandbox.base_url()
     );
+    println!("{POLICY_EXPLANATION}");
 
     let key = SigningKey::generate();
     // The receiver signs its reshare requests with its own key; the issuer lists the public half for the partner.

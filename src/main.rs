@@ -16,8 +16,8 @@ const EXIT_CONFIG: u8 = 64;
 
 /// Why a command failed, which decides the exit code.
 enum Failure {
-    /// The configuration is invalid: exit 64.
-    Config(ConfigError),
+    /// The configuration is invalid (every problem found, one line each): exit 64.
+    Config(Vec<ConfigError>),
     /// Anything else: exit 1.
     Other(anyhow::Error),
 }
@@ -45,8 +45,10 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Config(e)) => {
-            eprintln!("error: {e}");
+        Err(Failure::Config(errors)) => {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
             ExitCode::from(EXIT_CONFIG)
         }
         Err(Failure::Other(e)) => {
@@ -56,12 +58,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads and validates the configuration file with the process environment's overrides.
+/// Loads and validates the configuration file with the process environment's overrides, collecting every problem.
 fn load(path: &Path) -> Result<Config, Failure> {
     let env: HashMap<String, String> = std::env::vars().collect();
-    let config = Config::load(Some(path), env).map_err(Failure::Config)?;
-    config.validate().map_err(Failure::Config)?;
-    Ok(config)
+    Config::load_checked(Some(path), env).map_err(Failure::Config)
 }
 
 async fn dispatch(command: Command) -> Result<(), Failure> {
@@ -110,7 +110,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             action: TopologyAction::Declare { config },
         } => {
             let config = load(&config)?;
-            telemetry::init(LogFormat::Pretty, "warn");
+            telemetry::init_cli("warn");
             print!("declared:\n{}", commands::topology_declare(&config).await?);
         }
         Command::DeadLetters {
@@ -122,7 +122,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 },
         } => {
             let config = load(&config)?;
-            telemetry::init(LogFormat::Pretty, "warn");
+            telemetry::init_cli("warn");
             print!(
                 "{}",
                 commands::dead_letters_list(&config, &queue, limit).await?
@@ -137,7 +137,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 },
         } => {
             let config = load(&config)?;
-            telemetry::init(LogFormat::Pretty, "warn");
+            telemetry::init_cli("warn");
             let replayed = commands::dead_letters_replay(&config, &queue, limit).await?;
             println!(
                 "moved {} message(s) from {queue}.dead back to {queue}",

@@ -162,6 +162,7 @@ pub struct Metrics {
     webhook_requests: Family<OutcomeLabels, Counter>,
     shares: Family<ShareLabels, Counter>,
     tokens_published: Family<PartnerLabels, Counter>,
+    unroutable: Family<PartnerLabels, Counter>,
     imports: Family<ImportLabels, Counter>,
     reshare_requests: Family<DirectionLabels, Counter>,
     didit_requests: Family<DiditLabels, Counter>,
@@ -254,6 +255,7 @@ impl Metrics {
             webhook_requests: Family::default(),
             shares: Family::default(),
             tokens_published: Family::default(),
+            unroutable: Family::default(),
             imports: Family::default(),
             reshare_requests: Family::default(),
             didit_requests: Family::default(),
@@ -299,6 +301,11 @@ impl Metrics {
             "tokens_published",
             "Share token envelopes confirmed by the broker, per partner",
             m.tokens_published.clone(),
+        );
+        registry.register(
+            "unroutable",
+            "Share token envelopes the broker returned as unroutable (312 NO_ROUTE: no queue bound for the partner's routing key), per partner",
+            m.unroutable.clone(),
         );
         registry.register(
             "imports",
@@ -405,6 +412,9 @@ impl Metrics {
             let _ = self.tokens_published.get_or_create(&PartnerLabels {
                 partner: partner.clone(),
             });
+            let _ = self.unroutable.get_or_create(&PartnerLabels {
+                partner: partner.clone(),
+            });
         }
         for issuer in issuers {
             for outcome in crate::envelope::ImportOutcome::ALL
@@ -501,7 +511,16 @@ impl Metrics {
             .inc();
     }
 
-    /// A token envelope was confirmed by the broker.
+    /// A token envelope for `partner` came back unroutable (`basic.return`, 312 `NO_ROUTE`).
+    pub fn unroutable(&self, partner: &str) {
+        self.unroutable
+            .get_or_create(&PartnerLabels {
+                partner: partner.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts one token envelope confirmed for `partner`.
     pub fn token_published(&self, partner: &str) {
         self.tokens_published
             .get_or_create(&PartnerLabels {
@@ -786,6 +805,7 @@ mod tests {
             "partner_bridge_webhook_requests_total{",
             "partner_bridge_shares_total{partner=\"bank\",outcome=\"minted\"} 1",
             "partner_bridge_tokens_published_total{",
+            "partner_bridge_unroutable_total{",
             "partner_bridge_imports_total{",
             "partner_bridge_reshare_requests_total{",
             "partner_bridge_didit_request_duration_seconds_bucket{",

@@ -16,6 +16,7 @@
 //! the cheap probe; a workflow still missing fails the real work again) doubles the wait before the next resume, up
 //! to a minute, so a broken setup costs a trickle of retries rather than a storm.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -23,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::consumer::{Decision, PauseControl};
 use crate::didit::client::DiditClient;
+use crate::didit::error::Disposition;
+use crate::health::Health;
 use crate::ledger::{Ledger, LedgerError};
 
 /// The pause reason (and `paused{reason}` label) of a ledger outage.
@@ -120,6 +123,85 @@ pub async fn run(
         tracing::info!(pipeline, reason, "resuming pipeline");
         last_resume = Some(Instant::now());
         pause.resume();
+    }
+}
+
+/// The `/readyz` part of a role's start-up check of its Didit API key.
+pub fn credentials_part(role: &str) -> String {
+    format!("didit_credentials:{role}")
+}
+
+/// Asks Didit at start whether `role`'s API key is accepted (the cheap authenticated probe, `GET
+/// /v3/sessions/?limit=1`), so a wrong key shows in `/readyz` before the first event rather than after it.
+///
+/// - Accepted: nothing to report; the check ends.
+/// - Refused (401/403, or an answer that pauses for `credentials`: a redirect, 402, an unreadable key): `/readyz`
+///   names the role (`didit_credentials:<role>`) and an error line names where the key comes from (`source`, a
+///   config key and path; never the key). The check goes on with backoff, re-reading a key file, and clears the
+///   reason once the key is accepted.
+/// - No answer (network, timeout, 5xx, 429): not a verdict and not fatal; tried again with backoff, readiness
+///   untouched.
+/// - Any other answer: Didit did not refuse the key; the check ends.
+pub async fn check_key_at_start(
+    client: DiditClient,
+    role: &'static str,
+    source: String,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let part = credentials_part(role);
+    let mut delay = FIRST_DELAY;
+    let mut refused = false;
+    loop {
+        let answer = tokio::select! {
+            () = shutdown.cancelled() => return,
+            answer = client.probe() => answer,
+        };
+        match answer {
+            Ok(()) => {
+                if refused {
+                    tracing::info!(role, key_source = %source, "Didit accepts the API key now");
+                }
+                health.remove(&part);
+                return;
+            }
+            Err(e) => match e.disposition() {
+                Disposition::Pause { .. } => {
+                    if !refused {
+                        tracing::error!(role, key_source = %source, error = %e, "Didit refused the API key at start; the role is not ready until the key is fixed");
+                    }
+                    health.not_ready(
+                        &part,
+                        format!("Didit refused the API key from {source}: {e}"),
+                    );
+                    refused = true;
+                }
+                Disposition::Retry { .. } => {
+                    tracing::warn!(role, error = %e, next_check_ms = delay.as_millis() as u64, "cannot check the Didit API key yet; trying again");
+                }
+                _ => {
+                    tracing::info!(role, error = %e, "the API key check got an unexpected answer, but not a refusal of the key");
+                    health.remove(&part);
+                    return;
+                }
+            },
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(MAX_DELAY);
+        if refused {
+            match client.reload_key() {
+                Ok(true) => {
+                    tracing::info!(role, key_source = %source, "API key file changed; checking the new key")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(role, key_source = %source, error = %e, "cannot re-read the API key file")
+                }
+            }
+        }
     }
 }
 

@@ -868,7 +868,12 @@ async fn dead_letter<H: Handler>(
     ctx.metrics.dead_lettered(queue, reason);
     warn!(
         %queue,
-        message_id = ?delivery.properties.message_id().as_ref().map(|id| id.as_str()),
+        message_id = %delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str())
+            .unwrap_or(""),
         reason,
         detail = %truncate(detail, MAX_DETAIL_BYTES),
         "message dead-lettered"

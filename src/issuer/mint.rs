@@ -17,13 +17,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::consumer::Decision;
-use crate::amqp::publisher::{Outgoing, Publisher};
+use crate::amqp::publisher::{Outgoing, PublishError, Publisher};
 use crate::amqp::{HeaderValue, Names};
 use crate::config::{PartnerConfig, RetryConfig};
 use crate::didit::client::DiditClient;
 use crate::didit::error::Disposition;
 use crate::didit::wire::{SessionKind, SessionStatus, ShareTokenClaims};
 use crate::envelope::{self, ShareTokenEnvelope};
+use crate::health::Health;
 use crate::keys::SigningKeys;
 use crate::ledger::{Claim, LeaseKey, Ledger, ShareRecord};
 use crate::metrics::Metrics;
@@ -39,10 +40,17 @@ pub(crate) struct Minter {
     pub signing_key: SigningKeys,
     pub application_id: String,
     pub metrics: Arc<Metrics>,
+    /// Readiness: a partner whose tokens come back unroutable is a `/readyz` reason until one is delivered.
+    pub health: Arc<Health>,
     pub shutdown: CancellationToken,
     pub retry: RetryConfig,
     /// How long a claim protects a (session, partner) pair from concurrent minting.
     pub lease: Duration,
+}
+
+/// The `/readyz` part that names a partner whose tokens are unroutable.
+pub(crate) fn unroutable_part(partner: &str) -> String {
+    format!("unroutable:{partner}")
 }
 
 /// The verification being shared.
@@ -304,6 +312,33 @@ impl Minter {
         if let Err(e) = published {
             self.metrics.share(&partner.name, "retried");
             self.metrics.retry("publish");
+            if let PublishError::Returned {
+                reply_code,
+                reply_text,
+            } = &e
+            {
+                // Nothing consumes this partner's tokens yet: its receiver has not declared its queue (see
+                // docs/topology.md). Name the partner and the routing key where an operator looks.
+                self.metrics.unroutable(&partner.name);
+                self.health.not_ready(
+                    &unroutable_part(&partner.name),
+                    format!(
+                        "tokens for partner {} come back unroutable ({reply_code} {reply_text}): no queue is bound to {exchange} for routing key {routing_key}; start the partner's receiver or declare its queue",
+                        partner.name
+                    ),
+                );
+                tracing::error!(
+                    %message_id,
+                    source_session_id = %source.session_id,
+                    partner = %partner.name,
+                    %routing_key,
+                    %exchange,
+                    "token unroutable: no queue is bound for the partner's routing key (its receiver has not declared its queue); will mint again"
+                );
+                return Err(Minted::Retry {
+                    detail: format!("publishing to {exchange} with key {routing_key} failed: {e}"),
+                });
+            }
             tracing::warn!(
                 %message_id,
                 source_session_id = %source.session_id,
@@ -317,6 +352,7 @@ impl Minter {
         }
         self.metrics.share(&partner.name, "minted");
         self.metrics.token_published(&partner.name);
+        self.health.remove(&unroutable_part(&partner.name));
         tracing::info!(
             %message_id,
             source_session_id = %source.session_id,

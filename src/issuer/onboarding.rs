@@ -62,7 +62,7 @@ impl Handler for OnboardingHandler {
             }
             Err(bad) => {
                 metrics.event(source_label, "bad_message");
-                tracing::warn!(message_id = ?msg.message_id, reason = bad.reason, detail = %bad.detail, "bad onboarding event");
+                tracing::warn!(message_id = %msg.message_id.as_deref().unwrap_or(""), reason = bad.reason, detail = %bad.detail, "bad onboarding event");
                 return Decision::DeadLetter {
                     reason: bad.reason,
                     detail: bad.detail,

@@ -154,7 +154,7 @@ impl Handler for TokenHandler {
                 );
             }
             Err(bad) => {
-                tracing::warn!(message_id = ?msg.message_id, reason = bad.reason, detail = %bad.detail, "bad share_token envelope");
+                tracing::warn!(message_id = %msg.message_id.as_deref().unwrap_or(""), reason = bad.reason, detail = %bad.detail, "bad share_token envelope");
                 return self.refuse("unknown", bad.reason, bad.detail);
             }
         };

@@ -336,6 +336,7 @@ pub async fn run_cli(
             ),
             None => format!("starting the sandbox on {listen}"),
         })?;
+    tracing::info!(listener = "sandbox", addr = %sandbox.addr(), "listening (Didit emulator)");
     println!(
         "partner-bridge sandbox (Didit emulator) listening on {}",
         sandbox.base_url()

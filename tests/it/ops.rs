@@ -798,11 +798,19 @@ async fn metrics_expose_every_contract_name_and_count_exactly_what_a_flow_did() 
         ),
         n
     );
-    // Exactly N Didit calls, all shares, all answered 2xx (the duplicate never reached Didit).
+    // Exactly N Didit calls besides the start-up key check (one probe), all shares, all answered 2xx (the duplicate
+    // never reached Didit).
     let didit_dump = i.dump("partner_bridge_didit_requests_total");
     assert_eq!(
         i.sum("partner_bridge_didit_requests_total", |_| true),
-        n,
+        n + 1.0,
+        "{didit_dump}"
+    );
+    assert_eq!(
+        i.sum("partner_bridge_didit_requests_total", |l| l["operation"]
+            == "probe"
+            && is_2xx(&l["status"])),
+        1.0,
         "{didit_dump}"
     );
     assert_eq!(
@@ -899,10 +907,17 @@ async fn metrics_expose_every_contract_name_and_count_exactly_what_a_flow_did() 
         n,
         "{imports_dump}"
     );
+    // N imports and the start-up key check.
     let didit_dump = r.dump("partner_bridge_didit_requests_total");
     assert_eq!(
         r.sum("partner_bridge_didit_requests_total", |_| true),
-        n,
+        n + 1.0,
+        "{didit_dump}"
+    );
+    assert_eq!(
+        r.sum("partner_bridge_didit_requests_total", |l| l["operation"]
+            == "probe"),
+        1.0,
         "{didit_dump}"
     );
     assert_eq!(

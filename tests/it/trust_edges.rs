@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use partner_bridge::amqp::topology;
+use partner_bridge::app;
 use partner_bridge::didit::signature;
 use partner_bridge::didit::wire::SessionKind;
 use serde_json::json;
@@ -13,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use crate::support::bridge::World;
+use crate::support::bridge::{Amqp, World};
 use crate::support::faults::{Binary, free_port, set_key, showing_log};
 use crate::support::wait_for;
 
@@ -102,6 +104,14 @@ secret = \"{WEBHOOK_SECRET}\"
     let config = world.dir.path().join("flood.toml");
     std::fs::write(&config, toml).unwrap();
     let log = world.dir.path().join("flood.log");
+    // The partner's queue exists, as in production: the webhook's token is delivered, not returned unroutable (which
+    // would make `/readyz` name the partner).
+    let amqp = Amqp::connect().await;
+    let receiver = world.config(&world.receiver_toml(false));
+    topology::declare(&amqp.channel, &app::declared_topology(&receiver))
+        .await
+        .unwrap();
+    amqp.close().await;
     let mut binary = Binary::start(&config, admin, log.clone()).await;
     let pid = binary.child.id().expect("running");
     let session = world.session(SessionKind::User, "Approved", "flood").await;

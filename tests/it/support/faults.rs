@@ -360,6 +360,26 @@ pub struct Binary {
 impl Binary {
     /// Starts the binary and waits until its `/readyz` answers 200.
     pub async fn start(config: &Path, admin: SocketAddr, log: PathBuf) -> Binary {
+        let binary = Binary::spawn(config, admin, log);
+        let http = &binary.http;
+        showing_log(
+            &binary.log,
+            wait_for(
+                "the binary's /readyz to answer 200",
+                Duration::from_secs(20),
+                || async move {
+                    get(http, admin, "/readyz")
+                        .await
+                        .and_then(|(status, _)| (status == 200).then_some(()))
+                },
+            ),
+        )
+        .await;
+        binary
+    }
+
+    /// Starts the binary without waiting for it to be ready (for tests of what keeps it unready).
+    pub fn spawn(config: &Path, admin: SocketAddr, log: PathBuf) -> Binary {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -376,27 +396,12 @@ impl Binary {
             .kill_on_drop(true)
             .spawn()
             .expect("start partner-bridge");
-        let binary = Binary {
+        Binary {
             child,
             admin,
             log,
             http: http(),
-        };
-        let http = &binary.http;
-        showing_log(
-            &binary.log,
-            wait_for(
-                "the binary's /readyz to answer 200",
-                Duration::from_secs(20),
-                || async move {
-                    get(http, admin, "/readyz")
-                        .await
-                        .and_then(|(status, _)| (status == 200).then_some(()))
-                },
-            ),
-        )
-        .await;
-        binary
+        }
     }
 
     /// The binary's `/metrics` (empty when it does not answer).
