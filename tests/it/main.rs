@@ -14,6 +14,7 @@ mod import_edges;
 mod issuer;
 mod ledger;
 mod ledger_edges;
+mod ledger_tls;
 mod ops;
 mod receiver;
 mod reliability;
