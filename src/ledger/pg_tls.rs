@@ -17,8 +17,9 @@
 //! Where this differs from libpq: a `prefer` connection whose TLS handshake fails is an error, not retried in
 //! plain text (libpq retries), so a certificate that fails a given CA never quietly downgrades the connection;
 //! `~/.postgresql/root.crt` is not read implicitly (a daemon's home directory is no place for its trust); client
-//! certificates (`sslcert`, `sslkey`) and channel binding (`channel_binding=require`) are not supported. As in
-//! libpq, `sslmode` does not apply to Unix-domain sockets.
+//! certificates (`sslcert`, `sslkey`) are not supported. SCRAM is bound to the TLS session (`tls-server-end-point`)
+//! for certificates signed with RSA PKCS#1 or ECDSA, so `channel_binding=require` works with those. As in libpq,
+//! `sslmode` does not apply to Unix-domain sockets.
 //!
 //! tokio-postgres itself knows only `disable`, `prefer` and `require`: it does the `SSLRequest` negotiation (and
 //! the fall-back of `prefer`); `verify-ca` and `verify-full` are `require` with the verifier below.
@@ -684,10 +685,76 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for RustlsStream<S> {
-    /// None: SCRAM then authenticates without channel binding (tokio-postgres' default `channel_binding=prefer`).
+    /// `tls-server-end-point` (RFC 5929), so that SCRAM authentication is bound to this TLS session
+    /// (`SCRAM-SHA-256-PLUS`; a relay in the middle cannot pass it on). None when the certificate's signature
+    /// algorithm has no defined hash (Ed25519, RSA-PSS): SCRAM then goes without binding, as with libpq.
     fn channel_binding(&self) -> ChannelBinding {
-        ChannelBinding::none()
+        self.0
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|cert| server_end_point(cert.as_ref()))
+            .map(ChannelBinding::tls_server_end_point)
+            .unwrap_or_else(ChannelBinding::none)
     }
+}
+
+/// One DER element: its tag, its contents and what follows it.
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The `tls-server-end-point` channel binding of a certificate: its hash with the hash of its signature algorithm,
+/// SHA-256 for MD5 and SHA-1 (RFC 5929 §4.1, as PostgreSQL computes it).
+fn server_end_point(cert: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    const SEQUENCE: u8 = 0x30;
+    const OID: u8 = 0x06;
+    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm AlgorithmIdentifier, signatureValue }
+    let (tag, certificate, _) = der_element(cert)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (_, _tbs, rest) = der_element(certificate)?;
+    let (tag, algorithm, _) = der_element(rest)?;
+    let (oid_tag, oid, _) = der_element(algorithm)?;
+    if tag != SEQUENCE || oid_tag != OID {
+        return None;
+    }
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA_SHA2: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+    const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];
+    let hash = match oid {
+        // md5 (4), sha1 (5), sha256 (11) WithRSAEncryption: SHA-256; sha384 (12), sha512 (13).
+        [p @ .., 0x04 | 0x05 | 0x0b] if p == RSA => 256,
+        [p @ .., 0x0c] if p == RSA => 384,
+        [p @ .., 0x0d] if p == RSA => 512,
+        _ if oid == ECDSA_SHA1 => 256,
+        [p @ .., 0x02] if p == ECDSA_SHA2 => 256,
+        [p @ .., 0x03] if p == ECDSA_SHA2 => 384,
+        [p @ .., 0x04] if p == ECDSA_SHA2 => 512,
+        _ => return None,
+    };
+    Some(match hash {
+        256 => sha2::Sha256::digest(cert).to_vec(),
+        384 => sha2::Sha384::digest(cert).to_vec(),
+        _ => sha2::Sha512::digest(cert).to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -717,6 +784,29 @@ mod tests {
             split_url("postgres://h/db?sslcert=x").unwrap_err().key,
             "ledger.url"
         );
+    }
+
+    #[test]
+    fn channel_binding_hashes_with_the_signature_hash() {
+        use sha2::Digest;
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let der = params.self_signed(&p256).unwrap().der().to_vec();
+        assert_eq!(
+            server_end_point(&der),
+            Some(sha2::Sha256::digest(&der).to_vec())
+        );
+        let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let der = params.self_signed(&p384).unwrap().der().to_vec();
+        assert_eq!(
+            server_end_point(&der),
+            Some(sha2::Sha384::digest(&der).to_vec())
+        );
+        let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let der = params.self_signed(&ed).unwrap().der().to_vec();
+        assert_eq!(server_end_point(&der), None);
+        assert_eq!(server_end_point(&[0x30, 0x82]), None);
+        assert_eq!(server_end_point(&[]), None);
     }
 
     #[test]

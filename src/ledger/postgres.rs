@@ -609,6 +609,13 @@ impl PostgresLedger {
             .parse()
             .map_err(|_| LedgerError::Open(format!("not a valid PostgreSQL URL: {shown}")))?;
         config.ssl_mode(tls.driver_mode());
+        // A bare `hostaddr` leaves TLS without a name to send and check (tokio-postgres then refuses TLS): the
+        // address is the name, as an IP address in the certificate would say.
+        if config.get_hosts().is_empty() {
+            for addr in config.get_hostaddrs().to_vec() {
+                config.host(addr.to_string());
+            }
+        }
         // libpq: sslmode does not apply to Unix-domain sockets.
         let local = !config.get_hosts().is_empty()
             && config

@@ -14,7 +14,7 @@ use partner_bridge::secret::SecretUrl;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::faults::{BIN, Binary, binary_config, test_logs};
-use crate::support::pg_tls::{TLS_ONLY_DB, TlsServer, server};
+use crate::support::pg_tls::{SCRAM_PASSWORD, SCRAM_USER, TLS_ONLY_DB, TlsServer, server};
 use crate::support::wait_for;
 
 /// A schema and an `application_name` of the test's own on the TLS server.
@@ -234,6 +234,37 @@ async fn prefer_uses_tls_when_offered_and_plain_text_only_when_refused() {
     let via = via.replace("sslmode=prefer", "sslmode=require");
     let err = open(&via, &no_settings()).await.expect_err("refused");
     assert!(err.contains("server does not support TLS"), "{err}");
+}
+
+/// A password login (SCRAM-SHA-256, as managed databases use) over TLS with `channel_binding=require`: the ledger
+/// binds SCRAM to its TLS session (`tls-server-end-point`), which the server checks against its own certificate;
+/// the password appears in no error.
+#[tokio::test]
+async fn scram_login_over_tls_is_bound_to_the_tls_session() {
+    let (server, name) = fresh("postgres", "scram").await;
+    let url = server
+        .url(
+            "localhost",
+            "postgres",
+            &name,
+            &name,
+            &format!(
+                "sslmode=verify-full&{}&channel_binding=require",
+                ca(&server.ca_file)
+            ),
+        )
+        .replace("postgres@", &format!("{SCRAM_USER}:{SCRAM_PASSWORD}@"));
+    let ssl = open_and_write(server, &url, &no_settings(), &name).await;
+    assert!(ssl.iter().all(|s| *s), "pg_stat_ssl: {ssl:?}");
+
+    // A wrong password is refused, and the error shows neither password.
+    let wrong = url.replace(SCRAM_PASSWORD, "not-the-Password-0815");
+    let err = open(&wrong, &no_settings()).await.expect_err("refused");
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(
+        !err.contains("not-the-Password-0815") && !err.contains(SCRAM_PASSWORD),
+        "{err}"
+    );
 }
 
 // ---- through the binary ----------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@
 //! Started once per test binary, on first use: `initdb` into a temporary directory (as the `postgres` user: the
 //! server refuses to run as root), `ssl = on` with a CA and a server certificate for `localhost` only that
 //! [`rcgen`] makes here, `listen_addresses = '127.0.0.1'` on a free port, its Unix socket in the directory too.
-//! `pg_hba.conf` allows TLS and plain text from 127.0.0.1, except to the database `tlsonly`, which refuses plain
-//! text (`hostnossl … reject`).
+//! `pg_hba.conf` allows TLS and plain text from 127.0.0.1 without a password, except to the database `tlsonly`,
+//! which refuses plain text (`hostnossl … reject`), and for the role `pbt_scram`, which logs in with SCRAM.
 //!
 //! Stopped whatever happens: a detached watcher shell polls this process's pid and, once it is gone (the tests
 //! ended, panicked or were killed), stops the server (`pg_ctl stop -m immediate`) and removes the directory.
@@ -15,7 +15,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -24,6 +23,11 @@ use rcgen::{
 
 /// The database whose `pg_hba.conf` line refuses plain text.
 pub const TLS_ONLY_DB: &str = "tlsonly";
+
+/// A role that logs in with a password (SCRAM-SHA-256, over TLS only), as managed databases have them.
+pub const SCRAM_USER: &str = "pbt_scram";
+/// Its password.
+pub const SCRAM_PASSWORD: &str = "pbt-scram-Secret-4711";
 
 /// The running TLS server.
 pub struct TlsServer {
@@ -244,6 +248,7 @@ fn start() -> TlsServer {
         data.join("pg_hba.conf"),
         format!(
             "local all all trust\nhostnossl {TLS_ONLY_DB} all 127.0.0.1/32 reject\n\
+             hostssl all {SCRAM_USER} 127.0.0.1/32 scram-sha-256\n\
              hostssl all all 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 trust\n"
         ),
     )
@@ -288,35 +293,22 @@ fn start() -> TlsServer {
         .expect("start the watcher that stops the test TLS server");
     assert!(status.success(), "setsid -f: {status}");
 
-    // pg_ctl -w waited for the server; the database that refuses plain text.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let created = as_postgres(&bin.join("psql"))
-            .args(["-h"])
+    // pg_ctl -w waited for the server. The database that refuses plain text and the password role (each `-c` is
+    // its own transaction: CREATE DATABASE cannot run inside one).
+    run(
+        as_postgres(&bin.join("psql"))
+            .arg("-h")
             .arg(&dir)
-            .args([
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-qc",
-            ])
+            .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
             .arg(format!("CREATE DATABASE {TLS_ONLY_DB}"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("psql");
-        if created.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "CREATE DATABASE {TLS_ONLY_DB}: {}",
-            String::from_utf8_lossy(&created.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .arg("-c")
+            .arg(format!(
+                "CREATE ROLE {SCRAM_USER} LOGIN SUPERUSER PASSWORD '{SCRAM_PASSWORD}'"
+            ))
+            .stdin(Stdio::null()),
+        "psql: create the test database and role",
+    );
     eprintln!(
         "test TLS PostgreSQL on 127.0.0.1:{port}, directory {}",
         dir.display()
