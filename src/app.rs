@@ -174,9 +174,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     health.not_ready("ledger", "opening");
     let ledger_url = config.ledger_url();
-    let ledger = Ledger::open_with_timeout(&ledger_url, config.ledger.timeout())
-        .await
-        .with_context(|| format!("cannot open the ledger at {}", ledger_url.redacted()))?;
+    let ledger = Ledger::open_with_tls(
+        &ledger_url,
+        config.ledger.timeout(),
+        &config.ledger.tls_settings(),
+    )
+    .await
+    .with_context(|| format!("cannot open the ledger at {}", ledger_url.redacted()))?;
     ledger
         .check_writable()
         .await

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::didit::wire::{SessionKind, SessionStatus};
+use crate::ledger::pg_tls::{PgTls, PgTlsSettings, SslMode};
 use crate::secret::{Secret, SecretSource, SecretUrl, read_secret_file};
 
 /// The prefix of environment overrides: `PARTNER_BRIDGE__AMQP__URL` sets `amqp.url`.
@@ -311,6 +312,12 @@ pub struct LedgerConfig {
     /// How long a claim on a key lasts without renewal. A live handler renews it every third of this; a replica
     /// that died leaves its keys to the others after at most this long.
     pub lease_ms: u64,
+    /// PostgreSQL only: libpq's `sslmode` (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`); also read
+    /// from the URL's `sslmode=`. Unset: `prefer`, with a warning for each connection left in plain text.
+    pub sslmode: Option<String>,
+    /// PostgreSQL only: the PEM file of the CA certificate(s) the server's certificate must chain to (libpq's
+    /// `sslrootcert`, also read from the URL), or `system` for the machine's trusted CAs.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for LedgerConfig {
@@ -320,6 +327,8 @@ impl Default for LedgerConfig {
             retention_days: 30,
             timeout_ms: 3000,
             lease_ms: 6000,
+            sslmode: None,
+            ca_file: None,
         }
     }
 }
@@ -333,6 +342,14 @@ impl LedgerConfig {
     /// How long a claim lasts without renewal.
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
+    }
+
+    /// The PostgreSQL TLS settings, as written.
+    pub fn tls_settings(&self) -> PgTlsSettings {
+        PgTlsSettings {
+            sslmode: self.sslmode.clone(),
+            ca_file: self.ca_file.clone(),
+        }
     }
 }
 
@@ -813,13 +830,25 @@ impl Config {
         }
 
         let ledger = self.ledger_url();
-        if !(ledger.expose().starts_with("sqlite://")
-            || ledger.expose().starts_with("postgres://")
-            || ledger.expose().starts_with("postgresql://"))
-        {
+        if !(ledger.expose().starts_with("sqlite://") || is_postgres(ledger.expose())) {
             p.push(ConfigError::new(
                 "ledger.url",
                 "must start with sqlite:// or postgres://",
+            ));
+        }
+        if is_postgres(ledger.expose()) {
+            // Reads the CA file, so that a missing one is a config error and not a failed start.
+            p.check(
+                PgTls::resolve(ledger.expose(), &self.ledger.tls_settings())
+                    .map(drop)
+                    .map_err(|e| ConfigError::new(e.key, e.reason)),
+            );
+        } else if let Some(mode) = &self.ledger.sslmode
+            && SslMode::parse(mode).is_none()
+        {
+            p.push(ConfigError::new(
+                "ledger.sslmode",
+                format!("\"{mode}\" is not one of {}", SslMode::NAMES),
             ));
         }
         if self.ledger.retention_days == 0 {
@@ -1338,6 +1367,25 @@ impl Config {
     /// Valid but unsafe or incomplete settings, one sentence each, for `check-config` (stderr) and the startup log.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        let ledger = self.ledger_url();
+        if is_postgres(ledger.expose()) {
+            if let Ok((_, tls)) = PgTls::resolve(ledger.expose(), &self.ledger.tls_settings())
+                && !tls.explicit()
+                && tls.mode() == SslMode::Prefer
+            {
+                out.push(
+                    "ledger.sslmode is not set: the PostgreSQL ledger uses prefer, which falls back to plain text \
+                     when the server refuses TLS (set require, verify-ca or verify-full; or disable to say plain \
+                     text is intended)"
+                        .into(),
+                );
+            }
+        } else if self.ledger.sslmode.is_some() || self.ledger.ca_file.is_some() {
+            out.push(
+                "ledger.sslmode and ledger.ca_file apply to a PostgreSQL ledger only; the SQLite ledger ignores them"
+                    .into(),
+            );
+        }
         if self.issuer.enabled {
             for (i, p) in self.issuer.partners.iter().enumerate() {
                 if p.public_keys.is_empty() && p.public_key_files.is_empty() {
@@ -1565,6 +1613,11 @@ fn webhook_secret_name(webhook: &WebhookConfig) -> &'static str {
     } else {
         "issuer.webhook.secret_file"
     }
+}
+
+/// A PostgreSQL ledger URL.
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 fn url_from(

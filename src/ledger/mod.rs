@@ -38,6 +38,7 @@
 //!
 //! This module knows nothing of queues, Didit or pipelines: it remembers, and the pipelines decide.
 
+pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 
@@ -48,6 +49,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use crate::didit::wire::SessionKind;
 use crate::secret::SecretUrl;
 
+pub use pg_tls::{PgTlsSettings, SslMode};
 pub use postgres::PostgresLedger;
 pub use sqlite::SqliteLedger;
 
@@ -441,6 +443,16 @@ impl Ledger {
         url: &SecretUrl,
         timeout: Duration,
     ) -> Result<Ledger, LedgerError> {
+        Ledger::open_with_tls(url, timeout, &PgTlsSettings::default()).await
+    }
+
+    /// [`Ledger::open_with_timeout`], with the config file's PostgreSQL TLS settings (`[ledger] sslmode`,
+    /// `ca_file`; ignored for SQLite).
+    pub async fn open_with_tls(
+        url: &SecretUrl,
+        timeout: Duration,
+        tls: &PgTlsSettings,
+    ) -> Result<Ledger, LedgerError> {
         let text = url.expose();
         if let Some(path) = text.strip_prefix("sqlite://") {
             if path.is_empty() || path.contains('?') {
@@ -456,7 +468,7 @@ impl Ledger {
             ))
         } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
             Ok(Ledger::Postgres(
-                PostgresLedger::open_with_timeout(url, timeout).await?,
+                PostgresLedger::open_with_tls(url, timeout, tls).await?,
             ))
         } else {
             Err(LedgerError::Open(format!(

@@ -25,15 +25,20 @@
 //! limit as its `statement_timeout`, and TCP keepalives notice a vanished server on an idle connection.
 //!
 //! The tables live in the connection's `search_path` (choose a schema with `?options=-c%20search_path%3Dmy_schema`
-//! in the URL). TLS is not supported yet (`NoTls`): use a Unix socket or a trusted network until rustls is wired in.
+//! in the URL).
+//!
+//! TLS is rustls, `sslmode` as libpq (see [`super::pg_tls`]): each connection says in the log whether it is
+//! encrypted, and one that fell back to plain text under `prefer` (the default) is a warning.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
+use super::pg_tls::{PgTls, PgTlsSettings, SslMode};
 use super::sqlite::{PRUNE_CHUNK, lease_of, required};
 use super::{
     Claim, DeliveryClaim, ImportIntent, ImportRecord, IntentClaim, Lease, LeaseKey, LedgerError,
@@ -407,6 +412,10 @@ impl Slot {
 
 struct Inner {
     config: tokio_postgres::Config,
+    /// How connections are encrypted.
+    tls: PgTls,
+    /// Every host is a Unix-domain socket: `sslmode` does not apply (as in libpq), nothing to warn about.
+    local: bool,
     /// The URL as it may be shown (password masked, query dropped).
     shown: String,
     /// The password, only to scrub it from error texts should a driver ever echo it.
@@ -465,19 +474,62 @@ impl Inner {
         }
     }
 
+    /// Opens one connection, encrypted as `sslmode` says, and logs how it is.
     async fn connect(&self) -> Result<Client, LedgerError> {
-        let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|e| LedgerError::Io(format!("{}: {}", self.shown, self.text(&e))))?;
+        let failed = |e: tokio_postgres::Error| {
+            LedgerError::Io(format!(
+                "{} ({}): {}",
+                self.shown,
+                self.tls.describe(),
+                self.text(&e)
+            ))
+        };
         let shown = self.shown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                // Only the kind: the next call reconnects and reports its own error in full.
-                tracing::warn!(ledger = %shown, error = %e, "ledger connection lost");
+        let lost = move |e: tokio_postgres::Error| {
+            // Only the kind: the next call reconnects and reports its own error in full.
+            tracing::warn!(ledger = %shown, error = %e, "ledger connection lost");
+        };
+        let (client, encrypted) = match self.tls.connector() {
+            Some((make, encrypted)) if !self.local => {
+                let (client, connection) = self.config.connect(make).await.map_err(failed)?;
+                tokio::spawn(async move { connection.await.map_err(lost) });
+                (client, encrypted.load(std::sync::atomic::Ordering::SeqCst))
             }
-        });
+            _ => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(failed)?;
+                tokio::spawn(async move { connection.await.map_err(lost) });
+                (client, false)
+            }
+        };
+        let sslmode = self.tls.mode().as_str();
+        if encrypted {
+            tracing::info!(ledger = %self.shown, tls = %self.tls.describe(), "ledger connection encrypted (TLS)");
+        } else if self.local || self.tls.mode() == SslMode::Disable {
+            tracing::info!(
+                ledger = %self.shown,
+                sslmode,
+                tls = false,
+                "ledger connection in plain text ({})",
+                if self.local { "Unix-domain socket" } else { "sslmode=disable" }
+            );
+        } else if self.tls.explicit() {
+            tracing::warn!(
+                ledger = %self.shown,
+                sslmode,
+                tls = false,
+                "ledger connection NOT encrypted: the server refused TLS (sslmode=prefer); \
+                 set sslmode=require or stronger to refuse plain text"
+            );
+        } else {
+            tracing::warn!(
+                ledger = %self.shown,
+                sslmode,
+                tls = false,
+                "ledger connection NOT encrypted: the server refused TLS and ledger.sslmode is not set \
+                 (default prefer falls back to plain text); set ledger.sslmode = \"require\" or stronger to refuse \
+                 plain text, or \"disable\" to say plain text is intended"
+            );
+        }
         Ok(client)
     }
 
@@ -516,7 +568,12 @@ impl Inner {
             .await
             .map_err(|e| self.error(e))?;
         slot.set(conn.clone());
-        tracing::info!(ledger = %self.shown, synced = slot.synced, "ledger connected to postgres");
+        tracing::info!(
+            ledger = %self.shown,
+            synced = slot.synced,
+            tls = %self.tls.describe(),
+            "ledger connected to postgres"
+        );
         Ok(conn)
     }
 }
@@ -535,11 +592,39 @@ impl PostgresLedger {
         url: &SecretUrl,
         timeout: Duration,
     ) -> Result<PostgresLedger, LedgerError> {
+        PostgresLedger::open_with_tls(url, timeout, &PgTlsSettings::default()).await
+    }
+
+    /// [`PostgresLedger::open_with_timeout`], TLS also from the config file's settings (the URL's `sslmode=` and
+    /// `sslrootcert=` count either way). Reads the CA certificates once, here.
+    pub async fn open_with_tls(
+        url: &SecretUrl,
+        timeout: Duration,
+        tls: &PgTlsSettings,
+    ) -> Result<PostgresLedger, LedgerError> {
         let shown = url.redacted();
-        let mut config: tokio_postgres::Config = url
-            .expose()
+        let (driver_url, tls) = PgTls::resolve(url.expose(), tls)
+            .map_err(|e| LedgerError::Open(format!("{shown}: {e}")))?;
+        let mut config: tokio_postgres::Config = driver_url
             .parse()
             .map_err(|_| LedgerError::Open(format!("not a valid PostgreSQL URL: {shown}")))?;
+        config.ssl_mode(tls.driver_mode());
+        // A bare `hostaddr` leaves TLS without a name to send and check (tokio-postgres then refuses TLS): the
+        // address is the name, as an IP address in the certificate would say.
+        if config.get_hosts().is_empty() {
+            for addr in config.get_hostaddrs().to_vec() {
+                config.host(addr.to_string());
+            }
+        }
+        // libpq: sslmode does not apply to Unix-domain sockets.
+        let local = !config.get_hosts().is_empty()
+            && config
+                .get_hosts()
+                .iter()
+                .all(|h| !matches!(h, Host::Tcp(_)));
+        if local {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -564,6 +649,8 @@ impl PostgresLedger {
             .map(|p| String::from_utf8_lossy(p).into_owned());
         let inner = Inner {
             config,
+            tls,
+            local,
             shown,
             password,
             fast: Slot::new(false),

@@ -15,6 +15,7 @@ mod issuer;
 mod ledger;
 mod ledger_edges;
 mod misconf;
+mod ledger_tls;
 mod ops;
 mod receiver;
 mod reliability;

@@ -5,6 +5,7 @@
 pub mod bridge;
 pub mod faults;
 pub mod pg_ledger;
+pub mod pg_tls;
 pub mod proxy;
 pub mod stub_didit;
 pub mod t_receiver;
