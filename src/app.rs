@@ -26,6 +26,7 @@ use crate::amqp::topology::{self, Entity, QueueSettings};
 use crate::amqp::{HeaderValue, Link, LinkOptions, Names};
 use crate::config::Config;
 use crate::didit::client::DiditClient;
+use crate::didit::pacing::Pacing;
 use crate::envelope::SigningKey;
 use crate::health::Health;
 use crate::issuer::mint::Minter;
@@ -218,9 +219,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         )
     };
 
+    // One write budget per Didit API key, whichever roles and pipelines use it (DESIGN.md §6).
+    let pacing = Pacing::new(
+        config.didit.writes_per_minute,
+        config.didit.rate_window(),
+        metrics.clone(),
+    );
     if config.issuer.enabled {
         let access = config.issuer_didit()?;
-        let client = DiditClient::new(&access, metrics.clone())
+        let client = DiditClient::paced(&access, metrics.clone(), &pacing, "issuer")
             .map_err(|e| anyhow::anyhow!("cannot build the issuer's Didit client: {e}"))?;
         let signing_key = SigningKey::from_base64(
             config
@@ -388,7 +395,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     if config.receiver.enabled {
         let access = config.receiver_didit()?;
-        let client = DiditClient::new(&access, metrics.clone())
+        let client = DiditClient::paced(&access, metrics.clone(), &pacing, "receiver")
             .map_err(|e| anyhow::anyhow!("cannot build the receiver's Didit client: {e}"))?;
         let reshare_key = config.receiver_signing_key()?;
         tracing::info!(application_id = %access.application_id, reshare_key_id = reshare_key.as_ref().map(|k| k.key_id()), "receiver role enabled");

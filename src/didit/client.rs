@@ -17,8 +17,9 @@ use reqwest::header::{ACCEPT, HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, Url};
 use serde::de::DeserializeOwned;
 
-use super::error::{Answer, Context, Verdict, classify, resolve_probe, scrub};
+use super::error::{Answer, Context, Verdict, classify, resolve_probe, retry_after, scrub};
 pub use super::error::{DiditError, Disposition, Operation};
+use super::pacing::{Budget, Pacing};
 use super::wire::{
     ImportRequest, SessionDecision, SessionKind, SessionPage, SessionSummary, ShareRequest,
     ShareResponse, ShareTokenClaims,
@@ -112,6 +113,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     timeout: Duration,
     connect_timeout: Duration,
+    /// The key's write budget, shared with every other client of the same key (`None`: unpaced).
+    budget: Option<Arc<Budget>>,
 }
 
 /// The key as loaded, and the header value made from it (marked sensitive, so HTTP/2 never indexes it).
@@ -132,6 +135,25 @@ impl DiditClient {
     /// connection pool with `access`'s connect and request timeouts. Fails with [`DiditError::Config`] when the
     /// base URL is unusable or the key cannot be read.
     pub fn new(access: &DiditAccess, metrics: Arc<Metrics>) -> Result<DiditClient, DiditError> {
+        Self::build(access, metrics, None)
+    }
+
+    /// [`DiditClient::new`], with its writes paced by the budget `pacing` keeps for its API key (shared with every
+    /// other client of the key); `role` names the budget in metrics.
+    pub fn paced(
+        access: &DiditAccess,
+        metrics: Arc<Metrics>,
+        pacing: &Pacing,
+        role: &str,
+    ) -> Result<DiditClient, DiditError> {
+        Self::build(access, metrics, Some((pacing, role)))
+    }
+
+    fn build(
+        access: &DiditAccess,
+        metrics: Arc<Metrics>,
+        pacing: Option<(&Pacing, &str)>,
+    ) -> Result<DiditClient, DiditError> {
         // reqwest is built with `rustls-no-provider`; without a process default it would panic on the first
         // client. Whoever installs first wins, and any provider will do, so the result is ignored.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -144,6 +166,9 @@ impl DiditClient {
             )));
         }
         let key = load_key(&access.api_key).map_err(|e| DiditError::Config(e.to_string()))?;
+        // Keyed by the key first loaded: a rotated key keeps its budget (Didit starts the new key afresh, so this
+        // only errs on the slow side for one window).
+        let budget = pacing.map(|(pacing, role)| pacing.budget(key.secret.expose(), role));
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(access.connect_timeout)
@@ -164,8 +189,14 @@ impl DiditClient {
                 metrics,
                 timeout: access.timeout,
                 connect_timeout: access.connect_timeout,
+                budget,
             }),
         })
+    }
+
+    /// The write budget of this client's key, when paced.
+    pub fn budget(&self) -> Option<&Arc<Budget>> {
+        self.inner.budget.as_ref()
     }
 
     /// This side's Didit application id.
@@ -181,13 +212,26 @@ impl DiditClient {
         for_application_id: &str,
         ttl_seconds: u32,
     ) -> Result<ShareResponse, DiditError> {
+        self.share_by(session_id, for_application_id, ttl_seconds, None)
+            .await
+    }
+
+    /// [`DiditClient::share`], refused with [`DiditError::Paced`] (without calling Didit) when the key's write budget
+    /// has no room before `deadline`.
+    pub async fn share_by(
+        &self,
+        session_id: &str,
+        for_application_id: &str,
+        ttl_seconds: u32,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<ShareResponse, DiditError> {
         let url = self.session_url(session_id, "share")?;
         let body = ShareRequest {
             for_application_id: for_application_id.to_string(),
             ttl_in_seconds: Some(i64::from(ttl_seconds)),
         };
         let request = self.inner.http.post(url).json(&body);
-        let raw = self.exchange(Operation::Share, request).await?;
+        let raw = self.exchange(Operation::Share, request, deadline).await?;
         match self.classify(Operation::Share, &raw, None, None) {
             Verdict::Success => {
                 let answer: ShareResponse = parse(Operation::Share, &raw, &self.secrets(None))?;
@@ -223,11 +267,21 @@ impl DiditClient {
     /// code, no telling detail) costs one extra call, [`DiditClient::probe`], to learn whether the key or the token
     /// was refused.
     pub async fn import(&self, req: &ImportRequest) -> Result<SessionDecision, DiditError> {
+        self.import_by(req, None).await
+    }
+
+    /// [`DiditClient::import`], refused with [`DiditError::Paced`] (without calling Didit) when the key's write
+    /// budget has no room before `deadline`.
+    pub async fn import_by(
+        &self,
+        req: &ImportRequest,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<SessionDecision, DiditError> {
         let url = self.url(&["v3", "session", "import-shared", ""]);
         let token = req.share_token.expose();
         let claims = ShareTokenClaims::peek(token);
         let request = self.inner.http.post(url).json(req);
-        let raw = self.exchange(Operation::Import, request).await?;
+        let raw = self.exchange(Operation::Import, request, deadline).await?;
         match self.classify(Operation::Import, &raw, claims.as_ref(), Some(token)) {
             Verdict::Success => parse(Operation::Import, &raw, &self.secrets(Some(token))),
             Verdict::Failed(e) => Err(e),
@@ -251,7 +305,7 @@ impl DiditClient {
     pub async fn decision(&self, session_id: &str) -> Result<SessionDecision, DiditError> {
         let url = self.session_url(session_id, "decision")?;
         let raw = self
-            .exchange(Operation::Decision, self.inner.http.get(url))
+            .exchange(Operation::Decision, self.inner.http.get(url), None)
             .await?;
         match self.classify(Operation::Decision, &raw, None, None) {
             Verdict::Success => parse(Operation::Decision, &raw, &self.secrets(None)),
@@ -269,7 +323,7 @@ impl DiditClient {
         let mut url = self.url(&["v3", "sessions", ""]);
         url.set_query(Some("limit=1"));
         let raw = self
-            .exchange(Operation::Probe, self.inner.http.get(url))
+            .exchange(Operation::Probe, self.inner.http.get(url), None)
             .await?;
         match self.classify(Operation::Probe, &raw, None, None) {
             Verdict::Success => Ok(()),
@@ -314,7 +368,7 @@ impl DiditClient {
         let mut listing = SessionListing::default();
         for _ in 0..max_pages.max(1) {
             let raw = self
-                .exchange(Operation::List, self.inner.http.get(url.clone()))
+                .exchange(Operation::List, self.inner.http.get(url.clone()), None)
                 .await?;
             let page: SessionPage = match self.classify(Operation::List, &raw, None, None) {
                 Verdict::Success => parse(Operation::List, &raw, &self.secrets(None))?,
@@ -422,8 +476,24 @@ impl DiditClient {
     }
 
     /// Sends one request with the current key, reads the whole answer, and records the call's metric and debug
-    /// line. Transport failures come back typed; HTTP statuses are left to [`classify`].
-    async fn exchange(&self, op: Operation, request: RequestBuilder) -> Result<Raw, DiditError> {
+    /// line. Transport failures come back typed; HTTP statuses are left to [`classify`]. A write first waits for
+    /// room in the key's budget (until `deadline` at most), holds its place while in flight, and closes the key's
+    /// gate when Didit answers 429.
+    async fn exchange(
+        &self,
+        op: Operation,
+        request: RequestBuilder,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Raw, DiditError> {
+        let permit = match &self.inner.budget {
+            Some(budget) if op.is_write() => Some(
+                budget
+                    .acquire(deadline)
+                    .await
+                    .map_err(|paced| DiditError::Paced { wait: paced.wait })?,
+            ),
+            _ => None,
+        };
         let (_, key) = self.current_key();
         let started = Instant::now();
         let result = async {
@@ -463,6 +533,16 @@ impl DiditClient {
         self.inner
             .metrics
             .didit_request(op.as_str(), &label, elapsed);
+        if let Ok(raw) = &result
+            && raw.status == 429
+        {
+            self.inner.metrics.didit_rate_limited(op.as_str());
+            if let Some(permit) = &permit {
+                permit.rate_limited(retry_after(&raw.headers, SystemTime::now()));
+            }
+        }
+        // The write counts against the window from now, when its answer (or its failure) is in.
+        drop(permit);
         tracing::debug!(
             operation = op.as_str(),
             status = %label,
