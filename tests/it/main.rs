@@ -15,6 +15,7 @@ mod issuer;
 mod ledger;
 mod ledger_edges;
 mod ops;
+mod pacing;
 mod receiver;
 mod reliability;
 mod replay_edges;
