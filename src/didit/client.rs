@@ -4,8 +4,9 @@
 //!
 //! It owns the HTTP side only: the API key (held behind a lock, re-read from its file by [`DiditClient::reload_key`]
 //! so a rotated key needs no restart), timeouts, the `didit_requests_total` / `didit_request_duration_seconds`
-//! metrics and a debug line per call. It never retries and never sleeps: whether and when to try again is the
-//! pipelines' decision, made from the disposition. Redirects are not followed, because reqwest would carry the
+//! metrics and a debug line per call. It never retries: whether and when to try again is the pipelines' decision,
+//! made from the disposition. Its one wait is before a write, for room in the API key's budget under Didit's rate
+//! limit ([`super::pacing`]), bounded by the caller's deadline. Redirects are not followed, because reqwest would carry the
 //! custom `x-api-key` header to whatever host a redirect names.
 
 use std::fmt;
