@@ -19,6 +19,9 @@
 //!    `X-Signature-V2`, each answered 200 only after the broker confirmed its event (bar ≥ 5,000 per second).
 //! 7. **failover** — two receiver replicas on one PostgreSQL ledger, one SIGKILLed mid-stream: the time from the
 //!    kill to the last of its sessions imported by the other (bar ≤ 10 s, reported). See [`failover`].
+//! 8. **backlog** — Didit's write limit on (scaled: 300 writes per 15 s window), 900 events at once: drain time
+//!    against the floor the limit allows (bar ≥ 0.97) and the share of Didit writes answered 429 (bar ≤ 1%). See
+//!    [`backlog`].
 //!
 //! Progress goes to stderr; the last line of stdout is one JSON object with every figure, its bar and pass/fail.
 //! Sizes come from the environment (see [`Settings::from_env`]). Every name the bench declares on the broker
@@ -110,11 +113,12 @@ impl Settings {
     /// (200), `PB_BENCH_LATENCY_EVENTS` (20 × prefetch, scenario b throughput), `PB_BENCH_OPEN_LOOP_SECONDS` (20),
     /// `PB_BENCH_MEMORY_EVENTS` (3000, through the binaries), `PB_BENCH_WEBHOOKS` (20000),
     /// `PB_BENCH_WEBHOOK_CLIENTS` (64), `PB_BENCH_FAILOVER_EVENTS` (600), `PB_BENCH_FAILOVER_LATENCY_MS` (200),
-    /// `PB_BENCH_POSTGRES_URL` (the failover's shared ledger), `PB_BENCH_SCENARIOS` (comma list of ceiling, zero,
-    /// latency, binary, webhook, failover; default all).
+    /// `PB_BENCH_POSTGRES_URL` (the failover's shared ledger), `PB_BENCH_BACKLOG_EVENTS` (900),
+    /// `PB_BENCH_BACKLOG_LIMIT` (300), `PB_BENCH_BACKLOG_WINDOW_MS` (15000), `PB_BENCH_SCENARIOS` (comma list of
+    /// ceiling, zero, latency, binary, webhook, failover, backlog; default all).
     fn from_env() -> anyhow::Result<Settings> {
         let prefetch: u16 = env_or("PB_BENCH_PREFETCH", 64)?;
-        let all = "ceiling,zero,latency,binary,webhook,failover";
+        let all = "ceiling,zero,latency,binary,webhook,failover,backlog";
         let scenarios: BTreeSet<String> = env_or("PB_BENCH_SCENARIOS", all.to_string())?
             .split(',')
             .map(|s| s.trim().to_string())
@@ -155,6 +159,8 @@ macro_rules! progress {
     };
 }
 
+#[path = "pipeline/backlog.rs"]
+mod backlog;
 #[path = "pipeline/failover.rs"]
 mod failover;
 
@@ -505,6 +511,19 @@ async fn run(settings: &Settings, cleanup: &mut Cleanup) -> anyhow::Result<Value
         )
         .await?;
         report.insert("failover".into(), value);
+    }
+
+    // 8. Didit's rate limit on, a backlog at once: how close to the limit's own floor it drains.
+    if settings.runs("backlog") {
+        let value = backlog::backlog_phase(
+            settings,
+            &world,
+            &format!("{base}-backlog"),
+            cleanup,
+            &mut passes,
+        )
+        .await?;
+        report.insert("backlog".into(), value);
     }
 
     world.sandbox.shutdown().await;

@@ -26,6 +26,7 @@ use crate::amqp::topology::{self, Entity, QueueSettings};
 use crate::amqp::{HeaderValue, Link, LinkOptions, Names};
 use crate::config::{Config, next_webhook_secret_source};
 use crate::didit::client::DiditClient;
+use crate::didit::pacing::Pacing;
 use crate::health::Health;
 use crate::issuer::mint::Minter;
 use crate::issuer::onboarding::OnboardingHandler;
@@ -223,9 +224,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         )
     };
 
+    // One write budget per Didit API key, whichever roles and pipelines use it (DESIGN.md §6).
+    let pacing = Pacing::new(
+        config.didit.writes_per_minute,
+        config.didit.rate_window(),
+        metrics.clone(),
+    );
     if config.issuer.enabled {
         let access = config.issuer_didit()?;
-        let client = DiditClient::new(&access, metrics.clone())
+        let client = DiditClient::paced(&access, metrics.clone(), &pacing, "issuer")
             .map_err(|e| anyhow::anyhow!("cannot build the issuer's Didit client: {e}"))?;
         let signing_key = SigningKeys::load(
             &config.signing_key_source()?,
@@ -405,7 +412,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     if config.receiver.enabled {
         let access = config.receiver_didit()?;
-        let client = DiditClient::new(&access, metrics.clone())
+        let client = DiditClient::paced(&access, metrics.clone(), &pacing, "receiver")
             .map_err(|e| anyhow::anyhow!("cannot build the receiver's Didit client: {e}"))?;
         let reshare_key = match config.receiver_signing_key_source() {
             Some((source, name)) => Some(

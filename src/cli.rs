@@ -35,6 +35,13 @@ pub enum Command {
         /// Switch off Didit's per-key rate limit (300 writes per minute).
         #[arg(long)]
         no_rate_limit: bool,
+        /// Writes per API key per 60 s sliding window (Didit's: 300); a higher one keeps a test short with the
+        /// same shape.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
+        rate_limit_per_minute: u32,
+        /// When the `X-RateLimit-*` headers are sent: `on-429` (Didit now) or `always` (an older revision).
+        #[arg(long, value_enum, default_value_t = RateLimitHeadersArg::On429)]
+        rate_limit_headers: RateLimitHeadersArg,
     },
     /// Run the whole product on one machine: the sandbox, an issuer and a receiver on a local RabbitMQ.
     Demo {
@@ -143,4 +150,14 @@ pub enum DeadLetterAction {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+}
+
+/// `--rate-limit-headers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RateLimitHeadersArg {
+    /// Only on 429 answers (Didit's current documentation).
+    #[value(name = "on-429")]
+    On429,
+    /// On every answer to a write (an older revision of Didit's page).
+    Always,
 }

@@ -101,6 +101,20 @@ pub struct DiditConfig {
     pub timeout_ms: u64,
     /// TCP + TLS connect timeout.
     pub connect_timeout_ms: u64,
+    /// Writes (share, import) this process sends per API key within one `rate_window_ms`; `0` switches pacing off
+    /// (a 429 still stops every caller of the key until its `Retry-After`). Didit's limit is 300; replicas sharing
+    /// a key each take their part (300 / N).
+    pub writes_per_minute: u32,
+    /// The sliding window Didit counts writes over (60 s). Only a sandbox started with another window needs another
+    /// value.
+    pub rate_window_ms: u64,
+}
+
+impl DiditConfig {
+    /// The window writes are counted over.
+    pub fn rate_window(&self) -> Duration {
+        Duration::from_millis(self.rate_window_ms)
+    }
 }
 
 impl Default for DiditConfig {
@@ -112,6 +126,8 @@ impl Default for DiditConfig {
             api_key_file: None,
             timeout_ms: 10_000,
             connect_timeout_ms: 3_000,
+            writes_per_minute: 300,
+            rate_window_ms: 60_000,
         }
     }
 }
@@ -774,6 +790,12 @@ impl Config {
             self.didit.connect_timeout_ms,
             "didit.connect_timeout_ms",
         ));
+        if !(100..=3_600_000).contains(&self.didit.rate_window_ms) {
+            p.push(ConfigError::new(
+                "didit.rate_window_ms",
+                "must be between 100 and 3600000 (Didit's window is 60000)",
+            ));
+        }
 
         if let Some(amqp) = p.ok(self.amqp_url()) {
             p.check(check_url(amqp.expose(), "amqp.url", &["amqp", "amqps"]));
@@ -1385,6 +1407,14 @@ impl Config {
                 "ledger.sslmode and ledger.ca_file apply to a PostgreSQL ledger only; the SQLite ledger ignores them"
                     .into(),
             );
+        }
+        if self.didit.writes_per_minute > 0
+            && u128::from(self.retry.hold_max_s) * 1000 < u128::from(self.didit.rate_window_ms)
+        {
+            out.push(format!(
+                "retry.hold_max_s ({} s) is shorter than didit.rate_window_ms ({} ms): in a backlog, writes waiting for the rate limit go through the retry queue (amqp.retry_delay_ms) instead of waiting in process, and drain slower",
+                self.retry.hold_max_s, self.didit.rate_window_ms
+            ));
         }
         if self.issuer.enabled {
             for (i, p) in self.issuer.partners.iter().enumerate() {

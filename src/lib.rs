@@ -2,7 +2,8 @@
 //!
 //! Read in this order:
 //! - [`config`] and [`secret`]: what an operator writes, and how secrets stay out of logs;
-//! - [`didit`]: Didit's API (wire types, webhook signatures, the client and its outcome table);
+//! - [`didit`]: Didit's API (wire types, webhook signatures, the client and its outcome table, the per-key pacing
+//!   of writes under Didit's rate limit);
 //! - [`envelope`]: our own messages and their Ed25519 signatures;
 //! - [`amqp`]: RabbitMQ: names and topology, the supervised connection, confirmed publishing, consumers;
 //! - [`ledger`]: what was already minted, imported or seen, so that duplicates have no second effect;

@@ -82,9 +82,24 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             listen,
             fixture,
             no_rate_limit,
+            rate_limit_per_minute,
+            rate_limit_headers,
         } => {
             telemetry::init(LogFormat::Pretty, "info");
-            sandbox::run_cli(listen, fixture, !no_rate_limit).await?;
+            let headers = match rate_limit_headers {
+                partner_bridge::cli::RateLimitHeadersArg::On429 => sandbox::RateLimitHeaders::On429,
+                partner_bridge::cli::RateLimitHeadersArg::Always => {
+                    sandbox::RateLimitHeaders::Always
+                }
+            };
+            sandbox::run_cli(
+                listen,
+                fixture,
+                !no_rate_limit,
+                rate_limit_per_minute,
+                headers,
+            )
+            .await?;
         }
         Command::Demo {
             amqp_url,

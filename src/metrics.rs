@@ -148,7 +148,23 @@ pub struct PausedLabels {
     pub reason: &'static str,
 }
 
+/// `{key}`: the roles using one Didit API key (`issuer`, `receiver`, `issuer+receiver`), never the key.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    /// The roles using the key.
+    pub key: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Buckets for waits on the rate limit: 1 ms … 2 min (a full window is 60 s).
+const LIMITER_BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+];
+
+fn limiter_histogram() -> Histogram {
+    Histogram::new(LIMITER_BUCKETS)
+}
 
 fn didit_histogram() -> Histogram {
     Histogram::new(DIDIT_BUCKETS)
@@ -167,6 +183,9 @@ pub struct Metrics {
     reshare_requests: Family<DirectionLabels, Counter>,
     didit_requests: Family<DiditLabels, Counter>,
     didit_duration: HistogramFamily<OperationLabels>,
+    didit_rate_limited: Family<OperationLabels, Counter>,
+    limiter_wait: HistogramFamily<KeyLabels>,
+    limiter_deferred: Family<KeyLabels, Counter>,
     retries: Family<OperationLabels, Counter>,
     dead_lettered: Family<DeadLetterLabels, Counter>,
     publish_confirms: Family<ConfirmLabels, Counter>,
@@ -214,21 +233,23 @@ pub const WEBHOOK_OUTCOMES: [&str; 11] = [
     "unsupported_type",
 ];
 /// Share outcomes.
-pub const SHARE_OUTCOMES: [&str; 8] = [
+pub const SHARE_OUTCOMES: [&str; 9] = [
     "minted",
     "skipped_valid",
     "rejected",
     "not_found",
     "retried",
+    "paced",
     "paused",
     "exhausted",
     "failed",
 ];
 /// Import outcomes beyond [`crate::envelope::ImportOutcome`].
-pub const EXTRA_IMPORT_OUTCOMES: [&str; 5] = [
+pub const EXTRA_IMPORT_OUTCOMES: [&str; 6] = [
     "reshare_requested",
     "forbidden",
     "retried",
+    "paced",
     "paused",
     "bad_message",
 ];
@@ -260,6 +281,9 @@ impl Metrics {
             reshare_requests: Family::default(),
             didit_requests: Family::default(),
             didit_duration: Family::new_with_constructor(didit_histogram),
+            didit_rate_limited: Family::default(),
+            limiter_wait: Family::new_with_constructor(limiter_histogram),
+            limiter_deferred: Family::default(),
             retries: Family::default(),
             dead_lettered: Family::default(),
             publish_confirms: Family::default(),
@@ -326,6 +350,22 @@ impl Metrics {
             "didit_request_duration_seconds",
             "Didit API call duration in seconds",
             m.didit_duration.clone(),
+        );
+        registry.register(
+            "didit_rate_limited",
+            "Didit answers 429 (rate limited), by operation",
+            m.didit_rate_limited.clone(),
+        );
+        registry.register(
+            "didit_limiter_wait_seconds",
+            "Time a Didit write waited for room under the key's rate limit, per key (named by its roles)",
+            m.limiter_wait.clone(),
+        );
+        registry.register(
+            "didit_limiter_deferred",
+            "Messages sent through the retry queue because the key's rate limit had no room within retry.hold_max_s \
+             (no attempt counted), per key",
+            m.limiter_deferred.clone(),
         );
         registry.register(
             "retries",
@@ -440,6 +480,11 @@ impl Metrics {
         }
         for operation in ["share", "import", "publish"] {
             let _ = self.retries.get_or_create(&OperationLabels { operation });
+        }
+        for operation in ["share", "import"] {
+            let _ = self
+                .didit_rate_limited
+                .get_or_create(&OperationLabels { operation });
         }
         for queue in queues {
             for reason in ["bad_message", "retries_exhausted"] {
@@ -574,6 +619,31 @@ impl Metrics {
         self.didit_duration
             .get_or_create(&OperationLabels { operation })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Didit answered 429 to `operation`.
+    pub fn didit_rate_limited(&self, operation: &'static str) {
+        self.didit_rate_limited
+            .get_or_create(&OperationLabels { operation })
+            .inc();
+    }
+
+    /// A write waited `waited` for room under the rate limit of the key used by `key` (its roles).
+    pub fn limiter_wait(&self, key: &str, waited: Duration) {
+        self.limiter_wait
+            .get_or_create(&KeyLabels {
+                key: key.to_string(),
+            })
+            .observe(waited.as_secs_f64());
+    }
+
+    /// A write could not fit under the key's rate limit before its message's hold deadline.
+    pub fn limiter_deferred(&self, key: &str) {
+        self.limiter_deferred
+            .get_or_create(&KeyLabels {
+                key: key.to_string(),
+            })
+            .inc();
     }
 
     /// A retry was scheduled.

@@ -1,6 +1,7 @@
 //! Supervised consumers: [`run_consumer`] takes deliveries from one queue, hands each to a [`Handler`] (at most
-//! `concurrency` at once) and carries out the [`Decision`] it returns — ack, delayed retry through `<queue>.retry`,
-//! dead-letter with a reason, pause, requeue, or split into dead-lettered copies.
+//! `concurrency` at once) and carries out the [`Decision`] it returns — ack, delayed retry through `<queue>.retry`
+//! (counting an attempt, or not when the message only waits for Didit's rate limit), dead-letter with a reason,
+//! pause, requeue, or split into dead-lettered copies.
 //!
 //! The rule that keeps messages safe: **a delivery is acked only after everything it caused is confirmed by the
 //! broker.** A retry or dead-letter copy is published with a confirm first; if that fails, the original is nacked
@@ -132,6 +133,15 @@ pub enum Decision {
     /// `max_attempts` the message is dead-lettered as `retries_exhausted` with this detail instead.
     Retry {
         /// Why, for the log and a later dead-letter.
+        detail: String,
+        /// Headers to set on the copy (e.g. `x-pb-pending-partners`).
+        headers: Vec<(String, HeaderValue)>,
+    },
+    /// Not now, and not a failure (Didit's rate limit for the key has no room within `retry.hold_max_s`): a copy
+    /// with these headers set goes to `<queue>.retry` **without** counting an attempt (`x-pb-attempt` unchanged),
+    /// then the original is acked. Never dead-lettered for it, however often it comes back.
+    Defer {
+        /// Why, for the log.
         detail: String,
         /// Headers to set on the copy (e.g. `x-pb-pending-partners`).
         headers: Vec<(String, HeaderValue)>,
@@ -795,6 +805,14 @@ async fn apply<H: Handler>(
                 info!(%queue, %message_id, attempt = next, retry_in_ms = ctx.spec.retry_delay_ms, %detail, "retry scheduled");
                 settle(ctx, delivery, Settle::Ack, &message_id).await
             }
+        }
+        Decision::Defer { detail, headers } => {
+            let properties = copy_properties(&delivery.properties, &headers, &[])?;
+            ctx.publisher
+                .publish_raw("", &Names::retry_queue(queue), &delivery.data, properties)
+                .await?;
+            info!(%queue, %message_id, attempt, retry_in_ms = ctx.spec.retry_delay_ms, %detail, "waiting for the rate limit in the retry queue (no attempt counted)");
+            settle(ctx, delivery, Settle::Ack, &message_id).await
         }
         Decision::DeadLetter { reason, detail } => {
             match dead_letter(ctx, delivery, &delivery.data, reason, &detail, &[]).await? {

@@ -4,8 +4,9 @@
 //!
 //! It owns the HTTP side only: the API key (held behind a lock, re-read from its file by [`DiditClient::reload_key`]
 //! so a rotated key needs no restart), timeouts, the `didit_requests_total` / `didit_request_duration_seconds`
-//! metrics and a debug line per call. It never retries and never sleeps: whether and when to try again is the
-//! pipelines' decision, made from the disposition. Redirects are not followed, because reqwest would carry the
+//! metrics and a debug line per call. It never retries: whether and when to try again is the pipelines' decision,
+//! made from the disposition. Its one wait is before a write, for room in the API key's budget under Didit's rate
+//! limit ([`super::pacing`]), bounded by the caller's deadline. Redirects are not followed, because reqwest would carry the
 //! custom `x-api-key` header to whatever host a redirect names.
 
 use std::fmt;
@@ -17,8 +18,9 @@ use reqwest::header::{ACCEPT, HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, Url};
 use serde::de::DeserializeOwned;
 
-use super::error::{Answer, Context, Verdict, classify, resolve_probe, scrub};
+use super::error::{Answer, Context, Verdict, classify, resolve_probe, retry_after, scrub};
 pub use super::error::{DiditError, Disposition, Operation};
+use super::pacing::{Budget, Pacing};
 use super::wire::{
     ImportRequest, SessionDecision, SessionKind, SessionPage, SessionSummary, ShareRequest,
     ShareResponse, ShareTokenClaims,
@@ -113,6 +115,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     timeout: Duration,
     connect_timeout: Duration,
+    /// The key's write budget, shared with every other client of the same key (`None`: unpaced).
+    budget: Option<Arc<Budget>>,
 }
 
 /// The key in use: given inline, or from a file whose every change is picked up on the next call (one `stat` per
@@ -140,6 +144,25 @@ impl DiditClient {
     /// connection pool with `access`'s connect and request timeouts. Fails with [`DiditError::Config`] when the
     /// base URL is unusable or the key cannot be read.
     pub fn new(access: &DiditAccess, metrics: Arc<Metrics>) -> Result<DiditClient, DiditError> {
+        Self::build(access, metrics, None)
+    }
+
+    /// [`DiditClient::new`], with its writes paced by the budget `pacing` keeps for its API key (shared with every
+    /// other client of the key); `role` names the budget in metrics.
+    pub fn paced(
+        access: &DiditAccess,
+        metrics: Arc<Metrics>,
+        pacing: &Pacing,
+        role: &str,
+    ) -> Result<DiditClient, DiditError> {
+        Self::build(access, metrics, Some((pacing, role)))
+    }
+
+    fn build(
+        access: &DiditAccess,
+        metrics: Arc<Metrics>,
+        pacing: Option<(&Pacing, &str)>,
+    ) -> Result<DiditClient, DiditError> {
         // reqwest is built with `rustls-no-provider`; without a process default it would panic on the first
         // client. Whoever installs first wins, and any provider will do, so the result is ignored.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -173,6 +196,13 @@ impl DiditClient {
                 )
             }
         };
+        // Keyed by the key first loaded: a rotated key keeps its budget (Didit starts the new key afresh, so this
+        // only errs on the slow side for one window).
+        let first = match &key {
+            KeyHolder::Inline(k) => k.secret.clone(),
+            KeyHolder::File(w) => w.current().secret.clone(),
+        };
+        let budget = pacing.map(|(pacing, role)| pacing.budget(first.expose(), role));
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(access.connect_timeout)
@@ -193,8 +223,14 @@ impl DiditClient {
                 metrics,
                 timeout: access.timeout,
                 connect_timeout: access.connect_timeout,
+                budget,
             }),
         })
+    }
+
+    /// The write budget of this client's key, when paced.
+    pub fn budget(&self) -> Option<&Arc<Budget>> {
+        self.inner.budget.as_ref()
     }
 
     /// This side's Didit application id.
@@ -210,13 +246,26 @@ impl DiditClient {
         for_application_id: &str,
         ttl_seconds: u32,
     ) -> Result<ShareResponse, DiditError> {
+        self.share_by(session_id, for_application_id, ttl_seconds, None)
+            .await
+    }
+
+    /// [`DiditClient::share`], refused with [`DiditError::Paced`] (without calling Didit) when the key's write budget
+    /// has no room before `deadline`.
+    pub async fn share_by(
+        &self,
+        session_id: &str,
+        for_application_id: &str,
+        ttl_seconds: u32,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<ShareResponse, DiditError> {
         let url = self.session_url(session_id, "share")?;
         let body = ShareRequest {
             for_application_id: for_application_id.to_string(),
             ttl_in_seconds: Some(i64::from(ttl_seconds)),
         };
         let request = self.inner.http.post(url).json(&body);
-        let raw = self.exchange(Operation::Share, request).await?;
+        let raw = self.exchange(Operation::Share, request, deadline).await?;
         match self.classify(Operation::Share, &raw, None, None) {
             Verdict::Success => {
                 let answer: ShareResponse = parse(Operation::Share, &raw, &self.secrets(None))?;
@@ -252,11 +301,21 @@ impl DiditClient {
     /// code, no telling detail) costs one extra call, [`DiditClient::probe`], to learn whether the key or the token
     /// was refused.
     pub async fn import(&self, req: &ImportRequest) -> Result<SessionDecision, DiditError> {
+        self.import_by(req, None).await
+    }
+
+    /// [`DiditClient::import`], refused with [`DiditError::Paced`] (without calling Didit) when the key's write
+    /// budget has no room before `deadline`.
+    pub async fn import_by(
+        &self,
+        req: &ImportRequest,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<SessionDecision, DiditError> {
         let url = self.url(&["v3", "session", "import-shared", ""]);
         let token = req.share_token.expose();
         let claims = ShareTokenClaims::peek(token);
         let request = self.inner.http.post(url).json(req);
-        let raw = self.exchange(Operation::Import, request).await?;
+        let raw = self.exchange(Operation::Import, request, deadline).await?;
         match self.classify(Operation::Import, &raw, claims.as_ref(), Some(token)) {
             Verdict::Success => parse(Operation::Import, &raw, &self.secrets(Some(token))),
             Verdict::Failed(e) => Err(e),
@@ -280,7 +339,7 @@ impl DiditClient {
     pub async fn decision(&self, session_id: &str) -> Result<SessionDecision, DiditError> {
         let url = self.session_url(session_id, "decision")?;
         let raw = self
-            .exchange(Operation::Decision, self.inner.http.get(url))
+            .exchange(Operation::Decision, self.inner.http.get(url), None)
             .await?;
         match self.classify(Operation::Decision, &raw, None, None) {
             Verdict::Success => parse(Operation::Decision, &raw, &self.secrets(None)),
@@ -298,7 +357,7 @@ impl DiditClient {
         let mut url = self.url(&["v3", "sessions", ""]);
         url.set_query(Some("limit=1"));
         let raw = self
-            .exchange(Operation::Probe, self.inner.http.get(url))
+            .exchange(Operation::Probe, self.inner.http.get(url), None)
             .await?;
         match self.classify(Operation::Probe, &raw, None, None) {
             Verdict::Success => Ok(()),
@@ -343,7 +402,7 @@ impl DiditClient {
         let mut listing = SessionListing::default();
         for _ in 0..max_pages.max(1) {
             let raw = self
-                .exchange(Operation::List, self.inner.http.get(url.clone()))
+                .exchange(Operation::List, self.inner.http.get(url.clone()), None)
                 .await?;
             let page: SessionPage = match self.classify(Operation::List, &raw, None, None) {
                 Verdict::Success => parse(Operation::List, &raw, &self.secrets(None))?,
@@ -443,8 +502,24 @@ impl DiditClient {
     }
 
     /// Sends one request with the current key, reads the whole answer, and records the call's metric and debug
-    /// line. Transport failures come back typed; HTTP statuses are left to [`classify`].
-    async fn exchange(&self, op: Operation, request: RequestBuilder) -> Result<Raw, DiditError> {
+    /// line. Transport failures come back typed; HTTP statuses are left to [`classify`]. A write first waits for
+    /// room in the key's budget (until `deadline` at most), holds its place while in flight, and closes the key's
+    /// gate when Didit answers 429.
+    async fn exchange(
+        &self,
+        op: Operation,
+        request: RequestBuilder,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Raw, DiditError> {
+        let permit = match &self.inner.budget {
+            Some(budget) if op.is_write() => Some(
+                budget
+                    .acquire(deadline)
+                    .await
+                    .map_err(|paced| DiditError::Paced { wait: paced.wait })?,
+            ),
+            _ => None,
+        };
         let (_, key) = self.current_key();
         let started = Instant::now();
         let result = async {
@@ -484,6 +559,16 @@ impl DiditClient {
         self.inner
             .metrics
             .didit_request(op.as_str(), &label, elapsed);
+        if let Ok(raw) = &result
+            && raw.status == 429
+        {
+            self.inner.metrics.didit_rate_limited(op.as_str());
+            if let Some(permit) = &permit {
+                permit.rate_limited(retry_after(&raw.headers, SystemTime::now()));
+            }
+        }
+        // The write counts against the window from now, when its answer (or its failure) is in.
+        drop(permit);
         tracing::debug!(
             operation = op.as_str(),
             status = %label,

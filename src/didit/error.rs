@@ -55,6 +55,12 @@ impl Operation {
             Operation::List => "list",
         }
     }
+
+    /// Whether Didit counts it against the key's write limit (`generic-write`: POST, PATCH, DELETE). Reads have
+    /// their own, larger scope and are not paced.
+    pub fn is_write(self) -> bool {
+        matches!(self, Operation::Share | Operation::Import)
+    }
 }
 
 impl fmt::Display for Operation {
@@ -152,6 +158,13 @@ pub enum DiditError {
         /// From `Retry-After`, else `X-RateLimit-Reset`; `None` when neither was usable.
         retry_after: Option<Duration>,
     },
+    /// Not sent: the key's write budget has no room before this delivery's hold deadline → `Retry { after: wait }`;
+    /// not a failure ([`DiditError::is_pacing`]).
+    #[error("Didit's write limit for this API key leaves no room for at least {} ms; the message waits in the retry queue", .wait.as_millis())]
+    Paced {
+        /// The earliest the write could go, from now.
+        wait: Duration,
+    },
     /// 5xx, with or without a body → `Retry { after: None }`.
     #[error("Didit had a server error (HTTP {status})")]
     Server {
@@ -234,11 +247,22 @@ impl DiditError {
             DiditError::RateLimited { retry_after } => Disposition::Retry {
                 after: *retry_after,
             },
+            DiditError::Paced { wait } => Disposition::Retry { after: Some(*wait) },
             DiditError::Server { .. } | DiditError::Timeout | DiditError::Connect(_) => {
                 Disposition::Retry { after: None }
             }
             DiditError::Unexpected { status, .. } => unexpected_disposition(*status),
         }
+    }
+
+    /// True for the key's rate limit (a 429, or a write the budget could not fit before the deadline): the message
+    /// is fine and waits its turn, so going through the retry queue for it does not count an attempt
+    /// (`retry.max_attempts`) and never dead-letters.
+    pub fn is_pacing(&self) -> bool {
+        matches!(
+            self,
+            DiditError::RateLimited { .. } | DiditError::Paced { .. }
+        )
     }
 
     /// The `status` label of `didit_requests_total` for this error: the HTTP code, or `timeout`, `connect_error`
@@ -257,6 +281,7 @@ impl DiditError {
             | DiditError::SourceGone { .. }
             | DiditError::WorkflowNotFound { .. } => "404".into(),
             DiditError::RateLimited { .. } => "429".into(),
+            DiditError::Paced { .. } => "paced".into(),
             DiditError::Timeout => "timeout".into(),
             DiditError::Connect(_) => "connect_error".into(),
             DiditError::Config(_) => "error".into(),

@@ -78,6 +78,8 @@ pub(crate) enum Minted {
     },
     /// Try again later through the retry queue.
     Retry { detail: String },
+    /// Only Didit's rate limit stands in the way: through the retry queue without counting an attempt.
+    Paced { detail: String },
     /// The pipeline must pause (credentials).
     Pause {
         reason: &'static str,
@@ -203,10 +205,11 @@ impl Minter {
             &self.metrics,
             &self.shutdown,
             || {
-                self.client.share(
+                self.client.share_by(
                     &source.session_id,
                     &partner.application_id,
                     partner.ttl_seconds,
+                    Some(req.deadline),
                 )
             },
         )
@@ -217,6 +220,10 @@ impl Minter {
             Err(Failure::Didit(e)) => {
                 let detail = e.to_string();
                 let result = match e.disposition() {
+                    Disposition::Retry { .. } if e.is_pacing() => {
+                        self.metrics.share(&partner.name, "paced");
+                        Minted::Paced { detail }
+                    }
                     Disposition::Retry { .. } => {
                         self.metrics.share(&partner.name, "retried");
                         Minted::Retry { detail }

@@ -154,6 +154,8 @@ impl Handler for OnboardingHandler {
 
         let mut retry = Vec::new();
         let mut retry_detail = Vec::new();
+        // Partners waiting only for Didit's rate limit: pending like `retry`, but their wait counts no attempt.
+        let mut paced = Vec::new();
         let mut pause = None;
         let mut shutdown = false;
         let mut published = 0;
@@ -174,6 +176,10 @@ impl Handler for OnboardingHandler {
                     retry.push(partner.application_id.clone());
                     retry_detail.push(format!("partner {}: {detail}", partner.name));
                 }
+                Minted::Paced { detail } => {
+                    paced.push(partner.application_id.clone());
+                    retry_detail.push(format!("partner {}: {detail}", partner.name));
+                }
                 Minted::Pause { reason, detail } => pause = Some((reason, detail)),
                 Minted::Shutdown => shutdown = true,
             }
@@ -186,7 +192,53 @@ impl Handler for OnboardingHandler {
             metrics.event(source_label, "retried");
             return Decision::Pause { reason, detail };
         }
+        if retry.is_empty() && !paced.is_empty() {
+            metrics.event(source_label, "retried");
+            return split(
+                copies,
+                Decision::Defer {
+                    detail: retry_detail.join("; "),
+                    headers: vec![(
+                        envelope::HEADER_PENDING_PARTNERS.to_string(),
+                        HeaderValue::Str(paced.join(",")),
+                    )],
+                },
+            );
+        }
+        if !retry.is_empty() && !paced.is_empty() && msg.attempt >= self.max_attempts {
+            // The partners whose attempts are used up are dead-lettered one by one; the ones only waiting for the
+            // rate limit keep waiting, with no attempt counted.
+            for partner in selection
+                .partners
+                .iter()
+                .filter(|p| retry.contains(&p.application_id))
+            {
+                metrics.share(&partner.name, "exhausted");
+                copies.push(DeadLetterCopy {
+                    body: msg.body.clone(),
+                    reason: "retries_exhausted",
+                    detail: retry_detail.join("; "),
+                    headers: vec![(
+                        envelope::HEADER_PARTNER.to_string(),
+                        HeaderValue::Str(partner.application_id.clone()),
+                    )],
+                });
+            }
+            metrics.event(source_label, "retried");
+            return split(
+                copies,
+                Decision::Defer {
+                    detail: retry_detail.join("; "),
+                    headers: vec![(
+                        envelope::HEADER_PENDING_PARTNERS.to_string(),
+                        HeaderValue::Str(paced.join(",")),
+                    )],
+                },
+            );
+        }
         if !retry.is_empty() {
+            // A partner that failed for real counts the attempt; the ones only waiting for the rate limit go along.
+            let pending: Vec<String> = retry.iter().chain(&paced).cloned().collect();
             if msg.attempt >= self.max_attempts {
                 // The consumer dead-letters this retry as `retries_exhausted`; say so per partner.
                 for partner in selection
@@ -206,7 +258,7 @@ impl Handler for OnboardingHandler {
                     detail: retry_detail.join("; "),
                     headers: vec![(
                         envelope::HEADER_PENDING_PARTNERS.to_string(),
-                        HeaderValue::Str(retry.join(",")),
+                        HeaderValue::Str(pending.join(",")),
                     )],
                 },
             );

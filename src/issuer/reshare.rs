@@ -230,6 +230,10 @@ impl Handler for ReshareHandler {
                 detail,
                 headers: Vec::new(),
             },
+            Minted::Paced { detail } => Decision::Defer {
+                detail,
+                headers: Vec::new(),
+            },
             Minted::Pause { reason, detail } => Decision::Pause { reason, detail },
             Minted::Shutdown => Decision::Requeue,
         }
@@ -296,6 +300,10 @@ impl ReshareHandler {
             Err(Failure::Didit(e)) => {
                 let detail = e.to_string();
                 Err(match e.disposition() {
+                    Disposition::Retry { .. } if e.is_pacing() => Decision::Defer {
+                        detail,
+                        headers: Vec::new(),
+                    },
                     Disposition::Retry { .. } => Decision::Retry {
                         detail,
                         headers: Vec::new(),

@@ -419,7 +419,7 @@ impl TokenHandler {
             &self.shutdown,
             || {
                 calls.fetch_add(1, Ordering::Relaxed);
-                self.client.import(&request)
+                self.client.import_by(&request, Some(job.deadline))
             },
         )
         .await;
@@ -446,6 +446,16 @@ impl TokenHandler {
                         self.metrics.import(&job.peer.name, "paused");
                         tracing::error!(issuer = %job.peer.name, reason, error = %detail, "import impossible until an operator acts; pausing");
                         Decision::Pause { reason, detail }
+                    }
+                    Disposition::Retry { .. } if e.is_pacing() => {
+                        // Only the key's rate limit is in the way (a 429, or no room before the hold deadline):
+                        // the intent stays as for any retry, and the wait costs no attempt.
+                        self.release(job, &holder).await;
+                        self.metrics.import(&job.peer.name, "paced");
+                        Decision::Defer {
+                            detail,
+                            headers: Vec::new(),
+                        }
                     }
                     Disposition::Retry { .. } => {
                         // A 5xx, a timeout or a broken connection may come after Didit acted: the intent stays,

@@ -254,6 +254,16 @@ impl Control {
         Ok(Secret::new(key))
     }
 
+    /// `POST /sandbox/settings` with every field: the limit, its window and when its headers are sent.
+    pub async fn set_settings(&self, settings: Settings) -> anyhow::Result<Settings> {
+        self.typed(
+            Method::POST,
+            "/sandbox/settings",
+            Some(serde_json::to_value(settings)?),
+        )
+        .await
+    }
+
     /// `GET /sandbox/stats`.
     pub async fn stats(&self) -> anyhow::Result<Stats> {
         self.typed(Method::GET, "/sandbox/stats", None).await

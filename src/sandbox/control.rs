@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use super::model::{ClockInfo, FaultSettings, Settings};
+use super::model::{ClockInfo, FaultSettings, RateLimitHeaders, Settings};
 use super::routes::{Shared, json_object};
 use super::state::{NewApplication, NewSession, Session};
 use crate::didit::wire::{SessionKind, SessionStatus};
@@ -321,6 +321,10 @@ struct SettingsBody {
     rate_limit: Option<bool>,
     #[serde(default)]
     writes_per_minute: Option<u32>,
+    #[serde(default)]
+    window_ms: Option<u64>,
+    #[serde(default)]
+    rate_limit_headers: Option<RateLimitHeaders>,
 }
 
 async fn set_settings(
@@ -333,23 +337,30 @@ async fn set_settings(
             "writes_per_minute must be at least 1".to_string(),
         ));
     }
+    if body
+        .window_ms
+        .is_some_and(|w| !(100..=3_600_000).contains(&w))
+    {
+        return Err(ApiError::Validation(
+            "window_ms must be between 100 and 3600000".to_string(),
+        ));
+    }
     let mut limiter = shared.limiter();
-    let (enabled, per_minute) = limiter.settings();
-    let enabled = body.rate_limit.unwrap_or(enabled);
-    let per_minute = body.writes_per_minute.unwrap_or(per_minute);
-    limiter.configure(enabled, per_minute);
-    Ok(Json(Settings {
-        rate_limit: enabled,
-        writes_per_minute: per_minute,
-    }))
+    let current = limiter.settings();
+    let settings = Settings {
+        rate_limit: body.rate_limit.unwrap_or(current.rate_limit),
+        writes_per_minute: body.writes_per_minute.unwrap_or(current.writes_per_minute),
+        window_ms: body.window_ms.unwrap_or(current.window_ms),
+        rate_limit_headers: body
+            .rate_limit_headers
+            .unwrap_or(current.rate_limit_headers),
+    };
+    limiter.configure(settings);
+    Ok(Json(settings))
 }
 
 async fn get_settings(AxState(shared): AxState<Arc<Shared>>) -> Json<Settings> {
-    let (rate_limit, writes_per_minute) = shared.limiter().settings();
-    Json(Settings {
-        rate_limit,
-        writes_per_minute,
-    })
+    Json(shared.limiter().settings())
 }
 
 async fn stats(AxState(shared): AxState<Arc<Shared>>) -> Json<Value> {

@@ -1,5 +1,7 @@
 //! What stands between a request and Didit's rules: the per-key write limit (Didit's `generic-write` scope,
-//! 300 per 60 s sliding window by default, on real time) and the fault settings of `POST /sandbox/faults`.
+//! 300 per 60 s sliding window by default, on real time; the `X-RateLimit-*` headers only on 429 unless switched to
+//! the older always-sent behaviour; limit and window changeable for tests) and the fault settings of
+//! `POST /sandbox/faults`.
 //!
 //! Both are pure: they decide, the route middleware acts (sleeps, answers 429 or 5xx, resets the connection).
 //! A refused request (hang, 5xx, 429) changes nothing; a lost answer (`drop_response_rate`, `hang_after_rate`) is
@@ -11,10 +13,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 
 use super::error::ApiError;
-use super::model::{FaultEndpoint, FaultSettings, FaultState};
+use super::model::{FaultEndpoint, FaultSettings, FaultState, RateLimitHeaders, Settings};
 
-/// The window of the write limit.
-const WINDOW: Duration = Duration::from_secs(60);
+/// Didit's window of the write limit.
+pub const WINDOW: Duration = Duration::from_secs(60);
 
 /// The outcome of one write against the limit, with what the `X-RateLimit-*` headers say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,34 +52,61 @@ fn epoch_after(wait: Duration) -> u64 {
     (now + wait).as_secs_f64().ceil() as u64
 }
 
-/// Per-key sliding-window counter of writes.
+/// Per-key sliding-window counter of writes. A refused write is not counted.
 #[derive(Debug)]
 pub struct RateLimiter {
     enabled: bool,
     per_minute: u32,
+    window: Duration,
+    headers: RateLimitHeaders,
     windows: HashMap<String, VecDeque<Instant>>,
 }
 
 impl RateLimiter {
-    /// A limiter, on or off.
+    /// A limiter, on or off, over Didit's 60 s window, headers only on 429.
+    #[cfg(test)]
     pub fn new(enabled: bool, per_minute: u32) -> RateLimiter {
+        Self::with_window(enabled, per_minute, WINDOW, RateLimitHeaders::On429)
+    }
+
+    /// A limiter over another window, with the headers sent as `headers` says.
+    pub fn with_window(
+        enabled: bool,
+        per_minute: u32,
+        window: Duration,
+        headers: RateLimitHeaders,
+    ) -> RateLimiter {
         RateLimiter {
             enabled,
             per_minute: per_minute.max(1),
+            window: window.max(Duration::from_millis(1)),
+            headers,
             windows: HashMap::new(),
         }
     }
 
-    /// Whether it is on, and the limit.
-    pub fn settings(&self) -> (bool, u32) {
-        (self.enabled, self.per_minute)
+    /// The settings in force.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            rate_limit: self.enabled,
+            writes_per_minute: self.per_minute,
+            window_ms: self.window.as_millis() as u64,
+            rate_limit_headers: self.headers,
+        }
     }
 
-    /// Switches it on or off and sets the limit; windows start afresh.
-    pub fn configure(&mut self, enabled: bool, per_minute: u32) {
-        self.enabled = enabled;
-        self.per_minute = per_minute.max(1);
+    /// Changes the settings; windows start afresh.
+    pub fn configure(&mut self, settings: Settings) {
+        self.enabled = settings.rate_limit;
+        self.per_minute = settings.writes_per_minute.max(1);
+        self.window = Duration::from_millis(settings.window_ms.max(1));
+        self.headers = settings.rate_limit_headers;
         self.windows.clear();
+    }
+
+    /// Whether an answer carrying `decision` gets the `X-RateLimit-*` headers.
+    pub fn sends_headers(&self, decision: &RateDecision) -> bool {
+        !decision.allowed || self.headers == RateLimitHeaders::Always
     }
 
     /// Counts one write by `key` at `now`; `None` when the limit is off.
@@ -87,13 +116,15 @@ impl RateLimiter {
         }
         if self.windows.len() > 10_000 {
             // Keys that wrote nothing for a minute cost nothing to forget.
+            let window = self.window;
             self.windows
-                .retain(|_, w| w.back().is_some_and(|t| now.duration_since(*t) < WINDOW));
+                .retain(|_, w| w.back().is_some_and(|t| now.duration_since(*t) < window));
         }
+        let span = self.window;
         let window = self.windows.entry(key.to_string()).or_default();
         while window
             .front()
-            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+            .is_some_and(|t| now.duration_since(*t) >= span)
         {
             window.pop_front();
         }
@@ -103,7 +134,7 @@ impl RateLimiter {
             window.push_back(now);
         }
         let oldest = window.front().copied().unwrap_or(now);
-        let wait = WINDOW.saturating_sub(now.duration_since(oldest));
+        let wait = span.saturating_sub(now.duration_since(oldest));
         Some(RateDecision {
             allowed,
             limit,
@@ -251,8 +282,101 @@ mod tests {
                 .unwrap()
                 .allowed
         );
-        limiter.configure(false, 2);
+        let mut off = limiter.settings();
+        off.rate_limit = false;
+        limiter.configure(off);
         assert!(limiter.check("k", t0).is_none());
+    }
+
+    #[test]
+    fn headers_only_on_429_unless_switched_to_always() {
+        let mut limiter = RateLimiter::new(true, 1);
+        let t0 = Instant::now();
+        let allowed = limiter.check("k", t0).unwrap();
+        let refused = limiter.check("k", t0).unwrap();
+        assert!(!limiter.sends_headers(&allowed));
+        assert!(limiter.sends_headers(&refused));
+        let mut always = limiter.settings();
+        always.rate_limit_headers = RateLimitHeaders::Always;
+        limiter.configure(always);
+        assert!(limiter.sends_headers(&allowed));
+        assert_eq!(limiter.settings().window_ms, 60_000);
+    }
+
+    #[test]
+    fn a_shorter_window_forgets_sooner() {
+        let mut limiter =
+            RateLimiter::with_window(true, 1, Duration::from_secs(5), RateLimitHeaders::On429);
+        let t0 = Instant::now();
+        assert!(limiter.check("k", t0).unwrap().allowed);
+        let refused = limiter.check("k", t0 + Duration::from_secs(4)).unwrap();
+        assert_eq!((refused.allowed, refused.retry_after), (false, 1));
+        assert!(
+            limiter
+                .check("k", t0 + Duration::from_secs(5))
+                .unwrap()
+                .allowed
+        );
+    }
+
+    /// The bridge's pacing ([`crate::didit::pacing::Budget`]) against this window: 64 concurrent callers, 1,000
+    /// writes, each with its own latency to and from the sandbox. Not one write is refused, and the backlog still
+    /// ends within the floor the window allows (⌈1000 / 300⌉ − 1 = 3 windows) plus the latencies: a token bucket
+    /// small enough never to be refused would need more than 3 windows. Virtual time (`start_paused`), so the
+    /// bound is exact, not a measured speed.
+    #[tokio::test(start_paused = true)]
+    async fn the_bridge_budget_never_overfills_this_window() {
+        use crate::didit::pacing::Budget;
+        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        const LIMIT: u32 = 300;
+        const WRITES: u64 = 1000;
+        let budget = Arc::new(Budget::new(LIMIT, WINDOW, "sim", None));
+        let sandbox = Arc::new(Mutex::new(RateLimiter::new(true, LIMIT)));
+        let refused = Arc::new(AtomicU32::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let t0 = tokio::time::Instant::now();
+        let workers: Vec<_> = (0..64u64)
+            .map(|worker| {
+                let (budget, sandbox, refused, next) = (
+                    budget.clone(),
+                    sandbox.clone(),
+                    refused.clone(),
+                    next.clone(),
+                );
+                tokio::spawn(async move {
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= WRITES {
+                            return;
+                        }
+                        let permit = budget.acquire(None).await.unwrap();
+                        // A spread of latencies, 0..40 ms each way, from a fixed sequence.
+                        let spread = (n * 7919 + worker * 104_729) % 41;
+                        tokio::time::sleep(Duration::from_millis(spread)).await;
+                        let arrival = tokio::time::Instant::now().into_std();
+                        if !sandbox
+                            .lock()
+                            .unwrap()
+                            .check("key", arrival)
+                            .unwrap()
+                            .allowed
+                        {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tokio::time::sleep(Duration::from_millis(40 - spread)).await;
+                        drop(permit);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
+        }
+        assert_eq!(refused.load(Ordering::Relaxed), 0, "writes answered 429");
+        let took = t0.elapsed();
+        assert!(took >= 3 * WINDOW, "{took:?}");
+        assert!(took <= 3 * WINDOW + Duration::from_secs(1), "{took:?}");
     }
 
     #[test]

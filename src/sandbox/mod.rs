@@ -61,7 +61,7 @@
 //! | `POST /sandbox/sessions/{id}/webhook` | re-sends the current `status.updated` (same `event_id`, fresh `timestamp`): `{"sent": [{"body", "headers", ...}]}` |
 //! | `POST /sandbox/faults` `{"endpoint", "latency_ms", "error_rate", "rate_limit_rate", "hang_rate", "drop_response_rate", "hang_after_rate"}` | `endpoint`: `share`, `import` or `*`; `{}` clears (lost answers: below) |
 //! | `POST /sandbox/clock` `{"advance_seconds"}` | `{"now", "offset_seconds"}` |
-//! | `POST /sandbox/settings` `{"rate_limit", "writes_per_minute"}` | the write limit |
+//! | `POST /sandbox/settings` `{"rate_limit", "writes_per_minute", "window_ms", "rate_limit_headers"}` | the write limit: on or off, its size, its window (test-only), `X-RateLimit-*` headers `on_429` (Didit now) or `always` |
 //! | `GET /sandbox/stats` | `{"shares", "imports": [{"source_session_id", "application_id", "count"}], "rejections": {code: n}, "entities", "sessions", "webhook_deliveries"}` |
 //! | `GET /sandbox/webhook-deliveries` | finished deliveries: attempts, status code, delivered |
 //!
@@ -114,7 +114,8 @@ pub use client::Control;
 pub use fixture::{Fixture, FixtureApplication, FixtureError, FixtureSession};
 pub use model::{
     ApplicationInfo, ClockInfo, EntityInfo, FaultEndpoint, FaultSettings, FaultState, ImportCount,
-    SentWebhook, SessionInfo, Settings, Stats, WebhookDelivery, WebhookDestination, WorkflowIds,
+    RateLimitHeaders, SentWebhook, SessionInfo, Settings, Stats, WebhookDelivery,
+    WebhookDestination, WorkflowIds,
 };
 
 use routes::Shared;
@@ -125,8 +126,12 @@ use state::{NewApplication, State};
 pub struct SandboxOptions {
     /// Enforce the per-key write limit.
     pub rate_limit: bool,
-    /// Writes per key per 60 s window.
+    /// Writes per key per sliding window.
     pub writes_per_minute: u32,
+    /// The sliding window (Didit's: 60 s; shorter ones keep tests short).
+    pub window: Duration,
+    /// When the `X-RateLimit-*` headers are sent (Didit now: only on 429).
+    pub rate_limit_headers: RateLimitHeaders,
     /// Applications (and sessions) to load instead of the defaults.
     pub fixture: Option<PathBuf>,
     /// Without a fixture: create `fintech-a` and `sponsor-bank`.
@@ -140,6 +145,8 @@ impl Default for SandboxOptions {
         SandboxOptions {
             rate_limit: true,
             writes_per_minute: 300,
+            window: limits::WINDOW,
+            rate_limit_headers: RateLimitHeaders::On429,
             fixture: None,
             default_applications: true,
             http: crate::http_server::HttpLimits::default(),
@@ -216,9 +223,11 @@ impl Sandbox {
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
-            limiter: Mutex::new(limits::RateLimiter::new(
+            limiter: Mutex::new(limits::RateLimiter::with_window(
                 options.rate_limit,
                 options.writes_per_minute,
+                options.window,
+                options.rate_limit_headers,
             )),
             faults: Mutex::new(limits::Faults::default()),
             key: token::TokenKey::random(),
@@ -315,15 +324,20 @@ async fn stop_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `partner-bridge sandbox --listen ADDR [--fixture FILE] [--no-rate-limit]`: prints the address and the
-/// applications with their ids, keys and workflows, serves until SIGINT or SIGTERM, then stops cleanly.
+/// `partner-bridge sandbox --listen ADDR [--fixture FILE] [--no-rate-limit] [--rate-limit-per-minute N]
+/// [--rate-limit-headers on-429|always]`: prints the address and the applications with their ids, keys and
+/// workflows, serves until SIGINT or SIGTERM, then stops cleanly.
 pub async fn run_cli(
     listen: SocketAddr,
     fixture: Option<PathBuf>,
     rate_limit: bool,
+    writes_per_minute: u32,
+    rate_limit_headers: RateLimitHeaders,
 ) -> anyhow::Result<()> {
     let options = SandboxOptions {
         rate_limit,
+        writes_per_minute,
+        rate_limit_headers,
         fixture: fixture.clone(),
         ..SandboxOptions::default()
     };
@@ -344,7 +358,11 @@ pub async fn run_cli(
     println!("  OpenAPI document: {}/openapi.json", sandbox.base_url());
     if rate_limit {
         println!(
-            "  rate limit: 300 writes per minute per API key (switch off with --no-rate-limit)"
+            "  rate limit: {writes_per_minute} writes per minute per API key, X-RateLimit-* headers {} (switch off with --no-rate-limit)",
+            match rate_limit_headers {
+                RateLimitHeaders::On429 => "only on 429",
+                RateLimitHeaders::Always => "on every write",
+            }
         );
     } else {
         println!("  rate limit: off");

@@ -157,6 +157,10 @@ pub struct Stats {
     pub imports: Vec<ImportCount>,
     /// Every error answer of a Didit route, by code (faults and 429s included).
     pub rejections: BTreeMap<String, u64>,
+    /// Write requests (POST, PATCH, DELETE) to Didit routes, answered or refused: with `rejections.rate_limited`,
+    /// the share of writes answered 429.
+    #[serde(default)]
+    pub writes: u64,
     /// Vendor entities (users and businesses) across all applications.
     #[serde(default)]
     pub entities: u64,
@@ -195,13 +199,35 @@ pub struct ClockInfo {
     pub offset_seconds: i64,
 }
 
-/// `POST /sandbox/settings` (both fields optional on input).
+/// When the `X-RateLimit-*` headers are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum RateLimitHeaders {
+    /// Only on 429 answers, as Didit documents it now (the default).
+    #[default]
+    #[serde(rename = "on_429")]
+    On429,
+    /// On every answer to a write, as an older revision of Didit's page said.
+    #[serde(rename = "always")]
+    Always,
+}
+
+/// `POST /sandbox/settings` (every field optional on input).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settings {
     /// Whether the per-key write limit is enforced.
     pub rate_limit: bool,
-    /// Writes per key per 60 s sliding window.
+    /// Writes per key per sliding window (a minute unless `window_ms` says otherwise).
     pub writes_per_minute: u32,
+    /// The sliding window, in milliseconds (Didit's is 60000; shorter ones are for tests).
+    #[serde(default = "default_window_ms")]
+    pub window_ms: u64,
+    /// When the `X-RateLimit-*` headers are sent.
+    #[serde(default)]
+    pub rate_limit_headers: RateLimitHeaders,
+}
+
+fn default_window_ms() -> u64 {
+    60_000
 }
 
 /// A vendor entity (a user or a business) of an application.

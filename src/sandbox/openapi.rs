@@ -450,7 +450,8 @@ fn build() -> Value {
     "responses": {
         "Unauthorized": error_response("Missing, unknown or revoked API key.", &[codes::INVALID_API_KEY]),
         "TooManyRequests": {
-            "description": "Over the per-key write limit (or an injected 429).",
+            "description": "Over the per-key write limit (or an injected 429). The X-RateLimit-* headers come only with \
+                            this answer, unless the sandbox sends them always (rate_limit_headers).",
             "headers": {
                 "Retry-After": {"$ref": "#/components/headers/Retry-After"},
                 "X-RateLimit-Limit": {"$ref": "#/components/headers/X-RateLimit-Limit"},
@@ -677,9 +678,15 @@ fn control_paths() -> Value {
                 ("200", ok("The virtual time.", schema_ref("SandboxClock"))), &[])
         },
         "/sandbox/settings": {
-            "post": control("sandboxSetSettings", "Switch the per-key write limit or change it",
+            "post": control("sandboxSetSettings", "Switch the per-key write limit or change it (test-only: a \
+                higher limit or a shorter window keeps a test short with the same shape)",
                 Some(json!({"type": "object", "additionalProperties": false, "properties": {
-                    "rate_limit": {"type": "boolean"}, "writes_per_minute": {"type": "integer", "minimum": 1}}})),
+                    "rate_limit": {"type": "boolean"}, "writes_per_minute": {"type": "integer", "minimum": 1},
+                    "window_ms": {"type": "integer", "minimum": 100, "maximum": 3_600_000,
+                                  "description": "The sliding window (Didit's: 60000)."},
+                    "rate_limit_headers": {"type": "string", "enum": ["on_429", "always"],
+                        "description": "on_429: X-RateLimit-* headers only on 429 answers, as Didit documents it \
+                                        now (default); always: on every answer to a write, as an older revision did."}}})),
                 ("200", ok("The settings in force.", schema_ref("SandboxSettings"))), &[]),
             "get": control("sandboxGetSettings", "The write-limit settings", None,
                 ("200", ok("The settings in force.", schema_ref("SandboxSettings"))), &[])
@@ -760,8 +767,10 @@ fn control_schemas() -> Value {
                            "offset_seconds": {"type": "integer", "description": "How far ahead of the real clock."}}
         },
         "SandboxSettings": {
-            "type": "object", "required": ["rate_limit", "writes_per_minute"],
-            "properties": {"rate_limit": {"type": "boolean"}, "writes_per_minute": {"type": "integer"}}
+            "type": "object", "required": ["rate_limit", "writes_per_minute", "window_ms", "rate_limit_headers"],
+            "properties": {"rate_limit": {"type": "boolean"}, "writes_per_minute": {"type": "integer"},
+                           "window_ms": {"type": "integer"},
+                           "rate_limit_headers": {"type": "string", "enum": ["on_429", "always"]}}
         },
         "SandboxStats": {
             "type": "object", "required": ["shares", "imports", "rejections"],
@@ -774,6 +783,8 @@ fn control_schemas() -> Value {
                     "description": "Successful imports per (source session, importing application)."},
                 "rejections": {"type": "object", "additionalProperties": {"type": "integer"},
                                "description": "Error answers of the Didit routes by code (faults and 429s included)."},
+                "writes": {"type": "integer",
+                           "description": "Write requests to the Didit routes (429s included): the denominator of the 429 share."},
                 "entities": {"type": "integer"}, "sessions": {"type": "integer"},
                 "webhook_deliveries": {"type": "integer"}
             }

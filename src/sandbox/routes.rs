@@ -144,7 +144,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// Runs before every Didit route: the write limit (keyed by the `x-api-key` value, as Didit does), the key,
-/// the faults; after it, the `X-RateLimit-*` headers and the rejection count.
+/// the faults; after it, the `X-RateLimit-*` headers (on 429, or on every write when switched to `always`) and the
+/// write and rejection counts.
 async fn gate(AxState(shared): AxState<Arc<Shared>>, mut request: Request, next: Next) -> Response {
     let endpoint = match request
         .extensions()
@@ -164,12 +165,14 @@ async fn gate(AxState(shared): AxState<Arc<Shared>>, mut request: Request, next:
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let rate = if is_write {
-        shared
-            .limiter()
-            .check(key.as_deref().unwrap_or(""), Instant::now())
+    let (rate, headers_on_success) = if is_write {
+        shared.state().count_write();
+        let mut limiter = shared.limiter();
+        let rate = limiter.check(key.as_deref().unwrap_or(""), Instant::now());
+        let always = rate.is_some_and(|d| d.allowed && limiter.sends_headers(&d));
+        (rate, always)
     } else {
-        None
+        (None, false)
     };
     let mut throttled_by_fault = false;
     let mut response = if rate.is_some_and(|d| !d.allowed) {
@@ -236,11 +239,14 @@ async fn gate(AxState(shared): AxState<Arc<Shared>>, mut request: Request, next:
             }
         }
     };
-    if let Some(decision) = rate {
+    // Didit sends the headers only on 429 now; `rate_limit_headers = always` keeps the older behaviour.
+    if let Some(decision) = rate
+        && (!decision.allowed || headers_on_success)
+    {
         decision.apply(response.headers_mut());
     }
     if throttled_by_fault {
-        let (_, limit) = shared.limiter().settings();
+        let limit = shared.limiter().settings().writes_per_minute;
         let headers = response.headers_mut();
         headers.insert("retry-after", HeaderValue::from(1u32));
         headers.insert("x-ratelimit-limit", HeaderValue::from(limit));

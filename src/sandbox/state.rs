@@ -413,6 +413,7 @@ pub struct State {
     imported: HashMap<([u8; 32], String), String>,
     import_counts: HashMap<(String, String), u64>,
     shares: u64,
+    writes: u64,
     rejections: BTreeMap<String, u64>,
     clock_offset: i64,
     deliveries: VecDeque<WebhookDelivery>,
@@ -434,6 +435,7 @@ impl State {
             imported: HashMap::new(),
             import_counts: HashMap::new(),
             shares: 0,
+            writes: 0,
             rejections: BTreeMap::new(),
             clock_offset: 0,
             deliveries: VecDeque::new(),
@@ -450,6 +452,11 @@ impl State {
     pub fn advance_clock(&mut self, seconds: i64) -> (i64, i64) {
         self.clock_offset = self.clock_offset.saturating_add(seconds);
         (self.now(), self.clock_offset)
+    }
+
+    /// Counts a write request to a Didit route.
+    pub fn count_write(&mut self) {
+        self.writes += 1;
     }
 
     /// Counts an error answer of a Didit route.
@@ -1194,6 +1201,7 @@ impl State {
             shares: self.shares,
             imports,
             rejections: self.rejections.clone(),
+            writes: self.writes,
             entities: self.entities.len() as u64,
             sessions: self.sessions.len() as u64,
             webhook_deliveries: self.deliveries_total,

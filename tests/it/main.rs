@@ -17,6 +17,7 @@ mod ledger_edges;
 mod misconf;
 mod ledger_tls;
 mod ops;
+mod pacing;
 mod receiver;
 mod reliability;
 mod replay_edges;

@@ -12,7 +12,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use partner_bridge::didit::signature;
 use partner_bridge::didit::wire::{SessionDecision, SessionKind};
 use partner_bridge::sandbox::{
-    ApplicationInfo, Control, FaultEndpoint, FaultSettings, Sandbox, SandboxOptions, SessionInfo,
+    ApplicationInfo, Control, FaultEndpoint, FaultSettings, RateLimitHeaders, Sandbox,
+    SandboxOptions, SessionInfo, Settings,
 };
 use serde_json::{Value, json};
 
@@ -1104,8 +1105,10 @@ async fn session_list_is_paginated() {
 
 #[tokio::test]
 async fn the_write_limit_answers_429_with_didit_headers_and_can_be_switched_off() {
+    // The older behaviour, headers on every write; the default (only on 429) is the next test.
     let e = env_with(SandboxOptions {
         writes_per_minute: 3,
+        rate_limit_headers: RateLimitHeaders::Always,
         ..SandboxOptions::default()
     })
     .await;
@@ -1151,6 +1154,70 @@ async fn the_write_limit_answers_429_with_didit_headers_and_can_be_switched_off(
     assert_eq!(free.status, 201);
     assert!(free.header("x-ratelimit-limit").is_none());
     assert_eq!(e.control.stats().await.unwrap().rejected("rate_limited"), 1);
+    e.sandbox.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_limit_headers_come_only_with_429_by_default_and_the_limit_and_window_are_settable() {
+    let e = env_with(SandboxOptions {
+        writes_per_minute: 2,
+        ..SandboxOptions::default()
+    })
+    .await;
+    let s = e.session(&e.a, SessionKind::User, "Approved", None).await;
+    let body = json!({ "for_application_id": e.b.application_id });
+    for _ in 0..2 {
+        let answer = e.share(&e.a, &s.session_id, body.clone()).await;
+        assert_eq!(answer.status, 201);
+        assert_eq!(answer.header("x-ratelimit-limit"), None);
+        assert_eq!(answer.header("x-ratelimit-remaining"), None);
+    }
+    let throttled = e.share(&e.a, &s.session_id, body.clone()).await;
+    assert_eq!(throttled.status, 429);
+    assert_eq!(throttled.header("x-ratelimit-limit"), Some("2"));
+    assert_eq!(throttled.header("x-ratelimit-remaining"), Some("0"));
+    assert!(throttled.header("x-ratelimit-reset").is_some());
+    assert!(throttled.header("retry-after").is_some());
+    let stats = e.control.stats().await.unwrap();
+    assert_eq!((stats.writes, stats.rejected("rate_limited")), (3, 1));
+
+    // A higher limit over a shorter window: the same shape, sooner.
+    let settings = e
+        .control
+        .set_settings(Settings {
+            rate_limit: true,
+            writes_per_minute: 3,
+            window_ms: 1_000,
+            rate_limit_headers: RateLimitHeaders::On429,
+        })
+        .await
+        .unwrap();
+    assert_eq!((settings.writes_per_minute, settings.window_ms), (3, 1_000));
+    for _ in 0..3 {
+        assert_eq!(e.share(&e.a, &s.session_id, body.clone()).await.status, 201);
+    }
+    let throttled = e.share(&e.a, &s.session_id, body.clone()).await;
+    assert_eq!(throttled.status, 429);
+    assert_eq!(throttled.header("retry-after"), Some("1"));
+    let mut open = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if e.share(&e.a, &s.session_id, body.clone()).await.status == 201 {
+            open = true;
+            break;
+        }
+    }
+    assert!(open, "the 1 s window let nothing through");
+    let bad = e
+        .control
+        .set_settings(Settings {
+            rate_limit: true,
+            writes_per_minute: 3,
+            window_ms: 5,
+            rate_limit_headers: RateLimitHeaders::Always,
+        })
+        .await;
+    assert!(bad.is_err(), "a 5 ms window is refused");
     e.sandbox.shutdown().await;
 }
 

@@ -382,6 +382,8 @@ application_id = "{application_id}"
 api_key = "{api_key}"
 timeout_ms = 2000
 connect_timeout_ms = 1000
+# This world's sandbox has its rate limit off, so the bridges do not pace (tests/it/pacing.rs turns both on).
+writes_per_minute = 0
 [amqp]
 url = "{amqp}"
 prefix = "{prefix}"
