@@ -209,8 +209,14 @@ def check_k8s():
             c = sidecars[0]
             if (c.get("livenessProbe") or {}).get("httpGet", {}).get("path") != "/livez":
                 problem(path, f"{name}: liveness probe must GET /livez")
-            if (c.get("readinessProbe") or {}).get("httpGet", {}).get("path") != "/readyz":
-                problem(path, f"{name}: readiness probe must GET /readyz")
+            if (c.get("startupProbe") or {}).get("httpGet", {}).get("path") != "/livez":
+                problem(path, f"{name}: startup probe must GET /livez")
+            # A pod is Ready only when every container is: the sidecar's pipeline health (/readyz) must not take the
+            # application's pod out of its Services.
+            if "readinessProbe" in c and (c["readinessProbe"].get("httpGet") or {}).get("path") != "/livez":
+                problem(path, f"{name}: the sidecar must have no readiness probe (or one on /livez), never /readyz")
+            check_strategy(path, d, c, configs)
+            check_metrics_service(path, d, docs)
             res = c.get("resources", {})
             if not res.get("requests", {}).get("memory") or not res.get("limits", {}).get("memory"):
                 problem(path, f"{name}: sidecar needs memory requests and limits")
@@ -232,6 +238,63 @@ def check_k8s():
             tgps = spec.get("terminationGracePeriodSeconds", 30)
             if tgps <= grace:
                 problem(path, f"{name}: terminationGracePeriodSeconds {tgps} must exceed shutdown.grace_s {grace}")
+
+
+def check_strategy(path, deployment, sidecar, configs):
+    """Recreate exactly where the embedded SQLite ledger needs it: a ReadWriteOnce claim for state_dir and no
+    ledger.url. With the ledger on PostgreSQL, the application's Deployment keeps its rolling updates."""
+    name = deployment["metadata"]["name"]
+    spec = deployment["spec"]["template"]["spec"]
+    strategy = (deployment["spec"].get("strategy") or {}).get("type", "RollingUpdate")
+    mounts = {m["name"]: m["mountPath"] for m in sidecar.get("volumeMounts", [])}
+    config = {}
+    for v in spec.get("volumes", []):
+        config = configs.get((v.get("configMap") or {}).get("name")) or config
+    state_dir = config.get("state_dir", "/var/lib/partner-bridge")
+    on_postgres = str(config.get("ledger", {}).get("url", "")).startswith(("postgres://", "postgresql://"))
+    state_on_claim = any(
+        v.get("persistentVolumeClaim") and mounts.get(v["name"]) == state_dir for v in spec.get("volumes", [])
+    )
+    sqlite_on_claim = state_on_claim and not on_postgres
+    if sqlite_on_claim and strategy != "Recreate":
+        problem(path, f"{name}: the SQLite ledger is on a ReadWriteOnce claim: strategy must be Recreate")
+    if not sqlite_on_claim and strategy == "Recreate":
+        problem(path, f"{name}: strategy Recreate without an embedded ledger on a claim: use RollingUpdate")
+    if sqlite_on_claim and deployment["spec"].get("replicas", 1) != 1:
+        problem(path, f"{name}: the SQLite ledger allows one replica; use PostgreSQL for more")
+
+
+def check_metrics_service(path, deployment, docs):
+    """The headless Service that deploy/prometheus/prometheus-kubernetes.yml discovers the sidecar through."""
+    name = deployment["metadata"]["name"]
+    pod_labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+    services = [
+        d
+        for d in docs
+        if d.get("kind") == "Service"
+        and (d["spec"].get("selector") or {})
+        and all(pod_labels.get(k) == v for k, v in d["spec"]["selector"].items())
+        and any(p.get("targetPort") == "pb-admin" for p in d["spec"].get("ports", []))
+    ]
+    if len(services) != 1:
+        problem(path, f"{name}: needs one Service selecting its pods on port pb-admin (for Prometheus), got {len(services)}")
+        return
+    svc = services[0]
+    sname = svc["metadata"]["name"]
+    if svc["spec"].get("clusterIP") != "None" or svc["spec"].get("publishNotReadyAddresses") is not True:
+        problem(path, f"Service {sname}: must be headless (clusterIP: None) with publishNotReadyAddresses: true")
+    if [p.get("name") for p in svc["spec"]["ports"]] != ["pb-admin"]:
+        problem(path, f"Service {sname}: its only port must be named pb-admin (the SRV name uses it)")
+    prom = yaml.safe_load(open("deploy/prometheus/prometheus-kubernetes.yml"))
+    names = [
+        n
+        for job in prom.get("scrape_configs", [])
+        if job.get("job_name") == "partner-bridge"
+        for sd in job.get("dns_sd_configs", [])
+        for n in sd.get("names", [])
+    ]
+    if not any(n.startswith(f"_pb-admin._tcp.{sname}.") for n in names):
+        problem(path, f"Service {sname}: prometheus-kubernetes.yml's partner-bridge job does not discover it ({names})")
 
 
 def check_k8s_optional():

@@ -197,6 +197,7 @@ pub struct Metrics {
     paused: Family<PausedLabels, Gauge>,
     last_success: Family<PipelineLabels, Gauge<f64, AtomicU64>>,
     key_reload_errors: Family<KeyLabels, Counter>,
+    delivery_retries: Family<PipelineLabels, Counter>,
 }
 
 /// `{key}`
@@ -295,6 +296,7 @@ impl Metrics {
             paused: Family::default(),
             last_success: Family::default(),
             key_reload_errors: Family::default(),
+            delivery_retries: Family::default(),
         };
         registry.register(
             "key_reload_errors",
@@ -417,6 +419,13 @@ impl Metrics {
             "Unix time of the pipeline's last successful message",
             m.last_success.clone(),
         );
+        // Not in DESIGN.md's list: the per-pipeline count of failed attempts that the stall alert needs. An attempt
+        // that fails fast is in flight for milliseconds, which a 15 s scrape of `in_flight` never sees.
+        registry.register(
+            "delivery_retries",
+            "Deliveries sent to the retry queue after an attempt that did not succeed, per consuming pipeline",
+            m.delivery_retries.clone(),
+        );
         Metrics {
             registry: root,
             ..m
@@ -515,6 +524,7 @@ impl Metrics {
             ]
             .contains(&pipeline)
             {
+                let _ = self.delivery_retries.get_or_create(&labels);
                 for reason in PAUSE_REASONS {
                     let _ = self
                         .paused
@@ -650,6 +660,15 @@ impl Metrics {
     pub fn retry(&self, operation: &'static str) {
         self.retries
             .get_or_create(&OperationLabels { operation })
+            .inc();
+    }
+
+    /// A consumer of `pipeline` sent a delivery to its retry queue (another attempt follows after
+    /// `amqp.retry_delay_ms`). Not counted: the last attempt (dead-lettered as `retries_exhausted`) and a message
+    /// parked while the pipeline pauses.
+    pub fn delivery_retry(&self, pipeline: &'static str) {
+        self.delivery_retries
+            .get_or_create(&PipelineLabels { pipeline })
             .inc();
     }
 
@@ -889,6 +908,7 @@ mod tests {
             "partner_bridge_amqp_reconnects_total",
             "partner_bridge_paused{",
             "partner_bridge_last_success_timestamp_seconds{",
+            "partner_bridge_delivery_retries_total{pipeline=\"issuer_reshare\"} 0",
             "process_resident_memory_bytes",
             "process_cpu_seconds_total",
             "process_open_fds",

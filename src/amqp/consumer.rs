@@ -803,6 +803,7 @@ async fn apply<H: Handler>(
                     .publish_raw("", &Names::retry_queue(queue), &delivery.data, properties)
                     .await?;
                 info!(%queue, %message_id, attempt = next, retry_in_ms = ctx.spec.retry_delay_ms, %detail, "retry scheduled");
+                ctx.metrics.delivery_retry(ctx.spec.pipeline);
                 settle(ctx, delivery, Settle::Ack, &message_id).await
             }
         }

@@ -927,6 +927,13 @@ async fn a_revoked_key_pauses_the_pipeline_and_a_new_key_file_resumes_it() {
         body.contains("paused: credentials"),
         "/readyz says why: {body}"
     );
+    // Paused is not dead: liveness (and so the kubelet) leaves the process alone.
+    let livez = http()
+        .get(format!("http://{}/livez", issuer.admin_addr()))
+        .send()
+        .await
+        .expect("GET /livez");
+    assert_eq!(livez.status().as_u16(), 200, "/livez while paused");
     assert!(
         !body.contains(new_key.expose()) && !body.contains(world.issuer_app.api_key.expose()),
         "no key in /readyz"
@@ -1195,6 +1202,15 @@ async fn a_share_that_keeps_failing_goes_through_the_retry_queue_then_to_dead() 
     wait_metric(&issuer, &dead_lettered(&queue, "retries_exhausted"), 1.0).await;
     assert_eq!(metric_of(&issuer, &events("amqp", "retried")), 2.0);
     assert_eq!(metric_of(&issuer, &events("amqp", "dead_lettered")), 1.0);
+    // Each trip through the retry queue is counted for its pipeline (the stall alert reads it: an attempt that
+    // fails fast is never seen in flight); the last attempt is a dead letter, not a retry.
+    assert_eq!(
+        metric_of(
+            &issuer,
+            "partner_bridge_delivery_retries_total{pipeline=\"issuer_onboarding\"}"
+        ),
+        2.0
+    );
     assert_eq!(
         metric_of(&issuer, &shares("sponsor-bank", "exhausted")),
         1.0

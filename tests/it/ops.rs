@@ -369,8 +369,9 @@ fn check_histogram(name: &str, family: &Family) -> Result<(), String> {
     Ok(())
 }
 
-/// Every family of DESIGN.md §7: exposition name, TYPE, label names.
-const CONTRACT: [(&str, &str, &[&str]); 19] = [
+/// Every family of DESIGN.md §7 (plus `delivery_retries`, which the stall alert reads): exposition name, TYPE,
+/// label names.
+const CONTRACT: [(&str, &str, &[&str]); 20] = [
     ("partner_bridge_build_info", "gauge", &["version"]),
     (
         "partner_bridge_events_total",
@@ -436,6 +437,11 @@ const CONTRACT: [(&str, &str, &[&str]); 19] = [
     (
         "partner_bridge_last_success_timestamp_seconds",
         "gauge",
+        &["pipeline"],
+    ),
+    (
+        "partner_bridge_delivery_retries_total",
+        "counter",
         &["pipeline"],
     ),
 ];
@@ -728,6 +734,12 @@ async fn metrics_expose_every_contract_name_and_count_exactly_what_a_flow_did() 
             0.0,
             "{}",
             expo.dump("partner_bridge_retries_total")
+        );
+        assert_eq!(
+            expo.sum("partner_bridge_delivery_retries_total", |_| true),
+            0.0,
+            "{}",
+            expo.dump("partner_bridge_delivery_retries_total")
         );
         assert_eq!(
             expo.sum("partner_bridge_reshare_requests_total", |_| true),
