@@ -148,10 +148,12 @@ pub struct PausedLabels {
     pub reason: &'static str,
 }
 
-/// `{key}`: the roles using one Didit API key (`issuer`, `receiver`, `issuer+receiver`), never the key.
+/// `{key}`, never a key itself: for the rate limiter, the roles using one Didit API key (`issuer`, `receiver`,
+/// `issuer+receiver`); for key file reloads, the config key the file was given under (`issuer.signing_key_file`,
+/// `didit.api_key_file`, …).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KeyLabels {
-    /// The roles using the key.
+    /// The roles using the key, or the config key of the file.
     pub key: String,
 }
 
@@ -198,13 +200,6 @@ pub struct Metrics {
     last_success: Family<PipelineLabels, Gauge<f64, AtomicU64>>,
     key_reload_errors: Family<KeyLabels, Counter>,
     delivery_retries: Family<PipelineLabels, Counter>,
-}
-
-/// `{key}`
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KeyLabels {
-    /// The config key the file was given under (`issuer.signing_key_file`, `didit.api_key_file`, …).
-    pub key: String,
 }
 
 /// Event outcomes.

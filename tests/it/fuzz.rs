@@ -868,3 +868,26 @@ fn fuzz_found_env_key_with_backtick_is_named() {
     let env = HashMap::from([("PARTNER_BRIDGE__A`B".to_string(), "1".to_string())]);
     assert!(!Config::load(None, env).unwrap_err().key.is_empty());
 }
+
+/// Cases the fuzz targets found, kept as plain tests so they run on every `cargo test`: a blank key from an
+/// environment variable named `PARTNER_BRIDGE__ ` (or `PARTNER_BRIDGE__` and a no-break space), and an out-of-range
+/// `ledger.timeout_ms` reaching the lease check once every problem is reported at once (it overflowed).
+#[test]
+fn fuzz_findings_stay_fixed() {
+    let (name, text) = &corpus_cached("config")[0];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    for env in [
+        vec![("PARTNER_BRIDGE__ ", "x")],
+        vec![("PARTNER_BRIDGE__\u{a0}", "x")],
+        vec![("PARTNER_BRIDGE__LEDGER__TIMEOUT_MS", "18446744073709551615")],
+    ] {
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        check_loaded(Config::load(Some(&path), env.clone()))
+            .unwrap_or_else(|e| panic!("{env:?}: {e}"));
+    }
+}
