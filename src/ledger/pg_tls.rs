@@ -447,11 +447,10 @@ fn client_config(mode: SslMode, roots: Option<RootCertStore>) -> Result<ClientCo
         }
         (SslMode::VerifyFull, None) => unreachable!("verify-full without a CA is refused earlier"),
         // libpq: with a CA, prefer and require check the chain as verify-ca does.
-        (_, Some(roots)) => Arc::new(ChainOnly {
-            roots: Arc::new(roots),
+        (_, roots) => Arc::new(NameNotChecked {
+            roots: roots.map(Arc::new),
             algorithms,
         }),
-        (_, None) => Arc::new(NotChecked { algorithms }),
     };
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -464,56 +463,17 @@ fn client_config(mode: SslMode, roots: Option<RootCertStore>) -> Result<ClientCo
     Ok(config)
 }
 
-/// `require`/`prefer` without a CA: any certificate, as libpq. The handshake signatures are still checked, so the
-/// server holds the key of the certificate it showed; who that server is, nothing says.
+/// Every mode but `verify-full`: the server's name is not checked. With a CA (`verify-ca`, and `prefer`/`require`
+/// given one, as libpq) the chain up to one of the CAs is (validity dates, key usage for a server, signatures);
+/// without one (`prefer`/`require`) any certificate is, as libpq. The handshake signatures are always checked, so
+/// the server holds the key of the certificate it showed; without a CA, who that server is, nothing says.
 #[derive(Debug)]
-struct NotChecked {
+struct NameNotChecked {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for NotChecked {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain up to one of the CAs (validity dates, key usage for a server, signatures), not the name.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NameNotChecked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -522,14 +482,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
