@@ -9,6 +9,7 @@ mod deploy;
 mod didit_client;
 mod docs;
 mod e2e;
+mod extra_nodes;
 mod fuzz;
 mod import_edges;
 mod issuer;

@@ -7,12 +7,34 @@ pub mod faults;
 pub mod pg_ledger;
 pub mod pg_tls;
 pub mod proxy;
+pub mod rabbit_nodes;
 pub mod stub_didit;
 pub mod t_receiver;
 pub mod webhooks;
 
 use std::future::Future;
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+/// Whether the tests run as root (helpers that start servers then run them as their service users).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Runs `cmd`, failing the test with `what` and the command's output when it fails.
+pub fn run(cmd: &mut Command, what: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
 /// The broker every test uses (override with `PB_TEST_AMQP_URL`).
 pub fn amqp_url() -> String {
