@@ -278,7 +278,10 @@ impl AuditRow {
             ("side", Some(self.side.clone())),
             ("act", Some(self.act.clone())),
             ("partner", self.partner.clone()),
-            ("partner_application_id", self.partner_application_id.clone()),
+            (
+                "partner_application_id",
+                self.partner_application_id.clone(),
+            ),
             ("agreement_id", self.agreement_id.clone()),
             ("session_id", self.session_id.clone()),
             ("imported_session_id", self.imported_session_id.clone()),
@@ -338,8 +341,10 @@ pub struct Checkpoint {
 
 /// What a checkpoint's signature covers.
 pub fn checkpoint_payload(kind: &str, seq: i64, hash: &str, at_ms: i64) -> Vec<u8> {
-    format!("partner-bridge audit checkpoint v1\nkind={kind}\nseq={seq}\nhash={hash}\nat_ms={at_ms}\n")
-        .into_bytes()
+    format!(
+        "partner-bridge audit checkpoint v1\nkind={kind}\nseq={seq}\nhash={hash}\nat_ms={at_ms}\n"
+    )
+    .into_bytes()
 }
 
 /// The checkpoint kinds.
@@ -831,7 +836,10 @@ impl<'k> Verifier<'k> {
                         format!("it differs from signed checkpoint #{} ({})", c.id, c.kind),
                     );
                 } else if let Some(why) = self.bad_signature(&c) {
-                    self.fail(Some(seq), format!("checkpoint #{} at this row: {why}", c.id));
+                    self.fail(
+                        Some(seq),
+                        format!("checkpoint #{} at this row: {why}", c.id),
+                    );
                 }
             }
         }
@@ -841,7 +849,12 @@ impl<'k> Verifier<'k> {
     /// The verdict, once every row is checked.
     pub fn finish(mut self) -> Verified {
         let last = self.prev.as_ref().map(|(s, _)| *s);
-        let first_retained = self.checkpoints.iter().filter(|c| c.kind == kinds::PRUNE).map(|c| c.seq).max();
+        let first_retained = self
+            .checkpoints
+            .iter()
+            .filter(|c| c.kind == kinds::PRUNE)
+            .map(|c| c.seq)
+            .max();
         let checkpoints = std::mem::take(&mut self.checkpoints);
         for c in &checkpoints {
             if c.signature.is_none() {
@@ -866,7 +879,10 @@ impl<'k> Verifier<'k> {
             } else if last.is_none() && c.seq > 0 {
                 // Everything was pruned: the prune checkpoint stands alone and must be genuine.
                 if let Some(why) = self.bad_signature(c) {
-                    self.fail(None, format!("checkpoint #{} at seq {}: {why}", c.id, c.seq));
+                    self.fail(
+                        None,
+                        format!("checkpoint #{} at seq {}: {why}", c.id, c.seq),
+                    );
                 }
             } else if let Some(why) = (c.seq == 0).then(|| self.bad_signature(c)).flatten() {
                 self.fail(None, format!("checkpoint #{} at seq 0: {why}", c.id));
@@ -922,7 +938,10 @@ mod tests {
         for k in ActKind::ALL {
             assert_eq!(ActKind::parse(k.as_str()), Some(k));
         }
-        assert_eq!(ActKind::parse("notice_acknowledged"), Some(ActKind::NoticeAcknowledged));
+        assert_eq!(
+            ActKind::parse("notice_acknowledged"),
+            Some(ActKind::NoticeAcknowledged)
+        );
         assert_eq!(ActKind::parse("nope"), None);
     }
 
@@ -949,26 +968,56 @@ mod tests {
         // Altered.
         let mut altered = rows.clone();
         altered[2].partner = Some("someone-else".into());
-        assert_eq!(verify(&altered, vec![cp.clone()], &keys).problem.unwrap().seq, Some(3));
+        assert_eq!(
+            verify(&altered, vec![cp.clone()], &keys)
+                .problem
+                .unwrap()
+                .seq,
+            Some(3)
+        );
         // Removed.
         let mut removed = rows.clone();
         removed.remove(1);
-        assert_eq!(verify(&removed, vec![cp.clone()], &keys).problem.unwrap().seq, Some(3));
+        assert_eq!(
+            verify(&removed, vec![cp.clone()], &keys)
+                .problem
+                .unwrap()
+                .seq,
+            Some(3)
+        );
         // Inserted (a made-up row at the end).
         let mut inserted = rows.clone();
         let mut extra = rows[4].clone();
         extra.seq = 6;
         extra.prev_hash = rows[4].hash.clone();
         inserted.push(extra);
-        assert_eq!(verify(&inserted, vec![cp.clone()], &keys).problem.unwrap().seq, Some(6));
+        assert_eq!(
+            verify(&inserted, vec![cp.clone()], &keys)
+                .problem
+                .unwrap()
+                .seq,
+            Some(6)
+        );
         // The last row removed: the checkpoint names the gap.
         let truncated = rows[..4].to_vec();
-        assert_eq!(verify(&truncated, vec![cp.clone()], &keys).problem.unwrap().seq, Some(5));
+        assert_eq!(
+            verify(&truncated, vec![cp.clone()], &keys)
+                .problem
+                .unwrap()
+                .seq,
+            Some(5)
+        );
         // A rewritten chain (hashes recomputed after an edit) no longer matches the signed checkpoint.
         let mut rewritten = rows.clone();
         rewritten[4].status = Some("x".into());
         rewritten[4].hash = row_hash(&rewritten[4]);
-        assert_eq!(verify(&rewritten, vec![cp.clone()], &keys).problem.unwrap().seq, Some(5));
+        assert_eq!(
+            verify(&rewritten, vec![cp.clone()], &keys)
+                .problem
+                .unwrap()
+                .seq,
+            Some(5)
+        );
     }
 
     #[test]
@@ -977,15 +1026,28 @@ mod tests {
         let other = SigningKey::generate();
         let rows = chain(2);
         let cp = sign_checkpoint(1, kinds::SHUTDOWN, 2, &rows[1].hash, Some(&key));
-        assert_eq!(verify(&rows, vec![cp.clone()], &[key.verifying_key()]).problem, None);
+        assert_eq!(
+            verify(&rows, vec![cp.clone()], &[key.verifying_key()]).problem,
+            None
+        );
         let wrong = verify(&rows, vec![cp.clone()], &[other.verifying_key()]);
-        assert!(wrong.problem.unwrap().detail.contains("not one of this side's keys"));
+        assert!(
+            wrong
+                .problem
+                .unwrap()
+                .detail
+                .contains("not one of this side's keys")
+        );
         let mut forged = cp.clone();
         forged.at_ms += 1;
         let bad = verify(&rows, vec![forged], &[key.verifying_key()]);
         assert!(bad.problem.unwrap().detail.contains("does not verify"));
         let unsigned = sign_checkpoint(1, kinds::SHUTDOWN, 2, &rows[1].hash, None);
-        assert!(verify(&rows, vec![unsigned.clone()], &[key.verifying_key()]).problem.is_some());
+        assert!(
+            verify(&rows, vec![unsigned.clone()], &[key.verifying_key()])
+                .problem
+                .is_some()
+        );
         assert_eq!(verify(&rows, vec![unsigned], &[]).unsigned, 1);
     }
 
@@ -998,9 +1060,21 @@ mod tests {
         assert_eq!(verify(&rows[3..], vec![prune.clone()], &keys).problem, None);
         // A periodic checkpoint does not license a missing prefix.
         let periodic = sign_checkpoint(1, kinds::PERIODIC, 3, &rows[2].hash, Some(&key));
-        assert_eq!(verify(&rows[3..], vec![periodic], &keys).problem.unwrap().seq, Some(4));
+        assert_eq!(
+            verify(&rows[3..], vec![periodic], &keys)
+                .problem
+                .unwrap()
+                .seq,
+            Some(4)
+        );
         // Rows removed past the prune point are caught.
-        assert_eq!(verify(&rows[4..], vec![prune.clone()], &keys).problem.unwrap().seq, Some(5));
+        assert_eq!(
+            verify(&rows[4..], vec![prune.clone()], &keys)
+                .problem
+                .unwrap()
+                .seq,
+            Some(5)
+        );
         // Everything pruned: the checkpoint alone.
         let all = sign_checkpoint(3, kinds::PRUNE, 6, &rows[5].hash, Some(&key));
         assert_eq!(verify(&[], vec![all], &keys).problem, None);

@@ -54,8 +54,7 @@ CREATE INDEX IF NOT EXISTS audit_checkpoints_seq ON audit_checkpoints (seq);
 const COLUMNS: &str = "seq, at_ms, side, act, partner, partner_application_id, agreement_id, session_id, \
     imported_session_id, event_id, message_id, token_id, status, reason, vendor_data_hash, dedupe_key, prev_hash, hash";
 const CHECKPOINT_COLUMNS: &str = "id, seq, hash, at_ms, kind, key_id, signature";
-const LOCK: &str =
-    "SELECT pg_advisory_xact_lock(hashtext('partner-bridge-audit:' || coalesce(current_schema(), '')))";
+const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('partner-bridge-audit:' || coalesce(current_schema(), '')))";
 
 fn insert_sql(p: char) -> String {
     let marks: Vec<String> = (1..=18).map(|i| format!("{p}{i}")).collect();
@@ -188,24 +187,10 @@ impl AuditStore {
                         conn.prepare_cached(&sql)
                             .and_then(|mut st| {
                                 st.execute(params![
-                                    row.seq,
-                                    row.at_ms,
-                                    values[2],
-                                    values[3],
-                                    values[4],
-                                    values[5],
-                                    values[6],
-                                    values[7],
-                                    values[8],
-                                    values[9],
-                                    values[10],
-                                    values[11],
-                                    values[12],
-                                    values[13],
-                                    values[14],
-                                    values[15],
-                                    values[16],
-                                    values[17],
+                                    row.seq, row.at_ms, values[2], values[3], values[4], values[5],
+                                    values[6], values[7], values[8], values[9], values[10],
+                                    values[11], values[12], values[13], values[14], values[15],
+                                    values[16], values[17],
                                 ])
                             })
                             .map_err(db_error)?;
@@ -222,7 +207,10 @@ impl AuditStore {
                         for d in drafts {
                             if let Some(k) = &d.dedupe_key
                                 && tx
-                                    .query_opt("SELECT 1 FROM audit_log WHERE dedupe_key = $1", &[k])
+                                    .query_opt(
+                                        "SELECT 1 FROM audit_log WHERE dedupe_key = $1",
+                                        &[k],
+                                    )
                                     .await?
                                     .is_some()
                             {
@@ -258,8 +246,9 @@ impl AuditStore {
         match self {
             AuditStore::Sqlite(l) => {
                 let (clause, values) = filter_sql(filter, after, '?');
-                let sql =
-                    format!("SELECT {COLUMNS} FROM audit_log WHERE {clause} ORDER BY seq LIMIT {limit}");
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM audit_log WHERE {clause} ORDER BY seq LIMIT {limit}"
+                );
                 l.run(false, move |conn| {
                     let values: Vec<rusqlite::types::Value> = values
                         .into_iter()
@@ -278,8 +267,9 @@ impl AuditStore {
             }
             AuditStore::Postgres(pg) => {
                 let (clause, values) = filter_sql(filter, after, '$');
-                let sql =
-                    format!("SELECT {COLUMNS} FROM audit_log WHERE {clause} ORDER BY seq LIMIT {limit}");
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM audit_log WHERE {clause} ORDER BY seq LIMIT {limit}"
+                );
                 pg.with_client(move |client| {
                     Box::pin(async move {
                         let owned: Vec<Box<dyn ToSql + Sync + Send>> = values
@@ -291,8 +281,10 @@ impl AuditStore {
                                 }
                             })
                             .collect();
-                        let args: Vec<&(dyn ToSql + Sync)> =
-                            owned.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect();
+                        let args: Vec<&(dyn ToSql + Sync)> = owned
+                            .iter()
+                            .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+                            .collect();
                         let rows = client.query(&sql, &args).await?;
                         rows.iter().map(pg_row).collect()
                     })
@@ -385,7 +377,11 @@ impl AuditStore {
                 l.run(true, move |conn| {
                     let (seq, hash) = sqlite_head(conn)?;
                     let last = sqlite_last_checkpoint(conn)?;
-                    if seq == 0 || last.as_ref().is_some_and(|c| c.seq == seq && c.hash == hash) {
+                    if seq == 0
+                        || last
+                            .as_ref()
+                            .is_some_and(|c| c.seq == seq && c.hash == hash)
+                    {
                         return Ok(None);
                     }
                     let id = last.map(|c| c.id).unwrap_or(0) + 1;
@@ -400,7 +396,11 @@ impl AuditStore {
                     Box::pin(async move {
                         let (seq, hash) = pg_head(tx).await?;
                         let last = pg_last_checkpoint(tx).await?;
-                        if seq == 0 || last.as_ref().is_some_and(|c| c.seq == seq && c.hash == hash) {
+                        if seq == 0
+                            || last
+                                .as_ref()
+                                .is_some_and(|c| c.seq == seq && c.hash == hash)
+                        {
                             return Ok(None);
                         }
                         let id = last.map(|c| c.id).unwrap_or(0) + 1;
@@ -510,7 +510,9 @@ fn sqlite_head(conn: &Connection) -> Result<(i64, String), LedgerError> {
         return Ok(head);
     }
     let cp = conn
-        .prepare_cached("SELECT seq, hash FROM audit_checkpoints ORDER BY seq DESC, id DESC LIMIT 1")
+        .prepare_cached(
+            "SELECT seq, hash FROM audit_checkpoints ORDER BY seq DESC, id DESC LIMIT 1",
+        )
         .and_then(|mut st| st.query_row([], |r| Ok((r.get(0)?, r.get(1)?))).optional())
         .map_err(db_error)?;
     Ok(cp.unwrap_or((0, GENESIS.to_string())))
@@ -527,7 +529,15 @@ fn sqlite_last_checkpoint(conn: &Connection) -> Result<Option<Checkpoint>, Ledge
 fn sqlite_insert_checkpoint(conn: &Connection, c: &Checkpoint) -> Result<(), LedgerError> {
     conn.prepare_cached(&checkpoint_sql('?'))
         .and_then(|mut st| {
-            st.execute(params![c.id, c.seq, c.hash, c.at_ms, c.kind, c.key_id, c.signature])
+            st.execute(params![
+                c.id,
+                c.seq,
+                c.hash,
+                c.at_ms,
+                c.kind,
+                c.key_id,
+                c.signature
+            ])
         })
         .map_err(db_error)?;
     Ok(())
@@ -603,9 +613,14 @@ fn pg_checkpoint(r: &tokio_postgres::Row) -> Result<Checkpoint, tokio_postgres::
     })
 }
 
-async fn pg_head(tx: &tokio_postgres::Transaction<'_>) -> Result<(i64, String), tokio_postgres::Error> {
+async fn pg_head(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<(i64, String), tokio_postgres::Error> {
     if let Some(r) = tx
-        .query_opt("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", &[])
+        .query_opt(
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            &[],
+        )
         .await?
     {
         return Ok((r.try_get(0)?, r.try_get(1)?));
@@ -641,14 +656,23 @@ async fn pg_insert_checkpoint(
 ) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         &checkpoint_sql('$'),
-        &[&c.id, &c.seq, &c.hash, &c.at_ms, &c.kind, &c.key_id, &c.signature],
+        &[
+            &c.id,
+            &c.seq,
+            &c.hash,
+            &c.at_ms,
+            &c.kind,
+            &c.key_id,
+            &c.signature,
+        ],
     )
     .await?;
     Ok(())
 }
 
-type PgFuture<'a, T> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a>>;
+type PgFuture<'a, T> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a>,
+>;
 
 impl PgStore {
     /// Runs `work` on the audit connection (connecting when there is none), dropping it on an error so that the
