@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod amqp;
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod commands;
 pub mod config;

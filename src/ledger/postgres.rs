@@ -714,6 +714,25 @@ impl PostgresLedger {
         Ok(n > 0)
     }
 
+    /// A connection of its own, with the server's `synchronous_commit` and the ledger's `statement_timeout`, for
+    /// work that needs transactions (the audit log's appends): the shared connections are pipelined and carry no
+    /// transaction.
+    pub(crate) async fn dedicated_client(&self) -> Result<Client, LedgerError> {
+        let client = self.inner.connect().await?;
+        if let Some(limit) = self.inner.statement_timeout {
+            client
+                .batch_execute(&format!("SET statement_timeout = {}", limit.as_millis()))
+                .await
+                .map_err(|e| self.inner.error(e))?;
+        }
+        Ok(client)
+    }
+
+    /// A driver error as a [`LedgerError`], the password scrubbed.
+    pub(crate) fn error_of(&self, e: tokio_postgres::Error) -> LedgerError {
+        self.inner.error(e)
+    }
+
     /// The connection for everything but import completions.
     async fn conn(&self) -> Result<Arc<Connection>, LedgerError> {
         self.inner.connection(&self.inner.fast).await

@@ -180,7 +180,7 @@ where
 }
 
 /// Maps a SQLite error: damage is [`LedgerError::Corrupt`], the rest (full disk, read-only, locked) is transient.
-fn db_error(e: rusqlite::Error) -> LedgerError {
+pub(crate) fn db_error(e: rusqlite::Error) -> LedgerError {
     match &e {
         rusqlite::Error::SqliteFailure(f, _)
             if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) =>
@@ -259,6 +259,17 @@ impl SqliteLedger {
         answer
             .await
             .map_err(|_| LedgerError::Io("the ledger thread stopped before answering".into()))?
+    }
+
+    /// Runs `work` on the writer thread, in the same group-committed transactions as the ledger's own jobs (the
+    /// audit log uses this: one more insert per act, batched with the ledger's writes). `durable` syncs the batch
+    /// to disk before answering, like an import completion.
+    pub(crate) async fn run<T, F>(&self, durable: bool, work: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
+    {
+        self.call(durable, work).await
     }
 
     /// See [`super::Ledger::void_leases_of_previous_run`].
