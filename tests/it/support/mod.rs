@@ -25,6 +25,25 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Starts a detached watcher that runs the shell commands `cleanup` once this test process is gone, however it
+/// ended (finished, panicked or killed): how servers the tests start for themselves are always stopped.
+pub fn on_exit(cleanup: &str, what: &str) {
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {cleanup}",
+        pid = std::process::id()
+    );
+    // `setsid -f`: in a session of its own (a Ctrl-C to the tests' process group does not reach it), forked off so
+    // that this returns at once.
+    let status = Command::new("setsid")
+        .args(["-f", "sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("start the watcher that stops {what}: {e}"));
+    assert!(status.success(), "setsid -f: {status}");
+}
+
 /// Runs `cmd`, failing the test with `what` and the command's output when it fails.
 pub fn run(cmd: &mut Command, what: &str) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use super::{is_root, run};
+use super::{is_root, on_exit, run};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -260,21 +260,10 @@ fn start() -> TlsServer {
     } else {
         stop
     };
-    let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
-        pid = std::process::id(),
-        dir = dir.display()
+    on_exit(
+        &format!("{stop} >/dev/null 2>&1; rm -rf '{}'", dir.display()),
+        "the test TLS server",
     );
-    // `setsid -f`: in a session of its own (a Ctrl-C to the tests' process group does not reach it), forked off so
-    // that this returns at once.
-    let status = Command::new("setsid")
-        .args(["-f", "sh", "-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("start the watcher that stops the test TLS server");
-    assert!(status.success(), "setsid -f: {status}");
 
     // pg_ctl -w waited for the server. The database that refuses plain text and the password role (each `-c` is
     // its own transaction: CREATE DATABASE cannot run inside one).

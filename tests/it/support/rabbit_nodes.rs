@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{is_root, run};
+use super::{is_root, on_exit, run};
 
 /// How many separate brokers [`separate`] offers.
 pub const SEPARATE: usize = 2;
@@ -327,18 +327,5 @@ fn watch(nodes: &[&'static Node]) {
             dir = node.dir.display()
         ));
     }
-    let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stops}",
-        pid = std::process::id()
-    );
-    // `setsid -f`: in a session of its own (a Ctrl-C to the tests' process group does not reach it), forked off so
-    // that this returns at once.
-    let status = Command::new("setsid")
-        .args(["-f", "sh", "-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("start the watcher that stops the test RabbitMQ nodes");
-    assert!(status.success(), "setsid -f: {status}");
+    on_exit(&stops, "the test RabbitMQ nodes");
 }
