@@ -19,13 +19,19 @@ use crate::metrics::Metrics;
 /// Why a call with retries did not succeed.
 #[derive(Debug)]
 pub enum Failure {
-    /// The last error, which is either not retryable or would need a wait past the deadline.
+    /// The last error, which is either not retryable or would need a wait past the deadline. When the last try
+    /// only found no room in the rate limit ([`DiditError::is_pacing`]) after an earlier try of the same call had
+    /// failed for real, this is that real failure: the delivery did fail, and its attempt counts.
     Didit(DiditError),
     /// Shutdown began while waiting to retry: hand the message back.
     Shutdown,
 }
 
 /// Runs `call` until it succeeds, fails for good, or the next wait would end after `deadline`.
+///
+/// Waiting for the rate limit is not a failure, but it must not hide one either: a call that failed (a 5xx, a
+/// timeout) and then ran out of hold while waiting for the limiter reports the failure, so a Didit that keeps
+/// failing uses up `max_attempts` and is dead-lettered instead of cycling through the retry queue for ever.
 pub async fn with_backoff<T, F, Fut>(
     config: &RetryConfig,
     deadline: Instant,
@@ -43,6 +49,7 @@ where
         .with_min_delay(config.initial())
         .with_max_delay(config.max())
         .without_max_times();
+    let mut failed_for_real: Option<DiditError> = None;
     let retried = call
         .retry(backoff)
         .when(|e: &DiditError| matches!(e.disposition(), Disposition::Retry { .. }))
@@ -56,6 +63,9 @@ where
             (!shutdown.is_cancelled() && Instant::now() + wait <= deadline).then_some(wait)
         })
         .notify(|e: &DiditError, wait: Duration| {
+            if !e.is_pacing() {
+                failed_for_real = Some(e.clone());
+            }
             metrics.retry(operation);
             tracing::debug!(operation, error = %e, wait_ms = wait.as_millis() as u64, "retrying Didit call");
         });
@@ -66,6 +76,89 @@ where
         {
             Err(Failure::Shutdown)
         }
+        Err(e) if e.is_pacing() => Err(Failure::Didit(failed_for_real.unwrap_or(e))),
         Err(e) => Err(Failure::Didit(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Runs `with_backoff` over a scripted sequence of answers and returns its result and the number of calls.
+    async fn script(answers: Vec<Result<u32, DiditError>>) -> (Result<u32, Failure>, usize) {
+        let config = RetryConfig {
+            initial_ms: 1,
+            max_ms: 2,
+            ..RetryConfig::default()
+        };
+        let answers = Mutex::new(VecDeque::from(answers));
+        let calls = Mutex::new(0);
+        let result = with_backoff(
+            &config,
+            Instant::now() + Duration::from_secs(5),
+            "share",
+            &Arc::new(Metrics::new()),
+            &CancellationToken::new(),
+            || {
+                *calls.lock().unwrap() += 1;
+                let answer = answers.lock().unwrap().pop_front().expect("scripted");
+                async move { answer }
+            },
+        )
+        .await;
+        (result, calls.into_inner().unwrap())
+    }
+
+    fn paced() -> DiditError {
+        DiditError::Paced {
+            wait: Duration::from_secs(30),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_not_hidden_by_the_limiter_wait_that_ends_the_hold() {
+        let (result, calls) =
+            script(vec![Err(DiditError::Server { status: 503 }), Err(paced())]).await;
+        assert_eq!(calls, 2);
+        assert!(
+            matches!(
+                result,
+                Err(Failure::Didit(DiditError::Server { status: 503 }))
+            ),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_limiter_alone_is_reported_as_pacing() {
+        let (result, calls) = script(vec![Err(paced())]).await;
+        assert_eq!(calls, 1);
+        assert!(matches!(result, Err(Failure::Didit(e)) if e.is_pacing()));
+    }
+
+    #[tokio::test]
+    async fn a_later_real_failure_or_a_success_wins() {
+        let (result, _) = script(vec![Err(DiditError::Timeout), Ok(7)]).await;
+        assert!(matches!(result, Ok(7)));
+        let (result, _) = script(vec![
+            Err(DiditError::Timeout),
+            Err(DiditError::Server { status: 502 }),
+            Err(DiditError::ImportRejected {
+                code: None,
+                detail: None,
+            }),
+        ])
+        .await;
+        assert!(
+            matches!(
+                result,
+                Err(Failure::Didit(DiditError::ImportRejected { .. }))
+            ),
+            "{result:?}"
+        );
     }
 }

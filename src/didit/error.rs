@@ -72,7 +72,7 @@ impl fmt::Display for Operation {
 /// Every way a Didit call can fail, one variant per row of DESIGN.md §4. The comment on each variant names its
 /// [`Disposition`]; [`DiditError::disposition`] is the authority. `Display` is written for an operator and never
 /// contains the API key or a share token.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DiditError {
     /// 401 or 403 about the API key or its privileges (share, decision, probe; import when the answer or a probe
     /// says so) → `Pause("credentials")`.

@@ -1229,6 +1229,64 @@ async fn a_share_that_keeps_failing_goes_through_the_retry_queue_then_to_dead() 
     world.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_share_uses_up_its_attempts_even_when_the_rate_limit_ends_each_hold() {
+    // One write per 3 s window and a 1 s hold: after a share fails, its retry within the hold finds no room in the
+    // write budget. Waiting for the limit is not a failure, but it must not hide the failure before it: each such
+    // delivery counts its attempt, so a Didit that keeps failing is dead-lettered instead of cycling through the
+    // retry queue for ever (before, every delivery ended "paced" and no attempt was ever counted).
+    let mut world = World::new("iss-paced-fail").await;
+    world.retry_delay_ms = 200;
+    let toml = set(
+        &set(&world.issuer_toml(), "hold_max_s = 5", "hold_max_s = 1"),
+        "max_attempts = 10",
+        "max_attempts = 3",
+    );
+    let toml = crate::support::faults::set_key(&toml, "writes_per_minute", "1").replacen(
+        "writes_per_minute =",
+        "rate_window_ms = 3000\nwrites_per_minute =",
+        1,
+    );
+    let issuer = world.start(world.config(&toml)).await;
+    let queue = world.names.issuer_onboarding_queue();
+    let dead = Tap::on(&Names::dead_queue(&queue)).await;
+    let amqp = Amqp::connect().await;
+    world
+        .control
+        .set_faults(FaultSettings {
+            endpoint: FaultEndpoint::Share,
+            error_rate: 1.0,
+            ..FaultSettings::default()
+        })
+        .await
+        .unwrap();
+
+    let session = world.session(SessionKind::User, "Approved", "user-p").await;
+    let event = world.event(&session, SessionKind::User, "Approved");
+    world.publish_event(&amqp, &event).await;
+
+    let copies = dead.wait_count(1).await;
+    assert_eq!(copies[0].reason(), "retries_exhausted");
+    assert_eq!(copies[0].header("x-pb-attempt").as_deref(), Some("3"));
+    assert!(
+        metric_of(
+            &issuer,
+            "partner_bridge_didit_limiter_deferred_total{key=\"issuer\"}"
+        ) > 0.0,
+        "no retry waited for the limit past the hold, so the test proved nothing"
+    );
+    assert_eq!(
+        metric_of(&issuer, &shares("sponsor-bank", "exhausted")),
+        1.0
+    );
+    assert_eq!(world.control.stats().await.unwrap().shares, 0);
+
+    dead.close().await;
+    amqp.close().await;
+    issuer.stop().await.unwrap();
+    world.cleanup().await;
+}
+
 // ---- poison messages -----------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
