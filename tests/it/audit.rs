@@ -135,6 +135,24 @@ fn acts(rows: &[AuditRow]) -> BTreeMap<(String, String, String), usize> {
     out
 }
 
+/// Each of `names` is recorded exactly once for every session in `ids` with `counterpart`.
+fn assert_once(
+    seen: &BTreeMap<(String, String, String), usize>,
+    names: &[&str],
+    ids: &[String],
+    counterpart: &str,
+) {
+    for id in ids {
+        for act in names {
+            assert_eq!(
+                seen.get(&(act.to_string(), id.clone(), counterpart.to_string())),
+                Some(&1),
+                "{act} for {id} with {counterpart}: {seen:?}"
+            );
+        }
+    }
+}
+
 fn count(rows: &[AuditRow], act: &str) -> usize {
     rows.iter().filter(|r| r.act == act).count()
 }
@@ -223,16 +241,8 @@ async fn shares_to_two_partners_are_recorded_once_on_both_sides_and_verify() {
     // The issuer: one share minted and one token published per session and partner, one dead-letter.
     let rows = rows_of(&issuer_config).await;
     let seen = acts(&rows);
-    for id in &ids {
-        for partner in [&world.partner_app.application_id, &two.second_app] {
-            for act in ["share_minted", "token_published"] {
-                assert_eq!(
-                    seen.get(&(act.to_string(), id.clone(), partner.clone())),
-                    Some(&1),
-                    "{act} for {id} to {partner}: {seen:?}"
-                );
-            }
-        }
+    for partner in [&world.partner_app.application_id, &two.second_app] {
+        assert_once(&seen, &["share_minted", "token_published"], &ids, partner);
     }
     assert_eq!(rows.len(), 4 * SESSIONS + 1, "{seen:?}");
     let dead = rows.iter().find(|r| r.act == "dead_lettered").unwrap();
@@ -254,19 +264,12 @@ async fn shares_to_two_partners_are_recorded_once_on_both_sides_and_verify() {
     for (config, junk) in [(&first_config, 1), (&second_config, 0)] {
         let rows = rows_of(config).await;
         let seen = acts(&rows);
-        for id in &ids {
-            for act in ["token_received", "imported"] {
-                assert_eq!(
-                    seen.get(&(
-                        act.to_string(),
-                        id.clone(),
-                        world.issuer_app.application_id.clone()
-                    )),
-                    Some(&1),
-                    "{act} for {id}: {seen:?}"
-                );
-            }
-        }
+        assert_once(
+            &seen,
+            &["token_received", "imported"],
+            &ids,
+            &world.issuer_app.application_id,
+        );
         assert_eq!(count(&rows, "dead_lettered"), junk, "{seen:?}");
         assert_eq!(rows.len(), 2 * SESSIONS + junk);
         assert!(rows.iter().all(|r| r.side == "receiver"));
@@ -357,6 +360,13 @@ async fn shares_to_two_partners_are_recorded_once_on_both_sides_and_verify() {
             .collect();
         assert_eq!(recipients, imported_into, "{out}");
         assert!(out.contains("sponsor-bank") && out.contains("second-bank"));
+        let (_, json, _) = audit_cmd(&issuer_file, &["recipients", "--session", id, "--json"]);
+        let listed: Vec<serde_json::Value> = serde_json::from_str(&json).expect("a JSON array");
+        let from_json: BTreeSet<String> = listed
+            .iter()
+            .map(|r| r["partner_application_id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(from_json, imported_into, "{json}");
     }
     let (_, nobody, _) = audit_cmd(&issuer_file, &["recipients", "--session", "never-shared"]);
     assert_eq!(nobody.lines().count(), 1, "a header only: {nobody}");
@@ -568,19 +578,12 @@ async fn a_failed_audit_write_settles_nothing_and_the_redelivery_records_each_ac
     // Each act once, although every envelope was handled at least twice.
     let rows = rows_of(&receiver_config).await;
     let seen = acts(&rows);
-    for id in &ids {
-        for act in ["token_received", "imported"] {
-            assert_eq!(
-                seen.get(&(
-                    act.to_string(),
-                    id.clone(),
-                    world.issuer_app.application_id.clone()
-                )),
-                Some(&1),
-                "{act} {id}: {seen:?}"
-            );
-        }
-    }
+    assert_once(
+        &seen,
+        &["token_received", "imported"],
+        &ids,
+        &world.issuer_app.application_id,
+    );
     assert_eq!(rows.len(), 2 * SESSIONS, "{seen:?}");
     let (audit, keys) = partner_bridge::commands::open_audit(&receiver_config)
         .await
@@ -712,5 +715,37 @@ async fn a_postgres_ledger_keeps_the_same_audit_log_and_verifies() {
     assert!(err.contains("audit row seq=2 does not match"), "{err}");
 
     amqp.close().await;
+    world.cleanup().await;
+}
+
+#[tokio::test]
+async fn audit_settings_out_of_range_exit_64_naming_the_key() {
+    let world = World::new("audit-config").await;
+    let file = config_file(world.dir.path(), "issuer", &world.issuer_toml());
+    for (var, value, key) in [
+        (
+            "PARTNER_BRIDGE__AUDIT__RETENTION_DAYS",
+            "0",
+            "audit.retention_days",
+        ),
+        (
+            "PARTNER_BRIDGE__AUDIT__CHECKPOINT_INTERVAL_SECS",
+            "0",
+            "audit.checkpoint_interval_secs",
+        ),
+    ] {
+        for command in [&["check-config"][..], &["audit", "verify"][..]] {
+            let out = std::process::Command::new(BIN)
+                .args(command)
+                .arg("--config")
+                .arg(&file)
+                .env(var, value)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{command:?} {var}: {stderr}");
+            assert!(stderr.contains(key), "{stderr}");
+        }
+    }
     world.cleanup().await;
 }
