@@ -749,3 +749,75 @@ async fn audit_settings_out_of_range_exit_64_naming_the_key() {
     }
     world.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_leaves_a_chain_that_still_verifies_and_keeps_growing() {
+    let world = World::new("audit-prune").await;
+    let config = issuer_with_history(&world).await;
+    let rows = rows_of(&config).await;
+    assert_eq!(rows.len(), 8);
+
+    // What the hourly task does, with a retention that makes the first half old: a signed `prune` checkpoint at
+    // the last deleted row, the rows before it gone.
+    let ledger = partner_bridge::ledger::Ledger::open(&config.ledger_url())
+        .await
+        .unwrap();
+    let audit = AuditLog::open(
+        &ledger,
+        Some(partner_bridge::keys::SigningKeys::Fixed(Box::new(
+            world.key.clone(),
+        ))),
+        Some(&world.key),
+        Duration::from_secs(3),
+    )
+    .await
+    .unwrap();
+    let cutoff = chrono::DateTime::from_timestamp_millis(rows[4].at_ms).unwrap();
+    let pruned = audit.prune(cutoff).await.unwrap();
+    assert!((1..8).contains(&pruned), "pruned {pruned}");
+    let kept = rows_of(&config).await;
+    assert_eq!(kept.len() as u64, 8 - pruned);
+    assert_eq!(kept[0].seq, pruned as i64 + 1);
+    let file = config_file(world.dir.path(), "issuer", &world.issuer_toml());
+    let (code, out, err) = audit_cmd(&file, &["verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    drop(audit);
+    drop(ledger);
+
+    // The bridge appends after the pruned head, and the whole retained chain still verifies.
+    let receiver = world.start_receiver(false).await;
+    let issuer = world.start(config.clone()).await;
+    let amqp = Amqp::connect().await;
+    let sessions = create_sessions(&world, 1, "after-prune").await;
+    publish_events(&world, &amqp, &sessions).await;
+    wait_for(
+        "the new token recorded",
+        Duration::from_secs(20),
+        || async {
+            let rows = rows_of(&config).await;
+            (rows.last().map(|r| r.seq) == Some(10)).then_some(())
+        },
+    )
+    .await;
+    issuer.stop().await.unwrap();
+    receiver.stop().await.unwrap();
+    let after = rows_of(&config).await;
+    assert_eq!(after.last().unwrap().seq, 10);
+    let (code, out, err) = audit_cmd(&file, &["verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Removing the first retained row is still caught: the prune checkpoint names its predecessor.
+    let removed = tampered_copy(
+        &world,
+        "pruned-removed",
+        &format!("DELETE FROM audit_log WHERE seq = {}", pruned + 1),
+    );
+    let (code, _, err) = audit_cmd(&removed, &["verify"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("audit row seq={} does not match", pruned + 2)),
+        "{err}"
+    );
+
+    amqp.close().await;
+    world.cleanup().await;
+}
