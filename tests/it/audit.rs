@@ -821,3 +821,71 @@ async fn pruning_leaves_a_chain_that_still_verifies_and_keeps_growing() {
     amqp.close().await;
     world.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_that_cannot_record_a_mint_publishes_nothing_until_it_can() {
+    const SESSIONS: usize = 2;
+    let world = World::new("audit-issuer-fail").await;
+    let issuer_config = world.config(&world.issuer_toml());
+    let receiver = world.start_receiver(false).await;
+    let issuer = world.start(issuer_config.clone()).await;
+    let amqp = Amqp::connect().await;
+    let conn = rusqlite::Connection::open(world.dir.path().join("issuer/ledger.sqlite3")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER refuse_minted BEFORE INSERT ON audit_log
+         WHEN NEW.act IN ('share_minted', 'probe')
+         BEGIN SELECT RAISE(ABORT, 'the test refuses this audit row'); END;",
+    )
+    .unwrap();
+
+    let sessions = create_sessions(&world, SESSIONS, "issuer-fail").await;
+    let ids = publish_events(&world, &amqp, &sessions).await;
+    wait_for(
+        "the issuer paused on the audit log",
+        Duration::from_secs(10),
+        || async {
+            (metric_of(
+                &issuer,
+                "partner_bridge_paused{pipeline=\"issuer_onboarding\",reason=\"ledger\"}",
+            ) == 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    // Didit minted, but no token left without its act.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        metric_of(
+            &issuer,
+            "partner_bridge_tokens_published_total{partner=\"sponsor-bank\"}"
+        ),
+        0.0
+    );
+    assert!(world.control.stats().await.unwrap().imports.is_empty());
+
+    conn.execute_batch("DROP TRIGGER refuse_minted").unwrap();
+    let counts = world.wait_imports(SESSIONS, Duration::from_secs(30)).await;
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+    wait_for("every token recorded", Duration::from_secs(10), || async {
+        (count(&rows_of(&issuer_config).await, "token_published") == SESSIONS).then_some(())
+    })
+    .await;
+    issuer.stop().await.unwrap();
+    receiver.stop().await.unwrap();
+    let rows = rows_of(&issuer_config).await;
+    assert_once(
+        &acts(&rows),
+        &["share_minted", "token_published"],
+        &ids,
+        &world.partner_app.application_id,
+    );
+    assert_eq!(rows.len(), 2 * SESSIONS);
+    let (audit, keys) = partner_bridge::commands::open_audit(&issuer_config)
+        .await
+        .unwrap();
+    assert_eq!(audit.verify(&keys).await.unwrap().problem, None);
+
+    amqp.close().await;
+    world.cleanup().await;
+}
