@@ -153,6 +153,44 @@ fn assert_once(
     }
 }
 
+/// The audit table of one side refuses rows of `act` (and the pause probe's test insert) until [`Refusal::lift`]:
+/// a real write failure, from a trigger in the side's SQLite file.
+struct Refusal {
+    conn: rusqlite::Connection,
+}
+
+impl Refusal {
+    fn of(world: &World, side: &str, act: &str) -> Refusal {
+        let conn =
+            rusqlite::Connection::open(world.dir.path().join(format!("{side}/ledger.sqlite3")))
+                .unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.execute_batch(&format!(
+            "CREATE TRIGGER refuse_act BEFORE INSERT ON audit_log
+             WHEN NEW.act IN ('{act}', 'probe')
+             BEGIN SELECT RAISE(ABORT, 'the test refuses this audit row'); END;"
+        ))
+        .unwrap();
+        Refusal { conn }
+    }
+
+    fn lift(self) {
+        self.conn.execute_batch("DROP TRIGGER refuse_act").unwrap();
+    }
+}
+
+/// Waits until `pipeline` of `bridge` is paused for `ledger` (an act could not be recorded).
+async fn paused_on_the_audit_log(bridge: &partner_bridge::app::Running, pipeline: &str) {
+    let series = format!("partner_bridge_paused{{pipeline=\"{pipeline}\",reason=\"ledger\"}}");
+    wait_for(
+        "the pipeline paused on the audit log",
+        Duration::from_secs(10),
+        || async { (metric_of(bridge, &series) == 1.0).then_some(()) },
+    )
+    .await;
+    assert!(metric_of(bridge, "partner_bridge_audit_write_failures_total") >= 1.0);
+}
+
 fn count(rows: &[AuditRow], act: &str) -> usize {
     rows.iter().filter(|r| r.act == act).count()
 }
@@ -522,32 +560,12 @@ async fn a_failed_audit_write_settles_nothing_and_the_redelivery_records_each_ac
 
     // The receiver's audit table refuses `imported` rows (and the probe's test insert) from now on: Didit imports,
     // the ledger records it, and then the act cannot be written.
-    let db = world.dir.path().join("receiver/ledger.sqlite3");
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.execute_batch(
-        "CREATE TRIGGER refuse_imported BEFORE INSERT ON audit_log
-         WHEN NEW.act IN ('imported', 'probe')
-         BEGIN SELECT RAISE(ABORT, 'the test refuses this audit row'); END;",
-    )
-    .unwrap();
+    let refusal = Refusal::of(&world, "receiver", "imported");
 
     let sessions = create_sessions(&world, SESSIONS, "fail").await;
     let ids = publish_events(&world, &amqp, &sessions).await;
     world.wait_imports(SESSIONS, Duration::from_secs(20)).await;
-    wait_for(
-        "the receiver paused on the audit log",
-        Duration::from_secs(10),
-        || async {
-            (metric_of(
-                &receiver,
-                "partner_bridge_paused{pipeline=\"receiver_tokens\",reason=\"ledger\"}",
-            ) == 1.0)
-                .then_some(())
-        },
-    )
-    .await;
-    assert!(metric_of(&receiver, "partner_bridge_audit_write_failures_total") >= 1.0);
+    paused_on_the_audit_log(&receiver, "receiver_tokens").await;
     // Nothing is reported while the act is missing: the envelopes wait.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
@@ -559,7 +577,7 @@ async fn a_failed_audit_write_settles_nothing_and_the_redelivery_records_each_ac
     assert_eq!(count(&rows, "imported"), 0);
 
     // The table accepts rows again: the pipeline resumes, every envelope comes back and is reported.
-    conn.execute_batch("DROP TRIGGER refuse_imported").unwrap();
+    refusal.lift();
     results.wait_count(SESSIONS, Duration::from_secs(30)).await;
     wait_for("every import recorded", Duration::from_secs(10), || async {
         (count(&rows_of(&receiver_config).await, "imported") == SESSIONS).then_some(())
@@ -830,29 +848,11 @@ async fn an_issuer_that_cannot_record_a_mint_publishes_nothing_until_it_can() {
     let receiver = world.start_receiver(false).await;
     let issuer = world.start(issuer_config.clone()).await;
     let amqp = Amqp::connect().await;
-    let conn = rusqlite::Connection::open(world.dir.path().join("issuer/ledger.sqlite3")).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.execute_batch(
-        "CREATE TRIGGER refuse_minted BEFORE INSERT ON audit_log
-         WHEN NEW.act IN ('share_minted', 'probe')
-         BEGIN SELECT RAISE(ABORT, 'the test refuses this audit row'); END;",
-    )
-    .unwrap();
+    let refusal = Refusal::of(&world, "issuer", "share_minted");
 
     let sessions = create_sessions(&world, SESSIONS, "issuer-fail").await;
     let ids = publish_events(&world, &amqp, &sessions).await;
-    wait_for(
-        "the issuer paused on the audit log",
-        Duration::from_secs(10),
-        || async {
-            (metric_of(
-                &issuer,
-                "partner_bridge_paused{pipeline=\"issuer_onboarding\",reason=\"ledger\"}",
-            ) == 1.0)
-                .then_some(())
-        },
-    )
-    .await;
+    paused_on_the_audit_log(&issuer, "issuer_onboarding").await;
     // Didit minted, but no token left without its act.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
@@ -864,7 +864,7 @@ async fn an_issuer_that_cannot_record_a_mint_publishes_nothing_until_it_can() {
     );
     assert!(world.control.stats().await.unwrap().imports.is_empty());
 
-    conn.execute_batch("DROP TRIGGER refuse_minted").unwrap();
+    refusal.lift();
     let counts = world.wait_imports(SESSIONS, Duration::from_secs(30)).await;
     assert!(counts.values().all(|n| *n == 1), "{counts:?}");
     wait_for("every token recorded", Duration::from_secs(10), || async {
