@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use partner_bridge::cli::{Cli, Command, DeadLetterAction, TopologyAction};
+use partner_bridge::cli::{
+    AuditAction, AuditFilterArgs, Cli, Command, DeadLetterAction, TopologyAction,
+};
 use partner_bridge::config::{Config, ConfigError, LogFormat};
 use partner_bridge::{app, commands, demo, sandbox, telemetry};
 
@@ -167,6 +169,40 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                     replayed.present
                 );
             }
+        }
+        Command::Audit { action } => {
+            let path = match &action {
+                AuditAction::List { config, .. }
+                | AuditAction::Export { config, .. }
+                | AuditAction::Verify { config }
+                | AuditAction::Recipients { config, .. } => config.clone(),
+            };
+            let config = load(&path)?;
+            telemetry::init_cli("warn");
+            let rows = |filter: AuditFilterArgs| {
+                let config = &config;
+                async move {
+                    let (audit, _) = commands::open_audit(config).await?;
+                    let filter = partner_bridge::audit::Filter {
+                        session: filter.session,
+                        partner: filter.partner,
+                        since: filter.since,
+                        until: filter.until,
+                    };
+                    Ok::<_, anyhow::Error>(audit.rows(&filter).await?)
+                }
+            };
+            let out = match action {
+                AuditAction::List { filter, .. } => commands::audit_list(&rows(filter).await?),
+                AuditAction::Export { format, filter, .. } => {
+                    commands::audit_export(&rows(filter).await?, format)
+                }
+                AuditAction::Verify { .. } => commands::audit_verify(&config).await?,
+                AuditAction::Recipients { session, json, .. } => {
+                    commands::audit_recipients(&config, &session, json).await?
+                }
+            };
+            print!("{out}");
         }
         Command::Keygen {
             out,
