@@ -421,17 +421,25 @@ struct Progress {
     /// Rows read by this run.
     read: u64,
     partner: String,
+    /// Events per second the budget allows (`None`: a dry run, which sends nothing and waits for nothing).
+    send_rate: Option<f64>,
 }
 
 impl Progress {
     fn line(&self, s: &Summary) -> String {
         let elapsed = self.started.elapsed().as_secs_f64().max(0.001);
         let rate = self.read as f64 / elapsed;
-        let left = self.total.saturating_sub(self.position);
+        let left = self.total.saturating_sub(self.position) as f64;
+        // The rows left are listed at the rate seen so far, and the share of them sent so far waits for the budget.
         let eta = if self.read == 0 || rate <= 0.0 {
             "?".to_string()
         } else {
-            human(Duration::from_secs_f64(left as f64 / rate))
+            let listing = left / rate;
+            let sending = match self.send_rate {
+                Some(per_second) => left * (s.published as f64 / self.read as f64) / per_second,
+                None => 0.0,
+            };
+            human(Duration::from_secs_f64(listing.max(sending)))
         };
         format!(
             "backfill {}: {}/{} listed, {} matching, {} published, {} already done, {} skipped (policy {}, filter {}), {:.1} rows/s, ETA {eta}",
@@ -689,6 +697,7 @@ async fn backfill(
         position: counts[..start_lane].iter().sum(),
         read: 0,
         partner: plan.partner.name.clone(),
+        send_rate: (!plan.dry_run).then(|| spacing.per_second()),
     };
     let mut summary = Summary::default();
     let mut seen: HashSet<String> = HashSet::new();

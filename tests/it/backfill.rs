@@ -299,3 +299,60 @@ async fn backfill_names_a_bad_partner_or_budget_and_reports_didit_refusing_the_k
     );
     world.cleanup().await;
 }
+
+/// The checkpoint itself, on both ledger backends: it survives reopening the ledger, a session recorded twice is
+/// one, a finished backfill restarts empty, and each backfill (key) has its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_survives_a_reopen_on_sqlite_and_postgres() {
+    use partner_bridge::ledger::Ledger;
+    use partner_bridge::ledger::backfill::BackfillStore;
+    use partner_bridge::secret::SecretUrl;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pg = crate::support::pg_ledger::PgSchema::create("backfill").await;
+    for url in [
+        format!("sqlite://{}/ledger.sqlite3", dir.path().display()),
+        pg.url(),
+    ] {
+        let url = SecretUrl::new(url);
+        let started = Utc::now() - chrono::TimeDelta::minutes(5);
+        {
+            let ledger = Ledger::open(&url).await.unwrap();
+            let store = BackfillStore::new(&ledger);
+            assert!(store.peek("run-a").await.unwrap().is_none());
+            let fresh = store
+                .begin("run-a", "bank", "--partner bank", started)
+                .await
+                .unwrap();
+            assert_eq!((fresh.lane, fresh.offset), (0, 0));
+            assert!(fresh.sent.is_empty() && fresh.finished_at.is_none());
+            for id in ["s-1", "s-2", "s-1"] {
+                store.sent("run-a", id).await.unwrap();
+            }
+            store.advance("run-a", 1, 200).await.unwrap();
+            store.begin("run-b", "bank", "--partner bank --kind user", started).await.unwrap();
+        }
+        let ledger = Ledger::open(&url).await.unwrap();
+        let store = BackfillStore::new(&ledger);
+        let resumed = store
+            .begin("run-a", "bank", "--partner bank", Utc::now())
+            .await
+            .unwrap();
+        assert_eq!((resumed.lane, resumed.offset), (1, 200), "{url:?}");
+        assert_eq!(
+            resumed.sent,
+            ["s-1", "s-2"].iter().map(|s| s.to_string()).collect()
+        );
+        assert_eq!(
+            resumed.started_at.timestamp_millis(),
+            started.timestamp_millis(),
+            "begin keeps the first start"
+        );
+        assert!(store.peek("run-b").await.unwrap().unwrap().sent.is_empty());
+        store.finish("run-a").await.unwrap();
+        assert!(store.peek("run-a").await.unwrap().unwrap().finished_at.is_some());
+        let again = store.restart("run-a", Utc::now()).await.unwrap();
+        assert_eq!((again.lane, again.offset, again.finished_at), (0, 0, None));
+        assert!(again.sent.is_empty());
+    }
+}
