@@ -119,7 +119,11 @@ pub struct Plan {
     pub metrics_addr: Option<SocketAddr>,
 }
 
-fn parse_day(raw: &Option<String>, flag: &str, problems: &mut Vec<ConfigError>) -> Option<NaiveDate> {
+fn parse_day(
+    raw: &Option<String>,
+    flag: &str,
+    problems: &mut Vec<ConfigError>,
+) -> Option<NaiveDate> {
     let raw = raw.as_deref()?;
     match NaiveDate::parse_from_str(raw.trim(), "%Y-%m-%d") {
         Ok(day) => Some(day),
@@ -333,7 +337,12 @@ impl Plan {
     }
 
     /// The event for one row.
-    pub fn event(&self, run_key: &str, row: &SessionSummary, kind: SessionKind) -> OnboardingFinished {
+    pub fn event(
+        &self,
+        run_key: &str,
+        row: &SessionSummary,
+        kind: SessionKind,
+    ) -> OnboardingFinished {
         OnboardingFinished {
             kind: envelope::types::ONBOARDING_FINISHED.to_string(),
             event_id: format!("backfill:{}:{}", &run_key[..12], row.session_id),
@@ -764,7 +773,11 @@ async fn backfill(
                 metrics.backfill_session(&plan.partner.name, outcome);
                 progress.show(&summary, false);
             }
-            let after = page.next.as_ref().and_then(PageLink::offset).unwrap_or(offset + rows);
+            let after = page
+                .next
+                .as_ref()
+                .and_then(PageLink::offset)
+                .unwrap_or(offset + rows);
             match page.next {
                 Some(PageLink::Next(link)) => {
                     if !plan.dry_run {
@@ -907,7 +920,10 @@ mod tests {
         )
         .unwrap_err();
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["--partner", "--budget", "--status", "--status", "--since"]);
+        assert_eq!(
+            keys,
+            ["--partner", "--budget", "--status", "--status", "--since"]
+        );
         assert!(errors[0].reason.contains("nobody") && errors[0].reason.contains("bank"));
         for bad in ["0", "-0.1", "abc", "", "NaN", "inf"] {
             let e = Plan::new(
@@ -977,7 +993,11 @@ mod tests {
             plan.classify(business, &row(SessionKind::Business, "APPROVED")),
             Verdict::SkippedPolicy
         );
-        let event = plan.event(&plan.run_key(), &row(SessionKind::User, "Approved"), SessionKind::User);
+        let event = plan.event(
+            &plan.run_key(),
+            &row(SessionKind::User, "Approved"),
+            SessionKind::User,
+        );
         assert_eq!(
             event.partners,
             Some(vec!["5e443cde-44aa-4f22-b94c-3b6a8d9f05ce".to_string()])
@@ -993,7 +1013,11 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(plan.run_key(), again.run_key(), "the order of --status does not matter");
+        assert_eq!(
+            plan.run_key(),
+            again.run_key(),
+            "the order of --status does not matter"
+        );
         let same = Plan::new(
             &config,
             &Options {
@@ -1015,6 +1039,9 @@ mod tests {
         let spacing = Spacing::new(&config, 0.5);
         assert_eq!(spacing.interval, Duration::from_millis(400));
         config.didit.writes_per_minute = 0;
-        assert_eq!(Spacing::new(&config, 1.0).interval, Duration::from_millis(200));
+        assert_eq!(
+            Spacing::new(&config, 1.0).interval,
+            Duration::from_millis(200)
+        );
     }
 }

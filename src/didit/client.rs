@@ -480,18 +480,20 @@ impl DiditClient {
                 });
             }
         };
-        let next = page
-            .next
-            .as_deref()
-            .filter(|n| !n.trim().is_empty())
-            .map(|n| match Url::parse(n).or_else(|_| self.inner.base.join(n)) {
-                Ok(url) => match url.query() {
-                    Some(q) => PageLink::Next(q.to_string()),
-                    None => PageLink::Unusable,
-                },
-                // A `next` that is not a URL: what was read is all that can be read.
-                Err(_) => PageLink::Unusable,
-            });
+        let next =
+            page.next
+                .as_deref()
+                .filter(|n| !n.trim().is_empty())
+                .map(
+                    |n| match Url::parse(n).or_else(|_| self.inner.base.join(n)) {
+                        Ok(url) => match url.query() {
+                            Some(q) => PageLink::Next(q.to_string()),
+                            None => PageLink::Unusable,
+                        },
+                        // A `next` that is not a URL: what was read is all that can be read.
+                        Err(_) => PageLink::Unusable,
+                    },
+                );
         Ok(ListedPage {
             count: page.count,
             results: page.results,

@@ -82,7 +82,8 @@ const BEGIN: &str = "INSERT INTO backfill_runs (run_key, partner, arguments, lan
 const READ_RUN: &str =
     "SELECT lane, next_offset, started_at, finished_at FROM backfill_runs WHERE run_key = ?1";
 const READ_SENT: &str = "SELECT session_id FROM backfill_sent WHERE run_key = ?1";
-const RESTART_RUN: &str = "UPDATE backfill_runs SET lane = 0, next_offset = 0, started_at = ?2, updated_at = ?2,
+const RESTART_RUN: &str =
+    "UPDATE backfill_runs SET lane = 0, next_offset = 0, started_at = ?2, updated_at = ?2,
     finished_at = NULL WHERE run_key = ?1";
 const RESTART_SENT: &str = "DELETE FROM backfill_sent WHERE run_key = ?1";
 const SENT: &str = "INSERT INTO backfill_sent (run_key, session_id, sent_at) VALUES (?1, ?2, ?3)
@@ -192,10 +193,7 @@ impl BackfillStore {
     pub async fn finish(&self, run_key: &str) -> Result<(), LedgerError> {
         self.execute(vec![Statement {
             sql: FINISH,
-            values: vec![
-                Value::Text(run_key.into()),
-                Value::Int(millis(Utc::now())),
-            ],
+            values: vec![Value::Text(run_key.into()), Value::Int(millis(Utc::now()))],
         }])
         .await
     }

@@ -120,10 +120,9 @@ async fn a_backfill_killed_halfway_and_started_again_imports_each_matching_sessi
         .map(|(id, _, _)| id.clone())
         .collect();
     assert_eq!(expected.len(), 120);
-    assert!(
-        late.iter()
-            .any(|(id, s, k)| *s == "Approved" && *k == SessionKind::Business && expected.contains(id))
-    );
+    assert!(late.iter().any(|(id, s, k)| *s == "Approved"
+        && *k == SessionKind::Business
+        && expected.contains(id)));
     let since = (Utc::now() + chrono::TimeDelta::days(1))
         .date_naive()
         .to_string();
@@ -134,7 +133,14 @@ async fn a_backfill_killed_halfway_and_started_again_imports_each_matching_sessi
         "backfill",
         &issuer_toml.replace("writes_per_minute = 0", "writes_per_minute = 6000"),
     );
-    let args = ["--partner", "sponsor-bank", "--since", &since, "--budget", "0.25"];
+    let args = [
+        "--partner",
+        "sponsor-bank",
+        "--since",
+        &since,
+        "--budget",
+        "0.25",
+    ];
 
     // The issuer's topology exists (so a sent event would wait in its queue), no bridge runs yet.
     let issuer_config = world.config(&issuer_toml);
@@ -183,18 +189,28 @@ async fn a_backfill_killed_halfway_and_started_again_imports_each_matching_sessi
         .stderr(log)
         .spawn()
         .expect("start the backfill");
-    wait_for("a third of the sessions shared", Duration::from_secs(60), || async {
-        let shares = world.control.stats().await.ok()?.shares;
-        (shares >= 40).then_some(())
-    })
+    wait_for(
+        "a third of the sessions shared",
+        Duration::from_secs(60),
+        || async {
+            let shares = world.control.stats().await.ok()?.shares;
+            (shares >= 40).then_some(())
+        },
+    )
     .await;
     child.start_kill().expect("SIGKILL");
     let status = child.wait().await.unwrap();
-    assert_eq!(status.signal(), Some(9), "the backfill was killed: {status:?}");
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the backfill was killed: {status:?}"
+    );
     // Let what it published before dying be shared, then read how far it got.
-    wait_for("the onboarding queue drained", Duration::from_secs(30), || async {
-        (amqp.depth(&queue).await == 0).then_some(())
-    })
+    wait_for(
+        "the onboarding queue drained",
+        Duration::from_secs(30),
+        || async { (amqp.depth(&queue).await == 0).then_some(()) },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let shared_before = world.control.stats().await.unwrap().shares;
@@ -226,9 +242,11 @@ async fn a_backfill_killed_halfway_and_started_again_imports_each_matching_sessi
     for (id, _, _) in &early {
         assert!(!counts.contains_key(id), "{id} is before --since");
     }
-    wait_for("the onboarding queue drained", Duration::from_secs(30), || async {
-        (amqp.depth(&queue).await == 0).then_some(())
-    })
+    wait_for(
+        "the onboarding queue drained",
+        Duration::from_secs(30),
+        || async { (amqp.depth(&queue).await == 0).then_some(()) },
+    )
     .await;
     let stats = world.control.stats().await.unwrap();
     assert_eq!(stats.shares, 120, "no session was minted twice");
@@ -245,16 +263,23 @@ async fn a_backfill_killed_halfway_and_started_again_imports_each_matching_sessi
     assert_eq!(again.code, 0, "{again:?}");
     assert_eq!(count(&again, "published"), 120);
     assert_eq!(count(&again, "already done"), 0);
-    wait_for("the second pass handled", Duration::from_secs(60), || async {
-        let duplicates = metric_of(
-            &issuer,
-            r#"partner_bridge_events_total{source="backfill",outcome="duplicate"}"#,
-        );
-        (duplicates >= 120.0).then_some(())
-    })
+    wait_for(
+        "the second pass handled",
+        Duration::from_secs(60),
+        || async {
+            let duplicates = metric_of(
+                &issuer,
+                r#"partner_bridge_events_total{source="backfill",outcome="duplicate"}"#,
+            );
+            (duplicates >= 120.0).then_some(())
+        },
+    )
     .await;
     let stats = world.control.stats().await.unwrap();
-    assert_eq!(stats.shares, 120, "a second run mints nothing already valid");
+    assert_eq!(
+        stats.shares, 120,
+        "a second run mints nothing already valid"
+    );
     assert!(
         stats.imports.iter().all(|i| i.count == 1) && stats.imports.len() == 120,
         "{stats:?}"
@@ -277,7 +302,10 @@ async fn backfill_names_a_bad_partner_or_budget_and_reports_didit_refusing_the_k
         ran.stderr.contains("`--partner`") && ran.stderr.contains("nobody"),
         "{ran:?}"
     );
-    assert!(ran.stderr.contains("sponsor-bank"), "lists the partners: {ran:?}");
+    assert!(
+        ran.stderr.contains("sponsor-bank"),
+        "lists the partners: {ran:?}"
+    );
     for budget in ["0", "1.5", "-0.2", "half"] {
         let ran = backfill(&config, &["--partner", "sponsor-bank", "--budget", budget]).await;
         assert_eq!(ran.code, 64, "--budget {budget}: {ran:?}");
@@ -293,8 +321,7 @@ async fn backfill_names_a_bad_partner_or_budget_and_reports_didit_refusing_the_k
     let ran = backfill(&config, &["--partner", "sponsor-bank"]).await;
     assert_eq!(ran.code, 1, "{ran:?}");
     assert!(
-        ran.stderr.contains("cannot list the issuer's sessions")
-            && ran.stderr.contains("API key"),
+        ran.stderr.contains("cannot list the issuer's sessions") && ran.stderr.contains("API key"),
         "{ran:?}"
     );
     world.cleanup().await;
@@ -330,7 +357,10 @@ async fn the_checkpoint_survives_a_reopen_on_sqlite_and_postgres() {
                 store.sent("run-a", id).await.unwrap();
             }
             store.advance("run-a", 1, 200).await.unwrap();
-            store.begin("run-b", "bank", "--partner bank --kind user", started).await.unwrap();
+            store
+                .begin("run-b", "bank", "--partner bank --kind user", started)
+                .await
+                .unwrap();
         }
         let ledger = Ledger::open(&url).await.unwrap();
         let store = BackfillStore::new(&ledger);
@@ -350,7 +380,15 @@ async fn the_checkpoint_survives_a_reopen_on_sqlite_and_postgres() {
         );
         assert!(store.peek("run-b").await.unwrap().unwrap().sent.is_empty());
         store.finish("run-a").await.unwrap();
-        assert!(store.peek("run-a").await.unwrap().unwrap().finished_at.is_some());
+        assert!(
+            store
+                .peek("run-a")
+                .await
+                .unwrap()
+                .unwrap()
+                .finished_at
+                .is_some()
+        );
         let again = store.restart("run-a", Utc::now()).await.unwrap();
         assert_eq!((again.lane, again.offset, again.finished_at), (0, 0, None));
         assert!(again.sent.is_empty());
