@@ -394,3 +394,64 @@ async fn the_checkpoint_survives_a_reopen_on_sqlite_and_postgres() {
         assert!(again.sent.is_empty());
     }
 }
+
+/// The listing a backfill reads, as Didit documents it: 50 rows by default, newest first, `count`, and `next`
+/// paging that an `offset` reproduces (what a resumed backfill starts from).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_lists_fifty_newest_first_by_default_and_an_offset_resumes_the_paging() {
+    use partner_bridge::didit::client::{DiditClient, PageLink, SessionQuery};
+
+    let world = World::new("backfill-list").await;
+    let mut created = Vec::new();
+    for i in 0..60 {
+        let id = world
+            .session(SessionKind::User, "Approved", &format!("list-{i}"))
+            .await;
+        created.push(id);
+    }
+    world
+        .session(SessionKind::Business, "APPROVED", "kyb")
+        .await;
+    let access = world
+        .config(&world.issuer_toml())
+        .issuer_didit()
+        .expect("issuer access");
+    let client = DiditClient::new(&access, Default::default()).unwrap();
+
+    let first = client
+        .list_page(&SessionQuery::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(first.count, Some(60), "KYC only by default");
+    assert_eq!(first.results.len(), 50, "Didit's default page size");
+    let newest_first: Vec<&str> = created.iter().rev().take(50).map(String::as_str).collect();
+    let listed: Vec<&str> = first
+        .results
+        .iter()
+        .map(|s| s.session_id.as_str())
+        .collect();
+    assert_eq!(listed, newest_first);
+    let next = first.next.clone().expect("a next page");
+    assert_eq!(next.offset(), Some(50));
+    let PageLink::Next(link) = next else {
+        panic!("a next link that can be followed")
+    };
+    let followed = client
+        .list_page(&SessionQuery::default(), Some(&link))
+        .await
+        .unwrap();
+    let resumed = client
+        .list_page(
+            &SessionQuery {
+                offset: Some(50),
+                ..SessionQuery::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(followed.results.len(), 10);
+    assert_eq!(followed.results, resumed.results);
+    assert!(followed.next.is_none() && resumed.next.is_none());
+    world.cleanup().await;
+}
