@@ -41,7 +41,6 @@ use crate::didit::wire::{SessionKind, SessionStatus, SessionSummary};
 use crate::envelope::{self, OnboardingFinished};
 use crate::health::Health;
 use crate::issuer::onboarding::HEADER_SOURCE;
-use crate::ledger::Ledger;
 use crate::ledger::backfill::{BackfillStore, Checkpoint};
 use crate::metrics::Metrics;
 
@@ -68,24 +67,33 @@ pub enum KindArg {
     All,
 }
 
-/// The command line of `backfill`, as given.
-#[derive(Debug, Clone)]
+/// The command line of `backfill` (besides `--config`), as given: values are checked by [`Plan::new`], so that a
+/// bad one exits 64 naming its flag.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
-    /// `--partner`: the `[[issuer.partners]]` name.
+    /// The `[[issuer.partners]]` name to backfill.
+    #[arg(long)]
     pub partner: String,
-    /// `--status`, repeatable.
+    /// Only sessions in this status (repeatable; either casing). Default: every status the policy accepts.
+    #[arg(long = "status", value_name = "S")]
     pub statuses: Vec<String>,
-    /// `--kind`.
+    /// Which kinds to list.
+    #[arg(long, value_enum, default_value_t = KindArg::All)]
     pub kind: KindArg,
-    /// `--since` (created on or after, `YYYY-MM-DD`).
+    /// Only sessions created on or after this day (YYYY-MM-DD, UTC).
+    #[arg(long, value_name = "DATE")]
     pub since: Option<String>,
-    /// `--until` (created on or before).
+    /// Only sessions created on or before this day (YYYY-MM-DD, UTC).
+    #[arg(long, value_name = "DATE")]
     pub until: Option<String>,
-    /// `--dry-run`.
+    /// Print the events that would be published (JSON lines) and send nothing.
+    #[arg(long)]
     pub dry_run: bool,
-    /// `--budget`, unparsed (a bad value is exit 64 naming it).
+    /// Share of the key's write rate (`didit.writes_per_minute`) the backfill may use: 0 < x <= 1 (default 0.5).
+    #[arg(long, value_name = "FRACTION", allow_hyphen_values = true)]
     pub budget: Option<String>,
-    /// `--metrics-addr`: serve the command's own `/metrics` there while it runs.
+    /// Serve this command's own `/metrics` (`partner_bridge_backfill_sessions_total`) here while it runs.
+    #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 }
 
@@ -451,12 +459,17 @@ impl Progress {
             human(Duration::from_secs_f64(listing.max(sending)))
         };
         format!(
-            "backfill {}: {}/{} listed, {} matching, {} published, {} already done, {} skipped (policy {}, filter {}), {:.1} rows/s, ETA {eta}",
+            "backfill {}: {}/{} listed, {} matching, {} {}, {} already done, {} skipped (policy {}, filter {}), {:.1} rows/s, ETA {eta}",
             self.partner,
-            self.position.min(self.total.max(self.position)),
+            self.position,
             self.total.max(self.position),
             s.matching,
             s.published,
+            if self.send_rate.is_some() {
+                "published"
+            } else {
+                "would publish"
+            },
             s.already_done,
             s.skipped_policy + s.skipped_filter,
             s.skipped_policy,
@@ -607,14 +620,8 @@ async fn backfill(
     let access = config.issuer_didit()?;
     // Reads only: listing is not a write and is not paced against the key's write budget.
     let client = DiditClient::new(&access, metrics.clone())?;
-    let ledger_url = config.ledger_url();
-    let ledger = Ledger::open_with_tls(
-        &ledger_url,
-        config.ledger.timeout(),
-        &config.ledger.tls_settings(),
-    )
-    .await
-    .with_context(|| format!("cannot open the ledger at {}", ledger_url.redacted()))?;
+    // Not `lock_state_dir`: the backfill runs next to the issuer bridge that holds that lock, and takes no lease.
+    let ledger = crate::app::open_ledger(config).await?;
     let store = BackfillStore::new(&ledger);
     let run_key = plan.run_key();
     let arguments = plan.arguments();
@@ -1002,7 +1009,7 @@ mod tests {
             event.partners,
             Some(vec!["5e443cde-44aa-4f22-b94c-3b6a8d9f05ce".to_string()])
         );
-        // The same filters give the same checkpoint, whatever the budget; other filters another one.
+        // The same filters give the same checkpoint, whatever the budget (`again` has none); other filters another one.
         let again = Plan::new(
             &config,
             &Options {
@@ -1018,18 +1025,15 @@ mod tests {
             again.run_key(),
             "the order of --status does not matter"
         );
-        let same = Plan::new(
+        let users_only = Plan::new(
             &config,
             &Options {
-                statuses: vec!["Approved".into(), "In Review".into()],
-                since: Some("2026-11-01".into()),
-                until: Some("2026-11-30".into()),
-                budget: Some("0.1".into()),
+                kind: KindArg::User,
                 ..options()
             },
         )
         .unwrap();
-        assert_eq!(plan.run_key(), same.run_key());
+        assert_ne!(plan.run_key(), users_only.run_key());
     }
 
     #[test]

@@ -86,30 +86,9 @@ pub enum Command {
         /// The issuer's TOML configuration file (the running issuer bridge's).
         #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
         config: PathBuf,
-        /// The `[[issuer.partners]]` name to backfill.
-        #[arg(long)]
-        partner: String,
-        /// Only sessions in this status (repeatable; either casing). Default: every status the policy accepts.
-        #[arg(long = "status", value_name = "S")]
-        statuses: Vec<String>,
-        /// Which kinds to list.
-        #[arg(long, value_enum, default_value_t = crate::backfill::KindArg::All)]
-        kind: crate::backfill::KindArg,
-        /// Only sessions created on or after this day (YYYY-MM-DD, UTC).
-        #[arg(long, value_name = "DATE")]
-        since: Option<String>,
-        /// Only sessions created on or before this day (YYYY-MM-DD, UTC).
-        #[arg(long, value_name = "DATE")]
-        until: Option<String>,
-        /// Print the events that would be published (JSON lines) and send nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Share of the key's write rate (`didit.writes_per_minute`) the backfill may use: 0 < x <= 1 (default 0.5).
-        #[arg(long, value_name = "FRACTION", allow_hyphen_values = true)]
-        budget: Option<String>,
-        /// Serve this command's own `/metrics` (`partner_bridge_backfill_sessions_total`) here while it runs.
-        #[arg(long, value_name = "ADDR")]
-        metrics_addr: Option<SocketAddr>,
+        /// The partner, the filters and the pace.
+        #[command(flatten)]
+        options: crate::backfill::Options,
     },
     /// Create an Ed25519 key pair: an issuer signs share-token envelopes with it, a receiver its reshare requests.
     Keygen {

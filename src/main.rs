@@ -208,28 +208,8 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 println!("wrote {}/signing.pub", public_out.display());
             }
         }
-        Command::Backfill {
-            config,
-            partner,
-            statuses,
-            kind,
-            since,
-            until,
-            dry_run,
-            budget,
-            metrics_addr,
-        } => {
+        Command::Backfill { config, options } => {
             let config = load(&config)?;
-            let options = backfill::Options {
-                partner,
-                statuses,
-                kind,
-                since,
-                until,
-                dry_run,
-                budget,
-                metrics_addr,
-            };
             let plan = backfill::Plan::new(&config, &options).map_err(Failure::Config)?;
             telemetry::init_cli("warn");
             let started = std::time::Instant::now();
