@@ -182,19 +182,29 @@ async fn a_backfill_killed_halfway_and_started_again_imports_each_matching_sessi
     let receiver = world.start_receiver(false).await;
     let issuer = world.start(world.config(&issuer_toml)).await;
 
-    // The first run, SIGKILLed once about a third of the sessions are shared.
+    // The first run, SIGKILLed once about a third of the sessions are published.
     let log = std::fs::File::create(world.dir.path().join("killed.log")).unwrap();
     let mut child = command(&config, &args)
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
         .expect("start the backfill");
+    // Killed by what the backfill itself recorded (its checkpoint in the issuer's SQLite ledger), so that how fast
+    // the bridge follows does not matter.
+    let ledger_file = world.dir.path().join("issuer/ledger.sqlite3");
     wait_for(
-        "a third of the sessions shared",
+        "a third of the sessions published",
         Duration::from_secs(60),
         || async {
-            let shares = world.control.stats().await.ok()?.shares;
-            (shares >= 40).then_some(())
+            let conn = rusqlite::Connection::open_with_flags(
+                &ledger_file,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .ok()?;
+            let sent: i64 = conn
+                .query_row("SELECT COUNT(*) FROM backfill_sent", [], |r| r.get(0))
+                .ok()?;
+            (sent >= 40).then_some(())
         },
     )
     .await;
@@ -259,8 +269,50 @@ async fn a_backfill_killed_halfway_and_started_again_imports_each_matching_sessi
     );
 
     // A run after the finished one is a new pass: every token is still valid, so nothing is minted or imported.
-    let again = backfill(&config, &args).await;
+    // It serves its own counts on --metrics-addr while it runs.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut again_args = args.to_vec();
+    again_args.extend(["--metrics-addr", &addr]);
+    let child = command(&config, &again_args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the backfill");
+    let http = reqwest::Client::new();
+    let published =
+        r#"partner_bridge_backfill_sessions_total{partner="sponsor-bank",outcome="published"}"#;
+    wait_for(
+        "the backfill's own /metrics",
+        Duration::from_secs(60),
+        || async {
+            let text = http
+                .get(format!("http://{addr}/metrics"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            (crate::support::bridge::metric(&text, published) > 0.0).then_some(())
+        },
+    )
+    .await;
+    let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the backfill ends")
+        .unwrap();
+    let again = Ran {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
     assert_eq!(again.code, 0, "{again:?}");
+    assert!(again.stderr.contains("starting a new pass"), "{again:?}");
     assert_eq!(count(&again, "published"), 120);
     assert_eq!(count(&again, "already done"), 0);
     wait_for(
