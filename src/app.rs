@@ -186,13 +186,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     health.not_ready("ledger", "opening");
     let ledger_url = config.ledger_url();
-    let ledger = Ledger::open_with_tls(
-        &ledger_url,
-        config.ledger.timeout(),
-        &config.ledger.tls_settings(),
-    )
-    .await
-    .with_context(|| format!("cannot open the ledger at {}", ledger_url.redacted()))?;
+    let ledger = open_ledger(&config).await?;
     ledger
         .check_writable()
         .await
@@ -615,6 +609,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
 /// The lock file inside `state_dir`.
 pub const STATE_LOCK_FILE: &str = "partner-bridge.lock";
+
+/// Opens the configured ledger (`ledger.url`, default SQLite under `state_dir`) with its timeout and TLS settings;
+/// the error names the ledger, its password redacted.
+pub async fn open_ledger(config: &Config) -> anyhow::Result<Ledger> {
+    let url = config.ledger_url();
+    Ledger::open_with_tls(&url, config.ledger.timeout(), &config.ledger.tls_settings())
+        .await
+        .with_context(|| format!("cannot open the ledger at {}", url.redacted()))
+}
 
 /// Takes an exclusive lock on `state_dir` (creating it when missing), or fails naming the process that holds it.
 ///

@@ -1,5 +1,6 @@
 //! The command line (DESIGN.md §8): `run`, `sandbox`, `demo`, `check-config`, `topology declare|show`,
-//! `dead-letters list|replay`, `audit list|export|verify|recipients`, `keygen`, `healthcheck`. Parsing only; each command's work lives in its module.
+//! `dead-letters list|replay`, `audit list|export|verify|recipients`, `backfill`, `keygen`, `healthcheck`. Parsing
+//! only; each command's work lives in its module.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -84,6 +85,17 @@ pub enum Command {
         /// list, export, verify or recipients.
         #[command(subcommand)]
         action: AuditAction,
+    },
+    /// Share the issuer's existing finished sessions with one partner (a new partnership): lists them from Didit,
+    /// applies the partner's policy and publishes `onboarding.finished` for that partner only through the running
+    /// issuer bridge. Resumable (a checkpoint in the ledger) and paced to `--budget` of the key's write rate.
+    Backfill {
+        /// The issuer's TOML configuration file (the running issuer bridge's).
+        #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
+        config: PathBuf,
+        /// The partner, the filters and the pace.
+        #[command(flatten)]
+        options: crate::backfill::Options,
     },
     /// Create an Ed25519 key pair: an issuer signs share-token envelopes with it, a receiver its reshare requests.
     Keygen {

@@ -11,7 +11,7 @@
 //!   ([`retry`] and [`probe`] are the in-process backoff and the way out of a pause they share);
 //! - [`app`]: wiring and lifecycle; [`shutdown`], [`telemetry`];
 //! - [`metrics`], [`health`] and [`admin`]: what the process reports;
-//! - [`cli`], [`commands`] and [`demo`]: the command line;
+//! - [`cli`], [`commands`], [`backfill`] and [`demo`]: the command line;
 //! - [`sandbox`]: a Didit emulator for tests, demos and the benchmark (no production path uses it).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -20,6 +20,7 @@ pub mod admin;
 pub mod amqp;
 pub mod app;
 pub mod audit;
+pub mod backfill;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -11,7 +11,7 @@ use partner_bridge::cli::{
     AuditAction, AuditFilterArgs, Cli, Command, DeadLetterAction, TopologyAction,
 };
 use partner_bridge::config::{Config, ConfigError, LogFormat};
-use partner_bridge::{app, commands, demo, sandbox, telemetry};
+use partner_bridge::{app, backfill, commands, demo, sandbox, telemetry};
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -243,6 +243,25 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 commands::export_public(&out, &public_out)?;
                 println!("wrote {}/signing.pub", public_out.display());
             }
+        }
+        Command::Backfill { config, options } => {
+            let config = load(&config)?;
+            let plan = backfill::Plan::new(&config, &options).map_err(Failure::Config)?;
+            telemetry::init_cli("warn");
+            let started = std::time::Instant::now();
+            let summary = tokio::select! {
+                summary = backfill::run(&config, &plan) => summary?,
+                _ = tokio::signal::ctrl_c() => {
+                    return Err(anyhow::anyhow!(
+                        "interrupted; every session published so far is in the checkpoint: run the same command again to continue"
+                    )
+                    .into());
+                }
+            };
+            print!(
+                "{}",
+                backfill::render_summary(&plan, &summary, started.elapsed())
+            );
         }
         Command::Healthcheck { url } => commands::healthcheck(&url).await?,
     }

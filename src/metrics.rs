@@ -55,7 +55,7 @@ pub mod pipeline {
 /// `{source, outcome}`
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
-    /// `amqp` or `webhook`.
+    /// `amqp`, `webhook` or `backfill` (events published by `partner-bridge backfill`, header `x-pb-source`).
     pub source: &'static str,
     /// `processed`, `ignored_unfinished`, `no_matching_partner`, `duplicate`, `bad_message`, `retried`, `dead_lettered`.
     pub outcome: &'static str,
@@ -74,6 +74,15 @@ pub struct ShareLabels {
     /// The partner's configured name.
     pub partner: String,
     /// `minted`, `skipped_valid`, `rejected`, `not_found`, `retried`, `paused`, `exhausted`, `failed`.
+    pub outcome: &'static str,
+}
+
+/// `{partner, outcome}` of `backfill_sessions_total`
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackfillLabels {
+    /// The partner's configured name.
+    pub partner: String,
+    /// One of [`BACKFILL_OUTCOMES`].
     pub outcome: &'static str,
 }
 
@@ -200,6 +209,7 @@ pub struct Metrics {
     last_success: Family<PipelineLabels, Gauge<f64, AtomicU64>>,
     key_reload_errors: Family<KeyLabels, Counter>,
     delivery_retries: Family<PipelineLabels, Counter>,
+    backfill_sessions: Family<BackfillLabels, Counter>,
     audit_rows: Family<ActLabels, Counter>,
     audit_write_failures: Counter,
     audit_checkpoints: Family<CheckpointLabels, Counter>,
@@ -266,6 +276,17 @@ pub const EXTRA_IMPORT_OUTCOMES: [&str; 6] = [
     "paused",
     "bad_message",
 ];
+/// What `partner-bridge backfill` did with each session it listed (`backfill_sessions_total{partner, outcome}`):
+/// `published` (its event confirmed by the broker), `already_done` (published by an earlier, interrupted run with
+/// the same arguments), `skipped_policy` (the partner's policy refuses its status or kind), `skipped_filter` (outside
+/// the command's filters), `would_publish` (`--dry-run`).
+pub const BACKFILL_OUTCOMES: [&str; 5] = [
+    "published",
+    "already_done",
+    "skipped_policy",
+    "skipped_filter",
+    "would_publish",
+];
 /// Publisher confirm results.
 pub const CONFIRM_RESULTS: [&str; 5] = ["ack", "nack", "returned", "timeout", "error"];
 /// Pause reasons.
@@ -309,6 +330,7 @@ impl Metrics {
             last_success: Family::default(),
             key_reload_errors: Family::default(),
             delivery_retries: Family::default(),
+            backfill_sessions: Family::default(),
             audit_rows: Family::default(),
             audit_write_failures: Counter::default(),
             audit_checkpoints: Family::default(),
@@ -441,6 +463,14 @@ impl Metrics {
             "Deliveries sent to the retry queue after an attempt that did not succeed, per consuming pipeline",
             m.delivery_retries.clone(),
         );
+        // Counted by the `backfill` command only (its summary, and its own `--metrics-addr`); a running bridge shows
+        // a backfill as `events_total{source="backfill"}`.
+        registry.register(
+            "backfill_sessions",
+            "Sessions a backfill listed, per partner, by what it did with them (published, already_done, \
+             skipped_policy, skipped_filter, would_publish)",
+            m.backfill_sessions.clone(),
+        );
         registry.register(
             "audit_rows",
             "Rows appended to the audit log, per act (share_minted, token_published, imported, …)",
@@ -493,7 +523,7 @@ impl Metrics {
         queues: &[String],
         pipelines: &[&'static str],
     ) {
-        for source in ["amqp", "webhook"] {
+        for source in ["amqp", "webhook", "backfill"] {
             for outcome in EVENT_OUTCOMES {
                 let _ = self.events.get_or_create(&EventLabels { source, outcome });
             }
@@ -592,6 +622,26 @@ impl Metrics {
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// A backfill handled one listed session for `partner` (one of [`BACKFILL_OUTCOMES`]).
+    pub fn backfill_session(&self, partner: &str, outcome: &'static str) {
+        self.backfill_sessions
+            .get_or_create(&BackfillLabels {
+                partner: partner.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Sets every backfill series of `partner` to exist (at zero), for the command's own `/metrics`.
+    pub fn init_backfill(&self, partner: &str) {
+        for outcome in BACKFILL_OUTCOMES {
+            let _ = self.backfill_sessions.get_or_create(&BackfillLabels {
+                partner: partner.to_string(),
+                outcome,
+            });
+        }
     }
 
     /// An onboarding event was taken in.

@@ -88,6 +88,8 @@ pub struct SessionQuery {
     pub date_to: Option<chrono::NaiveDate>,
     /// Page size (Didit's default 50).
     pub limit: Option<u32>,
+    /// Rows to skip (Didit's default 0): where a resumed listing starts.
+    pub offset: Option<u64>,
 }
 
 /// What [`DiditClient::list_sessions`] found.
@@ -97,6 +99,44 @@ pub struct SessionListing {
     pub sessions: Vec<SessionSummary>,
     /// False when `max_pages` ran out while Didit still offered a `next` page.
     pub complete: bool,
+}
+
+/// One page of `GET /v3/sessions/`, as [`DiditClient::list_page`] read it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ListedPage {
+    /// Didit's `count` of matching sessions (exact for KYC, capped at 100 for KYB).
+    pub count: Option<u64>,
+    /// The rows, newest first.
+    pub results: Vec<SessionSummary>,
+    /// Where the next page is; `None` on the last page.
+    pub next: Option<PageLink>,
+}
+
+/// A `next` link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageLink {
+    /// The next page's query string (to pass back to [`DiditClient::list_page`]).
+    Next(String),
+    /// Didit named a next page in a form that cannot be followed (no URL, or no query): the listing stops here.
+    Unusable,
+}
+
+impl PageLink {
+    /// The `offset` parameter of the next page, when it has one.
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            PageLink::Next(query) => url_offset(query),
+            PageLink::Unusable => None,
+        }
+    }
+}
+
+fn url_offset(query: &str) -> Option<u64> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == "offset")
+        .and_then(|(_, v)| v.trim().parse().ok())
 }
 
 /// A client for one Didit application. Cheap to clone (an `Arc` inside); clones share the connection pool and the
@@ -378,54 +418,87 @@ impl DiditClient {
         query: &SessionQuery,
         max_pages: usize,
     ) -> Result<SessionListing, DiditError> {
-        let mut url = self.url(&["v3", "sessions", ""]);
-        {
-            let mut pairs = url.query_pairs_mut();
-            let day = |d: chrono::NaiveDate| d.format("%Y-%m-%d").to_string();
-            for (name, value) in [
-                ("vendor_data", query.vendor_data.clone()),
-                ("status", query.status.clone()),
-                (
-                    "session_kind",
-                    query.session_kind.map(|k| k.as_str().to_string()),
-                ),
-                ("workflow_id", query.workflow_id.clone()),
-                ("date_from", query.date_from.map(day)),
-                ("date_to", query.date_to.map(day)),
-                ("limit", query.limit.map(|l| l.to_string())),
-            ] {
-                if let Some(value) = value {
-                    pairs.append_pair(name, &value);
-                }
-            }
-        }
         let mut listing = SessionListing::default();
+        let mut next = None;
         for _ in 0..max_pages.max(1) {
-            let raw = self
-                .exchange(Operation::List, self.inner.http.get(url.clone()), None)
-                .await?;
-            let page: SessionPage = match self.classify(Operation::List, &raw, None, None) {
-                Verdict::Success => parse(Operation::List, &raw, &self.secrets(None))?,
-                Verdict::Failed(e) => return Err(e),
-                Verdict::AskProbe { detail } => {
-                    return Err(DiditError::ApiKeyRejected {
-                        status: raw.status,
-                        detail,
-                    });
-                }
-            };
+            let page = self.list_page(query, next.as_deref()).await?;
             listing.sessions.extend(page.results);
-            let Some(next) = page.next.as_deref().filter(|n| !n.trim().is_empty()) else {
-                listing.complete = true;
-                return Ok(listing);
-            };
-            match Url::parse(next).or_else(|_| self.inner.base.join(next)) {
-                Ok(next) => url.set_query(next.query()),
-                // A `next` that is not a URL: what was read is all that can be read.
-                Err(_) => return Ok(listing),
+            match page.next {
+                Some(PageLink::Next(link)) => next = Some(link),
+                Some(PageLink::Unusable) => return Ok(listing),
+                None => {
+                    listing.complete = true;
+                    return Ok(listing);
+                }
             }
         }
         Ok(listing)
+    }
+
+    /// One page of `GET /v3/sessions/`: the first page of `query` when `next` is `None`, else the page a previous
+    /// answer's [`PageLink::Next`] names (only its query string is used, applied to `didit.base_url`).
+    pub async fn list_page(
+        &self,
+        query: &SessionQuery,
+        next: Option<&str>,
+    ) -> Result<ListedPage, DiditError> {
+        let mut url = self.url(&["v3", "sessions", ""]);
+        match next {
+            Some(query_string) => url.set_query(Some(query_string)),
+            None => {
+                let mut pairs = url.query_pairs_mut();
+                let day = |d: chrono::NaiveDate| d.format("%Y-%m-%d").to_string();
+                for (name, value) in [
+                    ("vendor_data", query.vendor_data.clone()),
+                    ("status", query.status.clone()),
+                    (
+                        "session_kind",
+                        query.session_kind.map(|k| k.as_str().to_string()),
+                    ),
+                    ("workflow_id", query.workflow_id.clone()),
+                    ("date_from", query.date_from.map(day)),
+                    ("date_to", query.date_to.map(day)),
+                    ("limit", query.limit.map(|l| l.to_string())),
+                    ("offset", query.offset.map(|o| o.to_string())),
+                ] {
+                    if let Some(value) = value {
+                        pairs.append_pair(name, &value);
+                    }
+                }
+            }
+        }
+        let raw = self
+            .exchange(Operation::List, self.inner.http.get(url), None)
+            .await?;
+        let page: SessionPage = match self.classify(Operation::List, &raw, None, None) {
+            Verdict::Success => parse(Operation::List, &raw, &self.secrets(None))?,
+            Verdict::Failed(e) => return Err(e),
+            Verdict::AskProbe { detail } => {
+                return Err(DiditError::ApiKeyRejected {
+                    status: raw.status,
+                    detail,
+                });
+            }
+        };
+        let next =
+            page.next
+                .as_deref()
+                .filter(|n| !n.trim().is_empty())
+                .map(
+                    |n| match Url::parse(n).or_else(|_| self.inner.base.join(n)) {
+                        Ok(url) => match url.query() {
+                            Some(q) => PageLink::Next(q.to_string()),
+                            None => PageLink::Unusable,
+                        },
+                        // A `next` that is not a URL: what was read is all that can be read.
+                        Err(_) => PageLink::Unusable,
+                    },
+                );
+        Ok(ListedPage {
+            count: page.count,
+            results: page.results,
+            next,
+        })
     }
 
     /// Re-reads the API key from its file (a rotated secret). `Ok(true)` when the key changed, `Ok(false)` when it

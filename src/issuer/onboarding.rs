@@ -27,7 +27,8 @@ use crate::issuer::mint::{MintRequest, Minted, Minter, Source};
 use crate::issuer::policy;
 use crate::metrics::pipeline;
 
-/// Header set on events made from webhooks, so `events_total` can tell sources apart.
+/// Header set on events made from webhooks (`webhook`) and on those `partner-bridge backfill` publishes
+/// (`backfill`), so `events_total` can tell sources apart.
 pub const HEADER_SOURCE: &str = "x-pb-source";
 
 /// Handles `onboarding.finished` deliveries.
@@ -42,10 +43,10 @@ pub(crate) struct OnboardingHandler {
 impl Handler for OnboardingHandler {
     async fn handle(&self, msg: Incoming) -> Decision {
         let metrics = &self.minter.metrics;
-        let source_label = if msg.header(HEADER_SOURCE) == Some("webhook") {
-            "webhook"
-        } else {
-            "amqp"
+        let source_label = match msg.header(HEADER_SOURCE) {
+            Some("webhook") => "webhook",
+            Some("backfill") => "backfill",
+            _ => "amqp",
         };
         let deadline = Instant::now() + self.minter.retry.hold_max();
         let event = match envelope::parse(&msg.body, self.max_message_bytes) {

@@ -38,6 +38,7 @@
 //!
 //! This module knows nothing of queues, Didit or pipelines: it remembers, and the pipelines decide.
 
+pub mod backfill;
 pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;

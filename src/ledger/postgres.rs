@@ -48,7 +48,7 @@ use super::{
 use crate::secret::SecretUrl;
 
 /// The schema this binary writes (kept in `ledger_meta`, key `schema_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -122,6 +122,29 @@ ALTER TABLE imports ADD COLUMN IF NOT EXISTS intent_message_id TEXT;
 ALTER TABLE imports ADD COLUMN IF NOT EXISTS intent_holder TEXT;
 ALTER TABLE imports ADD COLUMN IF NOT EXISTS intent_vendor_data TEXT;
 ALTER TABLE imports ADD COLUMN IF NOT EXISTS intent_at BIGINT;
+";
+
+/// Version 3, applied after [`SCHEMA_V2`]. Every helper's block is one `-- <task>:` section.
+const SCHEMA_V3: &str = "
+-- backfill: one checkpoint per backfill (`partner-bridge backfill`; run_key hashes the partner and the filters): the
+-- listing lane and offset every page before which is done, when it started and finished; and each session it has
+-- published (after the broker's confirm), so that a killed run resumed with the same arguments sends none again.
+CREATE TABLE IF NOT EXISTS backfill_runs (
+    run_key     TEXT    NOT NULL PRIMARY KEY,
+    partner     TEXT    NOT NULL,
+    arguments   TEXT    NOT NULL,
+    lane        BIGINT NOT NULL DEFAULT 0,
+    next_offset BIGINT NOT NULL DEFAULT 0,
+    started_at  BIGINT NOT NULL,
+    updated_at  BIGINT NOT NULL,
+    finished_at BIGINT
+);
+CREATE TABLE IF NOT EXISTS backfill_sent (
+    run_key    TEXT    NOT NULL,
+    session_id TEXT    NOT NULL,
+    sent_at    BIGINT NOT NULL,
+    PRIMARY KEY (run_key, session_id)
+);
 ";
 
 const SHARE_COLUMNS: &str = "message_id, event_id, session_kind, status, vendor_data, occurred_at, minted_at, expires_at, reshares";
@@ -1395,6 +1418,9 @@ async fn migrate(client: &mut Client) -> Result<(), MigrateError> {
     }
     if version < 2 {
         tx.batch_execute(SCHEMA_V2).await?;
+    }
+    if version < 3 {
+        tx.batch_execute(SCHEMA_V3).await?;
     }
     // Later versions add `if version < N { … }` steps here.
     if version < SCHEMA_VERSION {

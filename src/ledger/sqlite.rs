@@ -36,7 +36,7 @@ use super::{
 };
 
 /// The schema this binary writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The most jobs committed in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -113,6 +113,29 @@ ALTER TABLE imports ADD COLUMN intent_message_id TEXT;
 ALTER TABLE imports ADD COLUMN intent_holder TEXT;
 ALTER TABLE imports ADD COLUMN intent_vendor_data TEXT;
 ALTER TABLE imports ADD COLUMN intent_at INTEGER;
+";
+
+/// Version 3, applied after [`SCHEMA_V2`]. Every helper's block is one `-- <task>:` section.
+const SCHEMA_V3: &str = "
+-- backfill: one checkpoint per backfill (`partner-bridge backfill`; run_key hashes the partner and the filters): the
+-- listing lane and offset every page before which is done, when it started and finished; and each session it has
+-- published (after the broker's confirm), so that a killed run resumed with the same arguments sends none again.
+CREATE TABLE IF NOT EXISTS backfill_runs (
+    run_key     TEXT    NOT NULL PRIMARY KEY,
+    partner     TEXT    NOT NULL,
+    arguments   TEXT    NOT NULL,
+    lane        INTEGER NOT NULL DEFAULT 0,
+    next_offset INTEGER NOT NULL DEFAULT 0,
+    started_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    finished_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS backfill_sent (
+    run_key    TEXT    NOT NULL,
+    session_id TEXT    NOT NULL,
+    sent_at    INTEGER NOT NULL,
+    PRIMARY KEY (run_key, session_id)
+);
 ";
 
 /// The SQLite backend. Clones share the one writer thread, which ends when the last clone is dropped.
@@ -952,6 +975,9 @@ fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
     }
     if version < 2 {
         tx.execute_batch(SCHEMA_V2).map_err(db_error)?;
+    }
+    if version < 3 {
+        tx.execute_batch(SCHEMA_V3).map_err(db_error)?;
     }
     // Later versions add `if version < N { … }` steps here.
     if version < SCHEMA_VERSION {

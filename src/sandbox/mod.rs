@@ -34,7 +34,7 @@
 //! - `GET /v3/sessions/` takes Didit's documented filters, ANDed: `vendor_data` (exact), `status` (either casing),
 //!   `session_kind` (`user`, the default, `business`, or `all`: one page of each kind, concatenated),
 //!   `workflow_id`, `date_from` / `date_to` (created date: `YYYY-MM-DD` covers the whole day, or an RFC 3339
-//!   time); `limit` (default 20, at most 100) / `offset`, with `next` / `previous` links that keep the filters;
+//!   time); `limit` (default 50, as Didit's, at most 100) / `offset`, with `next` / `previous` links that keep the filters;
 //!   newest first; unknown parameters ignored, bad values 400 `validation_error`. `count` is exact for both kinds
 //!   (Didit caps KYB counts at 100; follow `next` rather than trusting `count`). `country` and `search` are not
 //!   emulated.

@@ -244,7 +244,7 @@ fn build() -> Value {
                  "description": "Created on or after: a date (YYYY-MM-DD, from its first second) or an ISO 8601 time."},
                 {"name": "date_to", "in": "query", "schema": {"type": "string"},
                  "description": "Created on or before: a date (through its last second) or an ISO 8601 time."},
-                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 50}},
                 {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}}
             ],
             "responses": {

@@ -35,8 +35,9 @@ use crate::didit::wire::{SessionKind, SessionStatus};
 
 /// How long a request hit by `hang_rate` stays unanswered (unless the sandbox shuts down first).
 const HANG: Duration = Duration::from_secs(120);
-/// Default and largest page of `GET /v3/sessions/`.
-const PAGE_DEFAULT: usize = 20;
+/// Default page of `GET /v3/sessions/`: Didit's documented 50 (docs.didit.me/sessions-api/list-sessions).
+const PAGE_DEFAULT: usize = 50;
+/// Largest page of `GET /v3/sessions/`.
 const PAGE_MAX: usize = 100;
 
 /// Everything the handlers share.

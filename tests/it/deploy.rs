@@ -107,6 +107,10 @@ fn bridge_exposition() -> String {
     metrics.didit_request("share", "200", std::time::Duration::from_millis(5));
     // One series per key file the configuration names (`partner_bridge_key_reload_errors_total{key}`).
     metrics.key_watched("issuer.signing_key_file");
+    // The rate limiter's series are per key, named by the roles using it (`issuer`, `issuer+receiver`), which only
+    // the running process knows: they appear with the key's first paced write and first deferral.
+    metrics.limiter_wait("issuer", std::time::Duration::from_millis(1));
+    metrics.limiter_deferred("issuer");
     metrics.encode()
 }
 

@@ -4,6 +4,7 @@
 
 mod amqp;
 mod audit;
+mod backfill;
 mod client_sandbox;
 mod config;
 mod deploy;
