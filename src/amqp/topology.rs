@@ -221,6 +221,28 @@ pub fn issuer_intake_plan(
     ordered(plan)
 }
 
+/// The issuer's reshare intake on a token broker that is not `amqp.url` (the partner's broker, where its receiver
+/// publishes `reshare.request`): the reshare exchange and queue (bound to `reshare.<own>`) with `.dead` and
+/// `.retry`, and the dead-letter exchange. The same declarations as the reshare half of [`issuer_intake_plan`].
+pub fn issuer_remote_reshare_plan(
+    names: &Names,
+    settings: &QueueSettings,
+    own_application_id: &str,
+) -> Vec<Entity> {
+    let mut plan = vec![
+        exchange(names.reshare_exchange(), "topic"),
+        exchange(names.dead_letter_exchange(), "direct"),
+    ];
+    plan.extend(work_queue(
+        names,
+        settings,
+        &names.issuer_reshare_queue(),
+        &names.reshare_exchange(),
+        &Names::reshare_key(own_application_id),
+    ));
+    ordered(plan)
+}
+
 /// The issuer's token broker: the tokens exchange only (receivers own their queues).
 pub fn issuer_tokens_plan(names: &Names) -> Vec<Entity> {
     vec![exchange(names.tokens_exchange(), "topic")]

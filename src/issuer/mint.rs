@@ -9,6 +9,7 @@
 //! 4. only then complete the ledger row (a crash before this mints again on redelivery, which the receiver's ledger
 //!    absorbs; recording before publishing could lose the token for good).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +35,11 @@ use crate::retry::{Failure, with_backoff};
 pub(crate) struct Minter {
     pub client: DiditClient,
     pub ledger: Ledger,
+    /// Publishes the tokens of every partner without a broker of its own (`issuer.tokens_url`, else `amqp.url`).
     pub tokens: Publisher,
+    /// Partners whose tokens go to a broker of their own (`issuer.partners[].tokens_url`), by application id: one
+    /// publisher per broker, shared by the partners on it.
+    pub partner_tokens: HashMap<String, Publisher>,
     pub names: Names,
     /// The issuer's key set; its newest key signs (re-read on change).
     pub signing_key: SigningKeys,
@@ -99,6 +104,11 @@ pub(crate) struct MintRequest<'a> {
 }
 
 impl Minter {
+    /// The publisher of `application_id`'s tokens: its own broker's, else the default one.
+    pub fn tokens_for(&self, application_id: &str) -> &Publisher {
+        self.partner_tokens.get(application_id).unwrap_or(&self.tokens)
+    }
+
     /// Mints and publishes a token for one partner, following the order in the module doc.
     pub async fn mint(&self, req: MintRequest<'_>) -> Minted {
         let partner = req.partner;
@@ -198,6 +208,26 @@ impl Minter {
     ) -> Result<ShareRecord, Minted> {
         let partner = req.partner;
         let source = req.source;
+        let tokens = self.tokens_for(&partner.application_id);
+        // The partner's broker is down (each partner's broker is its own link): no token is minted that could not
+        // be delivered, and only this partner waits; the outcome is the one of an unconfirmed publish.
+        if let Err(e) = tokens.link().try_connection().await {
+            self.metrics.share(&partner.name, "retried");
+            self.metrics.retry("publish");
+            tracing::warn!(
+                source_session_id = %source.session_id,
+                partner = %partner.name,
+                broker = %tokens.link().redacted_url(),
+                error = %e,
+                "the partner's token broker is unavailable; will mint later"
+            );
+            return Err(Minted::Retry {
+                detail: format!(
+                    "the token broker {} is unavailable: {e}",
+                    tokens.link().redacted_url()
+                ),
+            });
+        }
         let shared = with_backoff(
             &self.retry,
             req.deadline,
@@ -296,8 +326,7 @@ impl Minter {
         let signature = signer.sign(&body);
         let routing_key = Names::token_key(&partner.application_id);
         let exchange = self.names.tokens_exchange();
-        let published = self
-            .tokens
+        let published = tokens
             .publish(Outgoing {
                 exchange: &exchange,
                 routing_key: &routing_key,
