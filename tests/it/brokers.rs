@@ -317,3 +317,59 @@ async fn a_partner_whose_broker_stops_waits_alone_and_finishes_when_it_returns()
     }
     world.cleanup().await;
 }
+
+/// `partner-bridge check-config` on `toml`: exit code, stdout, stderr.
+fn check_config(world: &World, toml: &str) -> (i32, String, String) {
+    let path = world.dir.path().join("check.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = std::process::Command::new(crate::support::faults::BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_partners_broker_that_is_not_an_amqp_url_exits_64_naming_the_partner() {
+    let world = World::new("brokers-config").await;
+    let bank_b = world.control.create_application("bank-b").await.unwrap();
+    let bank_c = world.control.create_application("bank-c").await.unwrap();
+    let missing = world.dir.path().join("no-such-url-file");
+    let bad = format!(
+        "{}{}{}",
+        world.issuer_toml(),
+        partner_entry(&world, &bank_b, "http://broker-b:5672/"),
+        partner_entry(&world, &bank_c, "unused").replace(
+            "tokens_url = \"unused\"",
+            &format!("tokens_url_file = \"{}\"", missing.display())
+        ),
+    );
+    let (code, _, stderr) = check_config(&world, &bad);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("`issuer.partners[1].tokens_url`: must be a URL starting with amqp://"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("`issuer.partners[2].tokens_url_file`"),
+        "{stderr}"
+    );
+
+    // A valid one: the partner's broker password never shows.
+    let good = format!(
+        "{}{}",
+        world.issuer_toml(),
+        partner_entry(&world, &bank_b, "amqps://bank:hunter2@broker-b:5671/%2f"),
+    );
+    let (code, stdout, stderr) = check_config(&world, &good);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("broker-b"), "{stdout}");
+    assert!(!stdout.contains("hunter2") && !stderr.contains("hunter2"));
+    world.cleanup().await;
+}
