@@ -266,7 +266,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 shutdown.clone(),
             ));
             if url.expose() != amqp_url.expose() {
-                let label = if label.is_empty() { "tokens_url" } else { &label };
+                let label = if label.is_empty() {
+                    "tokens_url"
+                } else {
+                    &label
+                };
                 let reshare = link_for(url, leak(format!("{}:{label}", pipeline::ISSUER_RESHARE)));
                 remote_reshare.push(reshare);
             }

@@ -106,7 +106,9 @@ pub(crate) struct MintRequest<'a> {
 impl Minter {
     /// The publisher of `application_id`'s tokens: its own broker's, else the default one.
     pub fn tokens_for(&self, application_id: &str) -> &Publisher {
-        self.partner_tokens.get(application_id).unwrap_or(&self.tokens)
+        self.partner_tokens
+            .get(application_id)
+            .unwrap_or(&self.tokens)
     }
 
     /// Mints and publishes a token for one partner, following the order in the module doc.

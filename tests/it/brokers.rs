@@ -276,7 +276,11 @@ async fn a_partner_whose_broker_stops_waits_alone_and_finishes_when_it_returns()
         reasons.iter().all(|r| r.contains("bank-c")),
         "only bank-c's links are down: {reasons:?}"
     );
-    for up in ["issuer_tokens", "issuer_tokens:bank-b", "issuer_reshare:bank-b"] {
+    for up in [
+        "issuer_tokens",
+        "issuer_tokens:bank-b",
+        "issuer_reshare:bank-b",
+    ] {
         assert_eq!(
             metric(
                 &issuer.metrics().encode(),
