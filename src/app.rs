@@ -296,13 +296,51 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             .expect("loaded above for the issuer role");
         tracing::info!(key_id = signing_key.signer().key_id(), application_id = %access.application_id, "issuer role enabled");
 
-        let tokens_link = link_for(&config.tokens_url()?, pipeline::ISSUER_TOKENS);
-        tasks.spawn(declare_in_background(
-            tokens_link.clone(),
-            topology::issuer_tokens_plan(&names),
-            health.clone(),
-            shutdown.clone(),
-        ));
+        // One supervised link per broker the tokens go to (DESIGN: a partner's broker being down pauses only that
+        // partner); on each broker that is not `amqp.url`, the reshare queue is consumed too (`remote_reshare`).
+        let token_brokers = config.token_brokers()?;
+        let mut partner_tokens = std::collections::HashMap::new();
+        let mut remote_reshare = Vec::new();
+        let mut tokens_link = None;
+        for (url, served) in &token_brokers {
+            let served_names: Vec<&str> = served
+                .iter()
+                .map(|&i| config.issuer.partners[i].name.as_str())
+                .collect();
+            let label = served_names.join("+");
+            let link = match tokens_link {
+                None => link_for(url, pipeline::ISSUER_TOKENS),
+                Some(_) => link_for(url, leak(format!("{}:{label}", pipeline::ISSUER_TOKENS))),
+            };
+            tasks.spawn(declare_in_background(
+                link.clone(),
+                topology::issuer_tokens_plan(&names),
+                health.clone(),
+                shutdown.clone(),
+            ));
+            if url.expose() != amqp_url.expose() {
+                let label = if label.is_empty() {
+                    "tokens_url"
+                } else {
+                    &label
+                };
+                let reshare = link_for(url, leak(format!("{}:{label}", pipeline::ISSUER_RESHARE)));
+                remote_reshare.push(reshare);
+            }
+            if tokens_link.is_none() {
+                tokens_link = Some(link);
+            } else {
+                let publisher = Publisher::new(link.clone(), confirm_timeout, metrics.clone());
+                for &i in served {
+                    partner_tokens.insert(
+                        config.issuer.partners[i].application_id.clone(),
+                        publisher.clone(),
+                    );
+                }
+                links.push(link);
+            }
+        }
+        let tokens_link = tokens_link.expect("the default token broker comes first");
         let intake_plan = topology::issuer_intake_plan(&names, &settings, &access.application_id);
         let onboarding_link = link_for(&amqp_url, pipeline::ISSUER_ONBOARDING);
         let reshare_link = link_for(&amqp_url, pipeline::ISSUER_RESHARE);
@@ -315,6 +353,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             ledger: ledger.clone(),
             audit: audit.clone(),
             tokens: Publisher::new(tokens_link.clone(), confirm_timeout, metrics.clone()),
+            partner_tokens,
             names: names.clone(),
             signing_key,
             application_id: access.application_id.clone(),
@@ -397,26 +436,47 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             pipeline::ISSUER_RESHARE,
             shutdown.clone(),
         ));
+        let reshare_handler = Arc::new(ReshareHandler {
+            minter,
+            partners: reshare_partners,
+            allow_unsigned: config.issuer.allow_unsigned_reshare,
+            max_reshares: config.issuer.max_reshares,
+            max_message_bytes: config.amqp.max_message_bytes,
+        });
+        let reshare_spec = |declare| ConsumerSpec {
+            queue: names.issuer_reshare_queue(),
+            pipeline: pipeline::ISSUER_RESHARE,
+            prefetch: config.amqp.prefetch,
+            concurrency: config.issuer_concurrency(),
+            max_attempts: config.retry.max_attempts,
+            retry_delay_ms: config.amqp.retry_delay_ms,
+            declare,
+            audit: Some(issuer_audit.clone()),
+        };
+        // The reshare queue on every token broker that is not `amqp.url`: a receiver publishes its requests on
+        // its own broker. Each consumer retries and dead-letters on its broker; the handler (and the pause) is
+        // the one of `amqp.url`'s.
+        let remote_plan =
+            topology::issuer_remote_reshare_plan(&names, &settings, &access.application_id);
+        for link in remote_reshare {
+            tasks.spawn(run_consumer(
+                link.clone(),
+                Publisher::new(link.clone(), confirm_timeout, metrics.clone()),
+                reshare_spec(remote_plan.clone()),
+                reshare_handler.clone(),
+                reshare_pause.clone(),
+                shutdown.clone(),
+                grace,
+                metrics.clone(),
+                health.clone(),
+            ));
+            links.push(link);
+        }
         tasks.spawn(run_consumer(
             reshare_link.clone(),
             reshare_publisher,
-            ConsumerSpec {
-                queue: names.issuer_reshare_queue(),
-                pipeline: pipeline::ISSUER_RESHARE,
-                prefetch: config.amqp.prefetch,
-                concurrency: config.issuer_concurrency(),
-                max_attempts: config.retry.max_attempts,
-                retry_delay_ms: config.amqp.retry_delay_ms,
-                declare: intake_plan,
-                audit: Some(issuer_audit.clone()),
-            },
-            Arc::new(ReshareHandler {
-                minter,
-                partners: reshare_partners,
-                allow_unsigned: config.issuer.allow_unsigned_reshare,
-                max_reshares: config.issuer.max_reshares,
-                max_message_bytes: config.amqp.max_message_bytes,
-            }),
+            reshare_spec(intake_plan),
+            reshare_handler,
             reshare_pause,
             shutdown.clone(),
             grace,
@@ -605,6 +665,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         grace,
         audit,
     })
+}
+
+/// A link label made at start-up from the configuration (a partner's broker): metric and health labels are
+/// `&'static str`, and a process makes these once per start.
+fn leak(label: String) -> &'static str {
+    Box::leak(label.into_boxed_str())
 }
 
 /// The lock file inside `state_dir`.

@@ -259,24 +259,36 @@ async fn one_shot_channel(link: &Link) -> anyhow::Result<lapin::Channel> {
     Ok(connection.create_channel().await?)
 }
 
-/// `topology declare`: declares everything on the main broker, and the token exchange on the token broker when
-/// that is another one. Returns what was declared.
+/// `topology declare`: declares everything on the main broker, and on every other token broker (`issuer.tokens_url`,
+/// `issuer.partners[].tokens_url`) the token exchange and the issuer's reshare queue. Returns what was declared.
 pub async fn topology_declare(config: &Config) -> anyhow::Result<String> {
     let plan = crate::app::declared_topology(config);
-    let link = one_shot_link(config, config.amqp_url()?);
+    let amqp_url = config.amqp_url()?;
+    let link = one_shot_link(config, amqp_url.clone());
     let channel = one_shot_channel(&link).await?;
     topology::declare(&channel, &plan).await?;
     let mut out = topology_show(config);
-    if config.issuer.enabled && config.tokens_url()?.expose() != config.amqp_url()?.expose() {
-        let tokens = one_shot_link(config, config.tokens_url()?);
-        let channel = one_shot_channel(&tokens).await?;
+    if config.issuer.enabled {
         let names = crate::amqp::Names::new(&config.amqp.prefix);
-        topology::declare(&channel, &topology::issuer_tokens_plan(&names)).await?;
-        out.push_str(&format!(
-            "(and the tokens exchange on {})\n",
-            config.tokens_url()?.redacted()
-        ));
-        tokens.close().await;
+        let settings = topology::QueueSettings::from_config(&config.amqp);
+        let own = config.issuer_didit()?.application_id;
+        for (url, _) in config.token_brokers()? {
+            if url.expose() == amqp_url.expose() {
+                continue;
+            }
+            let tokens = one_shot_link(config, url.clone());
+            let channel = one_shot_channel(&tokens).await?;
+            let remote = topology::combine([
+                topology::issuer_tokens_plan(&names),
+                topology::issuer_remote_reshare_plan(&names, &settings, &own),
+            ]);
+            topology::declare(&channel, &remote).await?;
+            out.push_str(&format!(
+                "(and the tokens exchange and the reshare queue on {})\n",
+                url.redacted()
+            ));
+            tokens.close().await;
+        }
     }
     link.close().await;
     Ok(out)

@@ -570,6 +570,14 @@ pub struct PartnerConfig {
     /// line), accepted like `public_keys` and re-read when they change.
     #[serde(default)]
     pub public_key_files: Vec<PathBuf>,
+    /// The broker this partner's share tokens go to (its own organisation's broker), when it differs from
+    /// `issuer.tokens_url`; the issuer also consumes this partner's reshare requests there. Default:
+    /// `issuer.tokens_url`, else `amqp.url`.
+    #[serde(default)]
+    pub tokens_url: Option<SecretUrl>,
+    /// A file holding `tokens_url`.
+    #[serde(default)]
+    pub tokens_url_file: Option<PathBuf>,
 }
 
 fn default_ttl() -> u32 {
@@ -1045,6 +1053,7 @@ impl Config {
                 ));
             }
             p.check(self.partner_public_keys(i).map(drop));
+            p.check(self.partner_tokens_url(i).map(drop));
         }
         if let Some(webhook) = &self.issuer.webhook {
             match next_webhook_secret_source(webhook) {
@@ -1259,6 +1268,34 @@ impl Config {
         )?;
         check_url(url.expose(), "issuer.tokens_url", &["amqp", "amqps"])?;
         Ok(url)
+    }
+
+    /// The broker partner `i`'s share tokens go to (and its reshare requests come from):
+    /// `issuer.partners[i].tokens_url`, else [`Config::tokens_url`].
+    pub fn partner_tokens_url(&self, i: usize) -> Result<SecretUrl, ConfigError> {
+        let partner = &self.issuer.partners[i];
+        if partner.tokens_url.is_none() && partner.tokens_url_file.is_none() {
+            return self.tokens_url();
+        }
+        let key = format!("issuer.partners[{i}].tokens_url");
+        let url = url_from(&partner.tokens_url, &partner.tokens_url_file, &key, None)?;
+        check_url(url.expose(), &key, &["amqp", "amqps"])?;
+        Ok(url)
+    }
+
+    /// Every broker the issuer's share tokens go to, each with the indices of the partners it serves: first the
+    /// default ([`Config::tokens_url`], possibly serving no partner), then each other broker named by a partner's
+    /// own `tokens_url`, in the order the partners are listed. Brokers are told apart by their URL.
+    pub fn token_brokers(&self) -> Result<Vec<(SecretUrl, Vec<usize>)>, ConfigError> {
+        let mut brokers: Vec<(SecretUrl, Vec<usize>)> = vec![(self.tokens_url()?, Vec::new())];
+        for i in 0..self.issuer.partners.len() {
+            let url = self.partner_tokens_url(i)?;
+            match brokers.iter_mut().find(|(u, _)| u.expose() == url.expose()) {
+                Some((_, partners)) => partners.push(i),
+                None => brokers.push((url, vec![i])),
+            }
+        }
+        Ok(brokers)
     }
 
     /// The ledger URL, defaulting to SQLite under `state_dir`.

@@ -553,7 +553,13 @@ pub async fn run_consumer<H: Handler>(
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 ) {
-    let part = format!("consumer:{}", spec.queue);
+    // The same queue consumed on another broker (the issuer's reshare queue on each token broker) has a part of
+    // its own, named after that broker's link.
+    let part = if link.pipeline() == spec.pipeline {
+        format!("consumer:{}", spec.queue)
+    } else {
+        format!("consumer:{}@{}", spec.queue, link.pipeline())
+    };
     health.not_ready(&part, "starting");
     let dead_letter_exchange = spec.dead_letter_exchange();
     if dead_letter_exchange.is_none() {

@@ -199,11 +199,7 @@ pub fn issuer_intake_plan(
     settings: &QueueSettings,
     own_application_id: &str,
 ) -> Vec<Entity> {
-    let mut plan = vec![
-        exchange(names.onboarding_exchange(), "topic"),
-        exchange(names.reshare_exchange(), "topic"),
-        exchange(names.dead_letter_exchange(), "direct"),
-    ];
+    let mut plan = vec![exchange(names.onboarding_exchange(), "topic")];
     plan.extend(work_queue(
         names,
         settings,
@@ -211,6 +207,26 @@ pub fn issuer_intake_plan(
         &names.onboarding_exchange(),
         crate::envelope::types::ONBOARDING_FINISHED,
     ));
+    plan.extend(issuer_remote_reshare_plan(
+        names,
+        settings,
+        own_application_id,
+    ));
+    ordered(plan)
+}
+
+/// The issuer's reshare intake on a token broker that is not `amqp.url` (the partner's broker, where its receiver
+/// publishes `reshare.request`): the reshare exchange and queue (bound to `reshare.<own>`) with `.dead` and
+/// `.retry`, and the dead-letter exchange: the reshare half of [`issuer_intake_plan`].
+pub fn issuer_remote_reshare_plan(
+    names: &Names,
+    settings: &QueueSettings,
+    own_application_id: &str,
+) -> Vec<Entity> {
+    let mut plan = vec![
+        exchange(names.reshare_exchange(), "topic"),
+        exchange(names.dead_letter_exchange(), "direct"),
+    ];
     plan.extend(work_queue(
         names,
         settings,

@@ -15,6 +15,7 @@
 //! the event comes back and mints again — a token whose `token_published` could not be recorded is on the broker
 //! all the same (the receiver's ledger absorbs the second one), and the audit log shows both mints.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +44,11 @@ pub(crate) struct Minter {
     pub ledger: Ledger,
     /// Every token minted and published is recorded here before its delivery is settled.
     pub audit: AuditLog,
+    /// Publishes the tokens of every partner without a broker of its own (`issuer.tokens_url`, else `amqp.url`).
     pub tokens: Publisher,
+    /// Partners whose tokens go to a broker of their own (`issuer.partners[].tokens_url`), by application id: one
+    /// publisher per broker, shared by the partners on it.
+    pub partner_tokens: HashMap<String, Publisher>,
     pub names: Names,
     /// The issuer's key set; its newest key signs (re-read on change).
     pub signing_key: SigningKeys,
@@ -108,6 +113,13 @@ pub(crate) struct MintRequest<'a> {
 }
 
 impl Minter {
+    /// The publisher of `application_id`'s tokens: its own broker's, else the default one.
+    pub fn tokens_for(&self, application_id: &str) -> &Publisher {
+        self.partner_tokens
+            .get(application_id)
+            .unwrap_or(&self.tokens)
+    }
+
     /// Mints and publishes a token for one partner, following the order in the module doc.
     pub async fn mint(&self, req: MintRequest<'_>) -> Minted {
         let partner = req.partner;
@@ -246,6 +258,26 @@ impl Minter {
     ) -> Result<ShareRecord, Minted> {
         let partner = req.partner;
         let source = req.source;
+        let tokens = self.tokens_for(&partner.application_id);
+        // The partner's broker is down (each partner's broker is its own link): no token is minted that could not
+        // be delivered, and only this partner waits; the outcome is the one of an unconfirmed publish.
+        if let Err(e) = tokens.link().try_connection().await {
+            self.metrics.share(&partner.name, "retried");
+            self.metrics.retry("publish");
+            tracing::warn!(
+                source_session_id = %source.session_id,
+                partner = %partner.name,
+                broker = %tokens.link().redacted_url(),
+                error = %e,
+                "the partner's token broker is unavailable; will mint later"
+            );
+            return Err(Minted::Retry {
+                detail: format!(
+                    "the token broker {} is unavailable: {e}",
+                    tokens.link().redacted_url()
+                ),
+            });
+        }
         let shared = with_backoff(
             &self.retry,
             req.deadline,
@@ -355,8 +387,7 @@ impl Minter {
         let signature = signer.sign(&body);
         let routing_key = Names::token_key(&partner.application_id);
         let exchange = self.names.tokens_exchange();
-        let published = self
-            .tokens
+        let published = tokens
             .publish(Outgoing {
                 exchange: &exchange,
                 routing_key: &routing_key,

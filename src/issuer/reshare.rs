@@ -374,6 +374,8 @@ mod tests {
                 share_vendor_data: false,
                 public_keys: Vec::new(),
                 public_key_files: Vec::new(),
+                tokens_url: None,
+                tokens_url_file: None,
             },
             keys: PublicKeys::new(keys.iter().map(|k| k.verifying_key()).collect(), vec![]),
         }

@@ -19,6 +19,8 @@ async fn separate_brokers_do_not_share_queues() {
         tokio::task::spawn_blocking(|| (rabbit_nodes::separate(0), rabbit_nodes::separate(1)))
             .await
             .unwrap();
+    // Not while another test has one of them stopped (brokers::a_partner_whose_broker_stops_…).
+    let (_a, _b) = (a.exclusive().await, b.exclusive().await);
     let queue = unique_prefix("sep");
     let ca = connect(&a.amqp_url()).await.create_channel().await.unwrap();
     let cb = connect(&b.amqp_url()).await.create_channel().await.unwrap();

@@ -5,6 +5,7 @@
 mod amqp;
 mod audit;
 mod backfill;
+mod brokers;
 mod client_sandbox;
 mod config;
 mod deploy;
