@@ -34,6 +34,8 @@ pub struct QueueSettings {
     pub delivery_limit: u32,
     /// TTL of the `.retry` queues: how long a retried message waits before it returns.
     pub retry_delay_ms: u64,
+    /// `.retry` queues are quorum queues (`amqp.retry_queue_type = "quorum"`, for a cluster) rather than classic.
+    pub quorum_retry: bool,
 }
 
 impl QueueSettings {
@@ -42,6 +44,7 @@ impl QueueSettings {
         QueueSettings {
             delivery_limit: amqp.delivery_limit,
             retry_delay_ms: amqp.retry_delay_ms,
+            quorum_retry: amqp.retry_queue_type == "quorum",
         }
     }
 }
@@ -157,15 +160,7 @@ fn work_queue(
         },
         Entity::Queue {
             name: retry,
-            arguments: vec![
-                arg("x-queue-type", "classic"),
-                arg(
-                    "x-message-ttl",
-                    i64::try_from(settings.retry_delay_ms).unwrap_or(i64::MAX),
-                ),
-                arg("x-dead-letter-exchange", ""),
-                arg("x-dead-letter-routing-key", queue),
-            ],
+            arguments: retry_arguments(settings, queue),
         },
         binding(queue, source, routing_key),
         binding(&dead, &dlx, queue),
@@ -374,6 +369,33 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, AmqpErro
     Ok(found.message_count())
 }
 
+/// The arguments of `<queue>.retry`. Classic by default. A classic queue lives on one node only, and while that
+/// node is down the queue cannot be declared or used from the others, so on a cluster `.retry` queues are quorum
+/// queues (`amqp.retry_queue_type = "quorum"`, RabbitMQ 3.10 or later) with at-least-once dead-lettering, which
+/// needs `x-overflow=reject-publish`: an expired message leaves the retry queue only once its work queue took it.
+fn retry_arguments(settings: &QueueSettings, queue: &str) -> Vec<(String, HeaderValue)> {
+    let ttl = arg(
+        "x-message-ttl",
+        i64::try_from(settings.retry_delay_ms).unwrap_or(i64::MAX),
+    );
+    let back = [
+        arg("x-dead-letter-exchange", ""),
+        arg("x-dead-letter-routing-key", queue),
+    ];
+    let mut arguments = if settings.quorum_retry {
+        vec![
+            arg("x-queue-type", "quorum"),
+            ttl,
+            arg("x-dead-letter-strategy", "at-least-once"),
+            arg("x-overflow", "reject-publish"),
+        ]
+    } else {
+        vec![arg("x-queue-type", "classic"), ttl]
+    };
+    arguments.extend(back);
+    arguments
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,6 +403,7 @@ mod tests {
     const SETTINGS: QueueSettings = QueueSettings {
         delivery_limit: 20,
         retry_delay_ms: 30_000,
+        quorum_retry: false,
     };
 
     fn queues(plan: &[Entity]) -> Vec<&str> {

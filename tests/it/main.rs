@@ -4,6 +4,7 @@
 
 mod amqp;
 mod client_sandbox;
+mod cluster;
 mod config;
 mod deploy;
 mod didit_client;
