@@ -454,6 +454,40 @@ mod tests {
     }
 
     #[test]
+    fn quorum_retry_queues_dead_letter_at_least_once_and_keep_no_group_size() {
+        let names = Names::new("pb");
+        let settings = QueueSettings {
+            quorum_retry: true,
+            ..SETTINGS
+        };
+        let plan = receiver_plan(&names, &settings, "recv-app");
+        let retry = plan
+            .iter()
+            .find(|e| matches!(e, Entity::Queue { name, .. } if name == "pb.receiver.tokens.retry"))
+            .unwrap();
+        for (key, value) in [
+            ("x-queue-type", "quorum"),
+            ("x-dead-letter-strategy", "at-least-once"),
+            ("x-overflow", "reject-publish"),
+            ("x-dead-letter-routing-key", "pb.receiver.tokens"),
+        ] {
+            assert_eq!(
+                retry.argument(key),
+                Some(&HeaderValue::Str(value.into())),
+                "{key}"
+            );
+        }
+        assert_eq!(
+            retry.argument("x-message-ttl"),
+            Some(&HeaderValue::Int(30_000))
+        );
+        // The group size is the cluster's default (every node of a three-node cluster), never pinned here.
+        for entity in &plan {
+            assert_eq!(entity.argument("x-quorum-initial-group-size"), None);
+        }
+    }
+
+    #[test]
     fn queue_arguments_are_explicit() {
         let names = Names::new("pb");
         let plan = receiver_plan(&names, &SETTINGS, "recv-app");
