@@ -612,6 +612,9 @@ pub struct ReceiverConfig {
     /// `import.result` is kept until the backend reads it. Set false when the backend binds its own queue.
     #[serde(deserialize_with = "strict_bool")]
     pub results_queue: bool,
+    /// The receiver's token queue instead of `<prefix>.receiver.tokens`: a second receiving application on the
+    /// same broker and prefix needs a queue of its own (e.g. `<prefix>.receiver.<application id>.tokens`).
+    pub queue_name: Option<String>,
     /// The issuers whose tokens are accepted.
     pub issuers: Vec<IssuerPeerConfig>,
 }
@@ -633,6 +636,7 @@ impl Default for ReceiverConfig {
             allow_unknown_issuers: false,
             concurrency: None,
             results_queue: true,
+            queue_name: None,
             issuers: Vec::new(),
         }
     }
@@ -1063,6 +1067,18 @@ impl Config {
     }
 
     fn validate_receiver(&self, p: &mut Problems) {
+        if let Some(queue) = &self.receiver.queue_name
+            && (queue.is_empty()
+                || queue.len() > 200
+                || !queue
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        {
+            p.push(ConfigError::new(
+                "receiver.queue_name",
+                "must be 1-200 characters of letters, digits, '-', '_' and '.'",
+            ));
+        }
         if let Some(didit) = p.ok(self.receiver_didit()) {
             p.check(
                 load_source(&didit.api_key, &self.role_key_name("receiver"))

@@ -228,6 +228,22 @@ pub fn receiver_plan(
     settings: &QueueSettings,
     own_application_id: &str,
 ) -> Vec<Entity> {
+    receiver_plan_on(
+        names,
+        settings,
+        own_application_id,
+        &names.receiver_tokens_queue(),
+    )
+}
+
+/// [`receiver_plan`] with the token queue named `queue` (`receiver.queue_name`: several receiving applications on
+/// one broker and prefix, each with its own queue bound with its own `token.<application id>`).
+pub fn receiver_plan_on(
+    names: &Names,
+    settings: &QueueSettings,
+    own_application_id: &str,
+    queue: &str,
+) -> Vec<Entity> {
     let mut plan = vec![
         exchange(names.tokens_exchange(), "topic"),
         exchange(names.reshare_exchange(), "topic"),
@@ -237,7 +253,7 @@ pub fn receiver_plan(
     plan.extend(work_queue(
         names,
         settings,
-        &names.receiver_tokens_queue(),
+        queue,
         &names.tokens_exchange(),
         &Names::token_key(own_application_id),
     ));

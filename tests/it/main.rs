@@ -3,6 +3,7 @@
 //! in parallel on one broker.
 
 mod amqp;
+mod brands;
 mod client_sandbox;
 mod cluster;
 mod config;
