@@ -10,6 +10,16 @@ use crate::support::bridge::{Amqp, World};
 use crate::support::faults::*;
 use crate::support::wait_for;
 
+/// Imports the sandbox counted, per (source session, importing application).
+async fn imports_per_application(world: &World) -> BTreeMap<(String, String), u64> {
+    let stats = world.control.stats().await.expect("sandbox stats");
+    stats
+        .imports
+        .into_iter()
+        .map(|i| ((i.source_session_id, i.application_id), i.count))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_receivers_on_one_broker_each_import_only_their_own_tokens() {
     test_logs();
@@ -62,17 +72,7 @@ async fn two_receivers_on_one_broker_each_import_only_their_own_tokens() {
         "every session imported by both brands",
         Duration::from_secs(60),
         || async {
-            let stats = world.control.stats().await.ok()?;
-            let per: BTreeMap<(String, String), u64> = stats
-                .imports
-                .iter()
-                .map(|i| {
-                    (
-                        (i.source_session_id.clone(), i.application_id.clone()),
-                        i.count,
-                    )
-                })
-                .collect();
+            let per = imports_per_application(&world).await;
             (per.len() >= 2 * n).then_some(per)
         },
     )
@@ -87,17 +87,7 @@ async fn two_receivers_on_one_broker_each_import_only_their_own_tokens() {
             expected.insert((session.clone(), app.clone()), 1);
         }
     }
-    let stats = world.control.stats().await.unwrap();
-    let now: BTreeMap<(String, String), u64> = stats
-        .imports
-        .iter()
-        .map(|i| {
-            (
-                (i.source_session_id.clone(), i.application_id.clone()),
-                i.count,
-            )
-        })
-        .collect();
+    let now = imports_per_application(&world).await;
     assert_eq!(imports, expected, "imports per (session, application)");
     assert_eq!(now, expected, "imports after the stop");
     let queues = [
