@@ -557,7 +557,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 trust_review: peer.trust_review,
             });
         }
-        let mut plan = topology::receiver_plan(&names, &settings, &access.application_id);
+        let tokens_queue = receiver_tokens_queue(&config, &names);
+        let mut plan =
+            topology::receiver_plan_on(&names, &settings, &access.application_id, &tokens_queue);
         if config.receiver.results_queue {
             plan = topology::combine([plan, results_queue_plan(&names, &settings)]);
         }
@@ -583,7 +585,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             link.clone(),
             publisher.clone(),
             ConsumerSpec {
-                queue: names.receiver_tokens_queue(),
+                queue: tokens_queue.clone(),
                 pipeline: pipeline::RECEIVER_TOKENS,
                 prefetch: config.amqp.prefetch,
                 concurrency: config.receiver_concurrency(),
@@ -630,7 +632,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         ));
         links.push(link);
         pipelines.push(pipeline::RECEIVER_TOKENS);
-        queues.push(names.receiver_tokens_queue());
+        queues.push(tokens_queue);
     }
 
     let partners: Vec<String> = config
@@ -731,6 +733,15 @@ pub fn lock_state_dir(state_dir: &std::path::Path) -> anyhow::Result<std::fs::Fi
     Ok(file)
 }
 
+/// The receiver's token queue: `receiver.queue_name`, else `<prefix>.receiver.tokens`.
+pub fn receiver_tokens_queue(config: &Config, names: &Names) -> String {
+    config
+        .receiver
+        .queue_name
+        .clone()
+        .unwrap_or_else(|| names.receiver_tokens_queue())
+}
+
 /// Everything the configured roles declare, on every broker they use (for `topology show|declare` and cleanup).
 pub fn declared_topology(config: &Config) -> Vec<Entity> {
     let names = Names::new(&config.amqp.prefix);
@@ -748,10 +759,11 @@ pub fn declared_topology(config: &Config) -> Vec<Entity> {
     }
     if config.receiver.enabled {
         if let Ok(access) = config.receiver_didit() {
-            plans.push(topology::receiver_plan(
+            plans.push(topology::receiver_plan_on(
                 &names,
                 &settings,
                 &access.application_id,
+                &receiver_tokens_queue(config, &names),
             ));
         }
         if config.receiver.results_queue {

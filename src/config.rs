@@ -140,7 +140,11 @@ impl Default for DiditConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     /// Broker URL (`amqp://` or `amqps://`); intake and reshare consumers, results and the receiver's tokens.
+    /// Several nodes of one cluster may be given as a comma-separated list (`amqp://n1/…,amqp://n2/…`).
     pub url: Option<SecretUrl>,
+    /// The nodes of a RabbitMQ cluster, instead of `url`: every link connects to the first that answers and moves
+    /// to the next one (round-robin) when its node goes away.
+    pub urls: Vec<SecretUrl>,
     /// A file holding the broker URL.
     pub url_file: Option<PathBuf>,
     /// Replaces `partner-bridge` in every exchange and queue name.
@@ -153,6 +157,9 @@ pub struct AmqpConfig {
     pub delivery_limit: u32,
     /// How long a message waits in a `.retry` queue before it returns to its queue (the queue's TTL).
     pub retry_delay_ms: u64,
+    /// `classic` (default) or `quorum`: the type of the `.retry` queues. A classic queue lives on one node, so on a
+    /// cluster choose `quorum` (a changed type needs the `.retry` queues drained and deleted first).
+    pub retry_queue_type: String,
     /// Larger message bodies are dead-lettered as `oversized` without being parsed.
     pub max_message_bytes: usize,
     /// AMQP heartbeat in seconds.
@@ -164,11 +171,13 @@ impl Default for AmqpConfig {
         Self {
             url: None,
             url_file: None,
+            urls: Vec::new(),
             prefix: "partner-bridge".into(),
             prefetch: 64,
             confirm_timeout_ms: 10_000,
             delivery_limit: 20,
             retry_delay_ms: 30_000,
+            retry_queue_type: "classic".into(),
             max_message_bytes: 256 * 1024,
             heartbeat_s: 30,
         }
@@ -641,6 +650,9 @@ pub struct ReceiverConfig {
     /// `import.result` is kept until the backend reads it. Set false when the backend binds its own queue.
     #[serde(deserialize_with = "strict_bool")]
     pub results_queue: bool,
+    /// The receiver's token queue instead of `<prefix>.receiver.tokens`: a second receiving application on the
+    /// same broker and prefix needs a queue of its own (e.g. `<prefix>.receiver.<application id>.tokens`).
+    pub queue_name: Option<String>,
     /// The issuers whose tokens are accepted.
     pub issuers: Vec<IssuerPeerConfig>,
 }
@@ -662,6 +674,7 @@ impl Default for ReceiverConfig {
             allow_unknown_issuers: false,
             concurrency: None,
             results_queue: true,
+            queue_name: None,
             issuers: Vec::new(),
         }
     }
@@ -836,7 +849,12 @@ impl Config {
         }
 
         if let Some(amqp) = p.ok(self.amqp_url()) {
-            p.check(check_url(amqp.expose(), "amqp.url", &["amqp", "amqps"]));
+            let key = if self.amqp.urls.is_empty() {
+                "amqp.url"
+            } else {
+                "amqp.urls"
+            };
+            p.check(check_addresses(&amqp, key));
         }
         if self.amqp.prefix.is_empty()
             || !self
@@ -864,6 +882,15 @@ impl Config {
             ));
         }
         p.check(positive(self.amqp.retry_delay_ms, "amqp.retry_delay_ms"));
+        if !["classic", "quorum"].contains(&self.amqp.retry_queue_type.as_str()) {
+            p.push(ConfigError::new(
+                "amqp.retry_queue_type",
+                format!(
+                    "must be \"classic\" or \"quorum\" (got {:?})",
+                    self.amqp.retry_queue_type
+                ),
+            ));
+        }
         if self.amqp.max_message_bytes < 1024 {
             p.push(ConfigError::new(
                 "amqp.max_message_bytes",
@@ -1091,6 +1118,18 @@ impl Config {
     }
 
     fn validate_receiver(&self, p: &mut Problems) {
+        if let Some(queue) = &self.receiver.queue_name
+            && (queue.is_empty()
+                || queue.len() > 200
+                || !queue
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        {
+            p.push(ConfigError::new(
+                "receiver.queue_name",
+                "must be 1-200 characters of letters, digits, '-', '_' and '.'",
+            ));
+        }
         if let Some(didit) = p.ok(self.receiver_didit()) {
             p.check(
                 load_source(&didit.api_key, &self.role_key_name("receiver"))
@@ -1245,8 +1284,18 @@ impl Config {
         )
     }
 
-    /// The main broker URL (`amqp.url`, `amqp.url_file`, or a local RabbitMQ).
+    /// The main broker URL (`amqp.url`, `amqp.url_file`, or a local RabbitMQ). With `amqp.urls`, the nodes as
+    /// one comma-separated list, which [`crate::amqp::Link`] splits again ([`SecretUrl::addresses`]).
     pub fn amqp_url(&self) -> Result<SecretUrl, ConfigError> {
+        if !self.amqp.urls.is_empty() {
+            if self.amqp.url.is_some() || self.amqp.url_file.is_some() {
+                return Err(ConfigError::new(
+                    "amqp.urls",
+                    "set either amqp.urls or amqp.url / amqp.url_file, not both",
+                ));
+            }
+            return Ok(SecretUrl::list(&self.amqp.urls));
+        }
         url_from(
             &self.amqp.url,
             &self.amqp.url_file,
@@ -1266,7 +1315,7 @@ impl Config {
             "issuer.tokens_url",
             None,
         )?;
-        check_url(url.expose(), "issuer.tokens_url", &["amqp", "amqps"])?;
+        check_addresses(&url, "issuer.tokens_url")?;
         Ok(url)
     }
 
@@ -1779,6 +1828,22 @@ fn check_url(url: &str, key: &str, schemes: &[&str]) -> Result<(), ConfigError> 
             format!("must be a URL starting with {}://", schemes.join(":// or ")),
         )),
     }
+}
+
+/// Every address of a broker setting (one URL, a comma-separated list or `amqp.urls`) is an `amqp(s)://` URL. A
+/// list names the bad element: `amqp.urls[1]` (0-based), `amqp.url[1]` for a list in `amqp.url`.
+fn check_addresses(url: &SecretUrl, key: &str) -> Result<(), ConfigError> {
+    let addresses = url.addresses();
+    let list = addresses.len() > 1 || key == "amqp.urls";
+    for (i, address) in addresses.iter().enumerate() {
+        let name = if list {
+            format!("{key}[{i}]")
+        } else {
+            key.to_string()
+        };
+        check_url(address.expose(), &name, &["amqp", "amqps"])?;
+    }
+    Ok(())
 }
 
 /// Names end up in metric labels and routing keys: keep them short and plain.

@@ -89,10 +89,56 @@ impl SecretUrl {
         self.0.expose()
     }
 
-    /// The URL with its password (and any query string) masked.
+    /// The URL with its password (and any query string) masked; each address of a list masked on its own.
     pub fn redacted(&self) -> String {
-        redact_url(self.expose())
+        split_url_list(self.expose())
+            .into_iter()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
+
+    /// The addresses of a cluster list (`amqp://a,amqp://b`, see [`split_url_list`]), each its own `SecretUrl`;
+    /// a plain URL gives itself.
+    pub fn addresses(&self) -> Vec<SecretUrl> {
+        split_url_list(self.expose())
+            .into_iter()
+            .map(SecretUrl::new)
+            .collect()
+    }
+
+    /// Several addresses as one list value (joined with `,`), the form [`SecretUrl::addresses`] splits again.
+    pub fn list(urls: &[SecretUrl]) -> SecretUrl {
+        SecretUrl::new(
+            urls.iter()
+                .map(SecretUrl::expose)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+    }
+}
+
+/// Splits a list of broker addresses, `amqp://u:p@node-1/vh,amqp://u:p@node-2/vh`: a comma starts a new address
+/// only where the text after it (spaces trimmed) begins with a scheme (`word://`), so a comma inside a password or
+/// a query string stays part of its URL. A text without such a comma is one address.
+pub fn split_url_list(text: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for (at, _) in text.match_indices(',') {
+        let next = text[at + 1..].trim_start();
+        let starts_url = next.split_once("://").is_some_and(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '+')
+        });
+        if starts_url {
+            parts.push(text[start..at].trim());
+            start = at + 1;
+        }
+    }
+    parts.push(text[start..].trim());
+    parts
 }
 
 /// Masks the password part of `scheme://user:password@host...` and drops a query string (which may hold tokens).
@@ -193,6 +239,26 @@ impl SecretSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_list_splits_only_before_a_scheme_and_redacts_each_address() {
+        let list = SecretUrl::new("amqp://u:p,w@n1:5672/%2f, amqps://u:q@n2/%2f?x=a,b");
+        let parts: Vec<String> = list
+            .addresses()
+            .iter()
+            .map(|u| u.expose().to_string())
+            .collect();
+        assert_eq!(
+            parts,
+            ["amqp://u:p,w@n1:5672/%2f", "amqps://u:q@n2/%2f?x=a,b"]
+        );
+        assert_eq!(
+            list.redacted(),
+            "amqp://u:***@n1:5672/%2f,amqps://u:***@n2/%2f"
+        );
+        assert_eq!(SecretUrl::list(&list.addresses()).addresses().len(), 2);
+        assert_eq!(SecretUrl::new("amqp://h").addresses().len(), 1);
+    }
 
     #[test]
     fn secrets_never_print() {

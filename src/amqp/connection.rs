@@ -1,5 +1,12 @@
 //! [`Link`]: one supervised connection to one broker URL, shared by the consumers and the publisher of a role.
 //!
+//! The URL may list several nodes of one RabbitMQ cluster (`amqp://n1/…,amqp://n2/…`, which is what `amqp.urls`
+//! becomes; see [`SecretUrl::addresses`]). The link then connects to one node at a time, starting with the first:
+//! when its connection is lost, or an attempt fails, the next attempt goes to the next node (round-robin), with
+//! the same backoff between failed attempts as for a single URL. A loss is followed by an immediate attempt on the
+//! next node, so a stopped node costs one reconnect, not a backoff. Every connect and reconnect logs the node
+//! (`node = i/n`, URL with the password masked), and the health part names it while it is down.
+//!
 //! The link holds at most one lapin [`Connection`] and hands out that connection while lapin reports it
 //! `Connected`. Otherwise the next caller connects a new one; one attempt runs at a time and the others wait for
 //! its result, and failed attempts are spaced by jittered exponential backoff (see the recovery model in
@@ -76,7 +83,10 @@ pub struct Link {
 
 #[derive(Debug)]
 struct Shared {
+    /// The whole setting (one URL or a list), for messages about the link as a whole.
     url: SecretUrl,
+    /// The addresses to try, in order: one per cluster node (one for a plain URL).
+    nodes: Vec<SecretUrl>,
     pipeline: &'static str,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -94,6 +104,8 @@ struct State {
     /// No new attempt before this instant (spacing failed attempts).
     next_attempt: Option<Instant>,
     last_error: Option<AmqpError>,
+    /// The index in `nodes` of the address the current (or next) connection uses.
+    node: usize,
 }
 
 #[derive(Debug)]
@@ -125,8 +137,13 @@ impl Link {
             format!("not yet connected to {}", url.redacted()),
         );
         metrics.amqp_connected(pipeline, false);
+        let mut nodes = url.addresses();
+        if nodes.is_empty() {
+            nodes.push(url.clone());
+        }
         Link {
             shared: Arc::new(Shared {
+                nodes,
                 url,
                 pipeline,
                 metrics,
@@ -138,6 +155,7 @@ impl Link {
                     backoff,
                     next_attempt: None,
                     last_error: None,
+                    node: 0,
                 }),
                 closed: AtomicBool::new(false),
             }),
@@ -149,9 +167,15 @@ impl Link {
         self.shared.pipeline
     }
 
-    /// The broker URL with its password masked.
+    /// The broker URL with its password masked (every node's, for a cluster list).
     pub fn redacted_url(&self) -> String {
         self.shared.url.redacted()
+    }
+
+    /// The address of the node the link is connected to (or will try next), with its password masked.
+    pub async fn node_url(&self) -> String {
+        let state = self.shared.state.lock().await;
+        self.shared.nodes[state.node].redacted()
     }
 
     /// The current open connection, connecting (and reconnecting after failures, with jittered exponential
@@ -265,12 +289,15 @@ impl Link {
         if let Some(at) = state.next_attempt
             && Instant::now() < at
         {
-            return Err(state
-                .last_error
-                .clone()
-                .unwrap_or_else(|| self.connect_error("waiting to reconnect")));
+            return Err(state.last_error.clone().unwrap_or_else(|| {
+                self.connect_error(&self.shared.nodes[state.node], "waiting to reconnect")
+            }));
         }
-        match self.connect().await {
+        let node = state.node;
+        let url = &self.shared.nodes[node];
+        let of = self.shared.nodes.len();
+        let at = format!("{}/{of}", node + 1);
+        match self.connect(url).await {
             Ok(connection) => {
                 let connection = Arc::new(connection);
                 let watcher = CancellationToken::new();
@@ -284,9 +311,9 @@ impl Link {
                 state.last_error = None;
                 if state.had_connection {
                     self.shared.metrics.amqp_reconnect();
-                    info!(pipeline = self.shared.pipeline, url = %self.shared.url, "reconnected to the broker");
+                    info!(pipeline = self.shared.pipeline, node = %at, %url, "reconnected to the broker");
                 } else {
-                    info!(pipeline = self.shared.pipeline, url = %self.shared.url, "connected to the broker");
+                    info!(pipeline = self.shared.pipeline, node = %at, %url, "connected to the broker");
                 }
                 state.had_connection = true;
                 self.shared
@@ -299,7 +326,9 @@ impl Link {
                 let delay = state.backoff.next_delay();
                 state.next_attempt = Some(Instant::now() + delay);
                 state.last_error = Some(error.clone());
-                warn!(pipeline = self.shared.pipeline, %error, retry_in_ms = delay.as_millis() as u64, "cannot connect to the broker");
+                // The next attempt goes to the next node of a cluster list.
+                state.node = (node + 1) % of;
+                warn!(pipeline = self.shared.pipeline, node = %at, %error, retry_in_ms = delay.as_millis() as u64, "cannot connect to the broker");
                 self.shared
                     .metrics
                     .amqp_connected(self.shared.pipeline, false);
@@ -319,19 +348,18 @@ impl Link {
             .unwrap_or_default()
     }
 
-    fn connect_error(&self, reason: &str) -> AmqpError {
+    fn connect_error(&self, url: &SecretUrl, reason: &str) -> AmqpError {
         AmqpError::Connect {
-            url: self.shared.url.redacted(),
+            url: url.redacted(),
             reason: reason.to_string(),
         }
     }
 
-    async fn connect(&self) -> Result<Connection, AmqpError> {
+    async fn connect(&self, url: &SecretUrl) -> Result<Connection, AmqpError> {
         let options = &self.shared.options;
-        let mut uri: AMQPUri =
-            self.shared.url.expose().parse().map_err(|e: String| {
-                self.connect_error(&format!("invalid URL: {}", self.scrub(&e)))
-            })?;
+        let mut uri: AMQPUri = url.expose().parse().map_err(|e: String| {
+            self.connect_error(url, &format!("invalid URL: {}", self.scrub(&e)))
+        })?;
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(options.heartbeat.as_secs().min(u64::from(u16::MAX)) as u16);
         }
@@ -345,7 +373,7 @@ impl Link {
             .with_connection_name(options.connection_name.clone().into())
             .with_client_property("product".into(), "partner-bridge".into())
             .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
-        debug!(pipeline = self.shared.pipeline, url = %self.shared.url, "connecting to the broker");
+        debug!(pipeline = self.shared.pipeline, %url, "connecting to the broker");
         match tokio::time::timeout(
             options.connect_timeout,
             Connection::connect_uri(uri, properties),
@@ -353,43 +381,54 @@ impl Link {
         .await
         {
             Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(error)) => Err(self.connect_error(&self.scrub(&error.to_string()))),
-            Err(_) => {
-                Err(self.connect_error(&format!("no answer within {:?}", options.connect_timeout)))
-            }
+            Ok(Err(error)) => Err(self.connect_error(url, &self.scrub(&error.to_string()))),
+            Err(_) => Err(self.connect_error(
+                url,
+                &format!("no answer within {:?}", options.connect_timeout),
+            )),
         }
     }
 
-    /// Removes the URL's password from a message, should a library ever echo it.
+    /// Removes the nodes' passwords from a message, should a library ever echo one.
     fn scrub(&self, text: &str) -> String {
-        let password = self
-            .shared
-            .url
-            .expose()
-            .parse::<AMQPUri>()
-            .map(|uri| uri.authority.userinfo.password)
-            .unwrap_or_default();
-        if password.len() >= 3 {
-            text.replace(&password, "***")
-        } else {
-            text.to_string()
+        let mut text = text.to_string();
+        for node in &self.shared.nodes {
+            let password = node
+                .expose()
+                .parse::<AMQPUri>()
+                .map(|uri| uri.authority.userinfo.password)
+                .unwrap_or_default();
+            if password.len() >= 3 {
+                text = text.replace(&password, "***");
+            }
         }
+        text
     }
 
     /// Marks the link down (the caller holds the state lock and has taken the connection out).
+    /// With a cluster list the next attempt goes to the next node: the one we were on may be the one that left.
     fn lost(&self, state: &mut State, why: String) {
         state.next_attempt = None;
+        let node = &self.shared.nodes[state.node];
+        let of = self.shared.nodes.len();
+        let at = format!("{}/{of}", state.node + 1);
+        state.node = (state.node + 1) % of;
         self.shared
             .metrics
             .amqp_connected(self.shared.pipeline, false);
+        let next = if of > 1 {
+            format!(
+                "; reconnecting to {}",
+                self.shared.nodes[state.node].redacted()
+            )
+        } else {
+            "; reconnecting".to_string()
+        };
         self.shared.health.not_ready(
             &health_part(self.shared.pipeline),
-            format!(
-                "connection to {} lost ({why}); reconnecting",
-                self.shared.url.redacted()
-            ),
+            format!("connection to {} lost ({why}){next}", node.redacted()),
         );
-        warn!(pipeline = self.shared.pipeline, reason = %why, "broker connection lost");
+        warn!(pipeline = self.shared.pipeline, node = %at, url = %node, reason = %why, "broker connection lost");
     }
 
     /// Flips metrics and health as soon as lapin reports the connection failed, even if nobody is using it.

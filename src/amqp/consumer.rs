@@ -1267,6 +1267,7 @@ mod tests {
         let settings = super::super::QueueSettings {
             delivery_limit: 5,
             retry_delay_ms: 100,
+            quorum_retry: false,
         };
         let spec = ConsumerSpec {
             queue: names.receiver_tokens_queue(),

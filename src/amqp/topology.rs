@@ -34,6 +34,8 @@ pub struct QueueSettings {
     pub delivery_limit: u32,
     /// TTL of the `.retry` queues: how long a retried message waits before it returns.
     pub retry_delay_ms: u64,
+    /// `.retry` queues are quorum queues (`amqp.retry_queue_type = "quorum"`, for a cluster) rather than classic.
+    pub quorum_retry: bool,
 }
 
 impl QueueSettings {
@@ -42,6 +44,7 @@ impl QueueSettings {
         QueueSettings {
             delivery_limit: amqp.delivery_limit,
             retry_delay_ms: amqp.retry_delay_ms,
+            quorum_retry: amqp.retry_queue_type == "quorum",
         }
     }
 }
@@ -157,15 +160,7 @@ fn work_queue(
         },
         Entity::Queue {
             name: retry,
-            arguments: vec![
-                arg("x-queue-type", "classic"),
-                arg(
-                    "x-message-ttl",
-                    i64::try_from(settings.retry_delay_ms).unwrap_or(i64::MAX),
-                ),
-                arg("x-dead-letter-exchange", ""),
-                arg("x-dead-letter-routing-key", queue),
-            ],
+            arguments: retry_arguments(settings, queue),
         },
         binding(queue, source, routing_key),
         binding(&dead, &dlx, queue),
@@ -249,6 +244,22 @@ pub fn receiver_plan(
     settings: &QueueSettings,
     own_application_id: &str,
 ) -> Vec<Entity> {
+    receiver_plan_on(
+        names,
+        settings,
+        own_application_id,
+        &names.receiver_tokens_queue(),
+    )
+}
+
+/// [`receiver_plan`] with the token queue named `queue` (`receiver.queue_name`: several receiving applications on
+/// one broker and prefix, each with its own queue bound with its own `token.<application id>`).
+pub fn receiver_plan_on(
+    names: &Names,
+    settings: &QueueSettings,
+    own_application_id: &str,
+    queue: &str,
+) -> Vec<Entity> {
     let mut plan = vec![
         exchange(names.tokens_exchange(), "topic"),
         exchange(names.reshare_exchange(), "topic"),
@@ -258,7 +269,7 @@ pub fn receiver_plan(
     plan.extend(work_queue(
         names,
         settings,
-        &names.receiver_tokens_queue(),
+        queue,
         &names.tokens_exchange(),
         &Names::token_key(own_application_id),
     ));
@@ -390,6 +401,33 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, AmqpErro
     Ok(found.message_count())
 }
 
+/// The arguments of `<queue>.retry`. Classic by default. A classic queue lives on one node only, and while that
+/// node is down the queue cannot be declared or used from the others, so on a cluster `.retry` queues are quorum
+/// queues (`amqp.retry_queue_type = "quorum"`, RabbitMQ 3.10 or later) with at-least-once dead-lettering, which
+/// needs `x-overflow=reject-publish`: an expired message leaves the retry queue only once its work queue took it.
+fn retry_arguments(settings: &QueueSettings, queue: &str) -> Vec<(String, HeaderValue)> {
+    let ttl = arg(
+        "x-message-ttl",
+        i64::try_from(settings.retry_delay_ms).unwrap_or(i64::MAX),
+    );
+    let back = [
+        arg("x-dead-letter-exchange", ""),
+        arg("x-dead-letter-routing-key", queue),
+    ];
+    let mut arguments = if settings.quorum_retry {
+        vec![
+            arg("x-queue-type", "quorum"),
+            ttl,
+            arg("x-dead-letter-strategy", "at-least-once"),
+            arg("x-overflow", "reject-publish"),
+        ]
+    } else {
+        vec![arg("x-queue-type", "classic"), ttl]
+    };
+    arguments.extend(back);
+    arguments
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,6 +435,7 @@ mod tests {
     const SETTINGS: QueueSettings = QueueSettings {
         delivery_limit: 20,
         retry_delay_ms: 30_000,
+        quorum_retry: false,
     };
 
     fn queues(plan: &[Entity]) -> Vec<&str> {
@@ -444,6 +483,40 @@ mod tests {
         // Exchanges before queues before bindings: a binding never names something not yet declared.
         let ranks: Vec<u8> = plan.iter().map(Entity::rank).collect();
         assert!(ranks.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn quorum_retry_queues_dead_letter_at_least_once_and_keep_no_group_size() {
+        let names = Names::new("pb");
+        let settings = QueueSettings {
+            quorum_retry: true,
+            ..SETTINGS
+        };
+        let plan = receiver_plan(&names, &settings, "recv-app");
+        let retry = plan
+            .iter()
+            .find(|e| matches!(e, Entity::Queue { name, .. } if name == "pb.receiver.tokens.retry"))
+            .unwrap();
+        for (key, value) in [
+            ("x-queue-type", "quorum"),
+            ("x-dead-letter-strategy", "at-least-once"),
+            ("x-overflow", "reject-publish"),
+            ("x-dead-letter-routing-key", "pb.receiver.tokens"),
+        ] {
+            assert_eq!(
+                retry.argument(key),
+                Some(&HeaderValue::Str(value.into())),
+                "{key}"
+            );
+        }
+        assert_eq!(
+            retry.argument("x-message-ttl"),
+            Some(&HeaderValue::Int(30_000))
+        );
+        // The group size is the cluster's default (every node of a three-node cluster), never pinned here.
+        for entity in &plan {
+            assert_eq!(entity.argument("x-quorum-initial-group-size"), None);
+        }
     }
 
     #[test]

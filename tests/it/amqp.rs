@@ -269,6 +269,7 @@ fn settings(delivery_limit: u32) -> QueueSettings {
     QueueSettings {
         delivery_limit,
         retry_delay_ms: 200,
+        quorum_retry: false,
     }
 }
 
@@ -361,6 +362,7 @@ async fn topology_declares_idempotently_and_routes() {
         &QueueSettings {
             delivery_limit: 5,
             retry_delay_ms: 300,
+            quorum_retry: false,
         },
         OWN_APP,
     );

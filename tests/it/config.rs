@@ -418,8 +418,58 @@ fn an_environment_variable_that_matches_no_key_is_reported() {
         error_lines(&stderr),
         [
             "error: invalid configuration: `PARTNER_BRIDGE_AMQP__URL`: environment variable matches no configuration key: overrides are named PARTNER_BRIDGE__SECTION__KEY, with two underscores between the parts; did you mean PARTNER_BRIDGE__AMQP__URL (for `amqp.url`)?",
-            "error: invalid configuration: `amqp.prefetsh`: unknown key; did you mean `amqp.prefetch`? (unknown field `prefetsh`, expected one of `url`, `url_file`, `prefix`, `prefetch`, `confirm_timeout_ms`, `delivery_limit`, `retry_delay_ms`, `max_message_bytes`, `heartbeat_s`) (set by environment variable PARTNER_BRIDGE__AMQP__PREFETSH)",
+            "error: invalid configuration: `amqp.prefetsh`: unknown key; did you mean `amqp.prefetch`? (unknown field `prefetsh`, expected one of `url`, `urls`, `url_file`, `prefix`, `prefetch`, `confirm_timeout_ms`, `delivery_limit`, `retry_delay_ms`, `retry_queue_type`, `max_message_bytes`, `heartbeat_s`) (set by environment variable PARTNER_BRIDGE__AMQP__PREFETSH)",
         ],
         "{stderr}"
     );
+}
+
+/// A cluster's node list (issue #11 item 4): a bad node names its place in `amqp.urls`, `url` and `urls` together
+/// are refused, a comma list in `url` is checked element by element, a valid list prints every node redacted, and
+/// `amqp.retry_queue_type` takes only `classic` or `quorum`.
+#[test]
+fn cluster_node_lists_are_checked_per_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "url = \"amqp://guest:hunter2@127.0.0.1:5672/%2f\"";
+    let cases = [
+        (
+            "urls = [\"amqp://guest:hunter2@n1:5672/%2f\", \"http://n2:5672/\"]",
+            "`amqp.urls[1]`",
+        ),
+        (
+            "url = \"amqp://a\"\nurls = [\"amqp://guest:hunter2@n1:5672/%2f\"]",
+            "`amqp.urls`",
+        ),
+        (
+            "url = \"amqp://guest:hunter2@n1/%2f,amqp://guest:hunter2@n2/%2f, ftp://n3/\"",
+            "`amqp.url[2]`",
+        ),
+        (
+            "url = \"amqp://n1/\"\nretry_queue_type = \"mirrored\"",
+            "`amqp.retry_queue_type`",
+        ),
+    ];
+    for (replacement, key) in cases {
+        let path = write_valid(dir.path(), 3600);
+        edit(&path, |t| t.replace(url, replacement));
+        let (code, _, stderr) = check_config(&path, &[]);
+        assert_eq!(code, 64, "{replacement}: {stderr}");
+        assert!(stderr.contains(key), "{replacement}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+    }
+    let path = write_valid(dir.path(), 3600);
+    edit(&path, |t| {
+        t.replace(
+            url,
+            "urls = [\"amqp://guest:hunter2@n1:5672/%2f\", \"amqp://guest:hunter2@n2:5672/%2f\"]\nretry_queue_type = \"quorum\"",
+        )
+    });
+    let (code, stdout, stderr) = check_config(&path, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("amqp://guest:***@n1:5672/%2f")
+            && stdout.contains("amqp://guest:***@n2:5672/%2f"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hunter2"), "{stdout}");
 }

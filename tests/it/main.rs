@@ -5,8 +5,10 @@
 mod amqp;
 mod audit;
 mod backfill;
+mod brands;
 mod brokers;
 mod client_sandbox;
+mod cluster;
 mod config;
 mod deploy;
 mod didit_client;

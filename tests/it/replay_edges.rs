@@ -642,6 +642,7 @@ async fn a_requeued_split_does_not_publish_its_copies_again() {
     let settings = QueueSettings {
         delivery_limit: 10,
         retry_delay_ms: 200,
+        quorum_retry: false,
     };
     let plan = partner_bridge::amqp::topology::receiver_plan(&lib.names, &settings, "edge-app");
     let queue = lib.names.receiver_tokens_queue();

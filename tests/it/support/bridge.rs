@@ -206,7 +206,12 @@ pub struct Collector {
 impl Collector {
     /// Starts consuming `queue` (acking everything).
     pub async fn start(queue: &str) -> Collector {
-        let amqp = Amqp::connect().await;
+        Self::start_on(&amqp_url(), queue).await
+    }
+
+    /// Starts consuming `queue` on the broker at `url`.
+    pub async fn start_on(url: &str, queue: &str) -> Collector {
+        let amqp = Amqp::connect_to(url).await;
         let mut consumer = amqp
             .channel
             .basic_consume(
@@ -556,7 +561,12 @@ trust_review = {trust_review}
 
     /// Deletes every queue and exchange of both roles under this world's prefix.
     pub async fn cleanup(self) {
-        let amqp = Amqp::connect().await;
+        self.cleanup_on(&amqp_url()).await
+    }
+
+    /// [`World::cleanup`] on the broker at `url` (a test node or cluster).
+    pub async fn cleanup_on(self, url: &str) {
+        let amqp = Amqp::connect_to(url).await;
         let _ = topology::delete(&amqp.channel, &self.topology()).await;
         amqp.close().await;
         self.sandbox.shutdown().await;
