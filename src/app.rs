@@ -438,6 +438,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                         .map_err(|e| anyhow::anyhow!("issuer {}: {e}", peer.name))?
                 }),
                 trust_review: peer.trust_review,
+                agreement_id: peer.agreement_id.clone(),
             });
         }
         let mut plan = topology::receiver_plan(&names, &settings, &access.application_id);

@@ -290,6 +290,7 @@ impl Minter {
             minted_at,
             expires_at,
             occurred_at: source.occurred_at,
+            agreement_id: partner.agreement_id.clone(),
         };
         let body = serde_json::to_vec(&envelope).expect("envelopes serialise");
         let signer = self.signing_key.signer();

@@ -80,6 +80,7 @@ mod tests {
             share_vendor_data: false,
             public_keys: Vec::new(),
             public_key_files: Vec::new(),
+            agreement_id: None,
         }
     }
 

@@ -340,6 +340,7 @@ mod tests {
                 share_vendor_data: false,
                 public_keys: Vec::new(),
                 public_key_files: Vec::new(),
+                agreement_id: None,
             },
             keys: PublicKeys::new(keys.iter().map(|k| k.verifying_key()).collect(), vec![]),
         }

@@ -107,6 +107,8 @@ pub(crate) struct Peer {
     /// `None`: an unknown issuer, explicitly allowed.
     pub key: Option<PublicKeys>,
     pub trust_review: bool,
+    /// `[[receiver.issuers]] agreement_id`: when set, tokens must carry exactly this one.
+    pub agreement_id: Option<String>,
 }
 
 /// Handles `share_token` deliveries.
@@ -169,6 +171,7 @@ impl Handler for TokenHandler {
                 application_id: envelope.from_application_id.clone(),
                 key: None,
                 trust_review: false,
+                agreement_id: None,
             },
             None => {
                 return self.refuse(
@@ -183,6 +186,25 @@ impl Handler for TokenHandler {
         };
         if let Err(decision) = self.check_signature(&msg, &peer) {
             return decision;
+        }
+        if let Some(expected) = &peer.agreement_id
+            && envelope.agreement_id.as_ref() != Some(expected)
+        {
+            tracing::warn!(message_id = %envelope.message_id, source_session_id = %envelope.source_session_id, issuer = %peer.name, "token under another data-sharing agreement; dead-lettering");
+            return self.refuse(
+                &peer.name,
+                "agreement_mismatch",
+                match &envelope.agreement_id {
+                    Some(got) => format!(
+                        "the token names agreement {got:?}; the agreement with issuer {} is {expected:?}",
+                        peer.name
+                    ),
+                    None => format!(
+                        "the token names no agreement; the agreement with issuer {} is {expected:?}",
+                        peer.name
+                    ),
+                },
+            );
         }
         let job = Job {
             envelope: &envelope,
@@ -224,6 +246,14 @@ impl Handler for TokenHandler {
 }
 
 impl TokenHandler {
+    /// The agreement with the issuer of `application_id`, as configured.
+    fn agreement_of(&self, application_id: &str) -> Option<String> {
+        self.peers
+            .iter()
+            .find(|p| p.application_id == application_id)
+            .and_then(|p| p.agreement_id.clone())
+    }
+
     /// A message that is not a token we can act on: dead-letter it and count it.
     fn refuse(&self, issuer: &str, reason: &'static str, detail: String) -> Decision {
         self.metrics.import(issuer, "bad_message");
@@ -852,6 +882,7 @@ impl TokenHandler {
             trust_review: record.trust_review,
             imported_at: record.imported_at,
             reason,
+            agreement_id: self.agreement_of(&record.issuer_application_id),
         };
         if let Err(detail) = self.publish_result(&result).await {
             return Decision::Retry {
@@ -927,6 +958,11 @@ impl TokenHandler {
             trust_review: job.peer.trust_review,
             imported_at: Utc::now(),
             reason: Some(format!("{reason}: {detail}")),
+            agreement_id: job
+                .peer
+                .agreement_id
+                .clone()
+                .or_else(|| envelope.agreement_id.clone()),
         };
         if let Err(detail) = self.publish_result(&result).await {
             return Decision::Retry {

@@ -131,6 +131,7 @@ fn share_token(vendor_data: bool) -> ShareTokenEnvelope {
         minted_at: at(1),
         expires_at: at(3601),
         occurred_at: at(0),
+        agreement_id: vendor_data.then(|| "DSA-2026-001".into()),
     }
 }
 
@@ -149,6 +150,7 @@ fn import_result(outcome: ImportOutcome) -> ImportResult {
         trust_review: false,
         imported_at: at(2),
         reason: (!imported).then(|| format!("{}: why", outcome.as_str())),
+        agreement_id: Some("DSA-2026-001".into()),
     }
 }
 
