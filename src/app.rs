@@ -659,6 +659,11 @@ pub fn results_queue_plan(names: &Names, settings: &QueueSettings) -> Vec<Entity
             routing_key: "import.#".into(),
         },
         Entity::Binding {
+            queue: queue.clone(),
+            exchange: names.imports_exchange(),
+            routing_key: "notice.#".into(),
+        },
+        Entity::Binding {
             queue: dead,
             exchange: names.dead_letter_exchange(),
             routing_key: queue,

@@ -36,7 +36,7 @@ use super::{
 };
 
 /// The schema this binary writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The most jobs committed in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -113,6 +113,44 @@ ALTER TABLE imports ADD COLUMN intent_message_id TEXT;
 ALTER TABLE imports ADD COLUMN intent_holder TEXT;
 ALTER TABLE imports ADD COLUMN intent_vendor_data TEXT;
 ALTER TABLE imports ADD COLUMN intent_at INTEGER;
+";
+
+/// Version 3, applied after [`SCHEMA_V2`]. Every helper's block is one `-- <task>:` section.
+const SCHEMA_V3: &str = "
+-- notices: erasure and rectification notices (GDPR Art. 19). Issuer side, one row per (request, recipient): the
+-- notice sent, how often, and its acknowledgement (a notice is sent again until acked). Receiver side, one row per
+-- notice received: what was done with it (the imported copy deleted, the backend told), so that a redelivered
+-- notice does neither twice.
+CREATE TABLE notices_sent (
+    notice_id              TEXT   NOT NULL PRIMARY KEY,
+    request_id             TEXT   NOT NULL,
+    session_id             TEXT   NOT NULL,
+    partner                TEXT   NOT NULL,
+    partner_application_id TEXT   NOT NULL,
+    agreement_id           TEXT,
+    kind                   TEXT   NOT NULL,
+    reason                 TEXT,
+    requested_at           BIGINT NOT NULL,
+    sends                  BIGINT NOT NULL DEFAULT 0,
+    last_sent_at           BIGINT,
+    acked_at               BIGINT,
+    action                 TEXT,
+    imported_session_id    TEXT,
+    UNIQUE (request_id, partner_application_id)
+);
+CREATE INDEX notices_sent_unacked ON notices_sent (acked_at, last_sent_at);
+CREATE TABLE notices_received (
+    issuer_application_id  TEXT   NOT NULL,
+    notice_id              TEXT   NOT NULL,
+    source_session_id      TEXT   NOT NULL,
+    kind                   TEXT   NOT NULL,
+    received_at            BIGINT NOT NULL,
+    imported_session_id    TEXT,
+    deleted_at             BIGINT,
+    published_at           BIGINT,
+    action                 TEXT,
+    PRIMARY KEY (issuer_application_id, notice_id)
+);
 ";
 
 /// The SQLite backend. Clones share the one writer thread, which ends when the last clone is dropped.
@@ -952,6 +990,9 @@ fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
     }
     if version < 2 {
         tx.execute_batch(SCHEMA_V2).map_err(db_error)?;
+    }
+    if version < 3 {
+        tx.execute_batch(SCHEMA_V3).map_err(db_error)?;
     }
     // Later versions add `if version < N { … }` steps here.
     if version < SCHEMA_VERSION {
