@@ -111,6 +111,45 @@ pub(crate) struct Peer {
     pub agreement_id: Option<String>,
 }
 
+/// Checks a message's `x-pb-signature` / `x-pb-key-id` against the issuer's keys (share tokens and notices alike):
+/// the refusal's reason and detail, or `Ok`. Unsigned passes only with `allow_unsigned`; an unknown issuer allowed
+/// in (no key) passes.
+pub(crate) fn verify_signature(
+    msg: &Incoming,
+    peer: &Peer,
+    allow_unsigned: bool,
+) -> Result<(), (&'static str, String)> {
+    let Some(signature) = msg.header(envelope::HEADER_SIGNATURE) else {
+        if allow_unsigned {
+            return Ok(());
+        }
+        return Err(("unsigned", "message carries no x-pb-signature header".into()));
+    };
+    let Some(keys) = &peer.key else {
+        // An unknown issuer, explicitly allowed: there is no key to check against.
+        return Ok(());
+    };
+    match keys.verify(&msg.body, signature, msg.header(envelope::HEADER_KEY_ID)) {
+        Ok(key) => {
+            tracing::debug!(issuer = %peer.name, key_id = key.key_id(), "signature verified");
+            Ok(())
+        }
+        Err(Refused::UnknownKey(key_id)) => Err((
+            "bad_signature",
+            format!(
+                "signed with key {key_id}, which is not one of issuer {}'s configured public keys ({})",
+                peer.name,
+                keys.all()
+                    .iter()
+                    .map(|k| k.key_id())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+        Err(Refused::Bad(bad)) => Err((bad.reason, bad.detail)),
+    }
+}
+
 /// Handles `share_token` deliveries.
 pub(crate) struct TokenHandler {
     pub client: DiditClient,
@@ -261,40 +300,8 @@ impl TokenHandler {
     }
 
     fn check_signature(&self, msg: &Incoming, peer: &Peer) -> Result<(), Decision> {
-        let Some(signature) = msg.header(envelope::HEADER_SIGNATURE) else {
-            if self.allow_unsigned {
-                return Ok(());
-            }
-            return Err(self.refuse(
-                &peer.name,
-                "unsigned",
-                "envelope carries no x-pb-signature header".into(),
-            ));
-        };
-        let Some(keys) = &peer.key else {
-            // An unknown issuer, explicitly allowed: there is no key to check against.
-            return Ok(());
-        };
-        match keys.verify(&msg.body, signature, msg.header(envelope::HEADER_KEY_ID)) {
-            Ok(key) => {
-                tracing::debug!(issuer = %peer.name, key_id = key.key_id(), "envelope signature verified");
-                Ok(())
-            }
-            Err(Refused::UnknownKey(key_id)) => Err(self.refuse(
-                &peer.name,
-                "bad_signature",
-                format!(
-                    "signed with key {key_id}, which is not one of issuer {}'s configured public keys ({})",
-                    peer.name,
-                    keys.all()
-                        .iter()
-                        .map(|k| k.key_id())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )),
-            Err(Refused::Bad(bad)) => Err(self.refuse(&peer.name, bad.reason, bad.detail)),
-        }
+        verify_signature(msg, peer, self.allow_unsigned)
+            .map_err(|(reason, detail)| self.refuse(&peer.name, reason, detail))
     }
 
     async fn import(&self, job: &Job<'_>, claims: Option<&ShareTokenClaims>) -> Decision {
