@@ -20,12 +20,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminServer;
-use crate::audit::AuditLog;
 use crate::amqp::consumer::{ConsumerSpec, PauseControl, run_consumer};
 use crate::amqp::publisher::Publisher;
 use crate::amqp::topology::{self, Entity, QueueSettings};
 use crate::amqp::{HeaderValue, Link, LinkOptions, Names};
-use crate::config::{Config, next_webhook_secret_source};
+use crate::audit::AuditLog;
+use crate::config::{AuditConfig, Config, next_webhook_secret_source};
 use crate::didit::client::DiditClient;
 use crate::didit::pacing::Pacing;
 use crate::health::Health;
@@ -68,6 +68,7 @@ pub struct Running {
     admin_stop: CancellationToken,
     admin_task: JoinHandle<std::io::Result<()>>,
     grace: Duration,
+    audit: AuditLog,
 }
 
 impl Running {
@@ -113,6 +114,15 @@ impl Running {
             tracing::warn!(
                 "some tasks did not finish within the grace period; their messages return to the broker"
             );
+        }
+        // Every handler has recorded its acts by now: sign the head so the whole run is covered.
+        match self.audit.checkpoint(crate::audit::kinds::SHUTDOWN).await {
+            Ok(Some(c)) => {
+                self.metrics.audit_checkpoint(crate::audit::kinds::SHUTDOWN);
+                tracing::info!(seq = c.seq, "audit checkpoint written on shutdown");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "audit checkpoint not written on shutdown"),
         }
         // Every link closes at once, under the same deadline (each also bounds its own close): a broker that stopped
         // answering costs the margin once, not once per link. What is not closed by then is dropped with the
@@ -199,18 +209,65 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             tracing::warn!(error = %e, "could not void earlier claims; they lapse with their leases")
         }
     }
+    // One audit log per process, in the ledger's database; its checkpoints are signed with the issuer's key (or,
+    // for a receiver only, the receiver's key, if it has one).
+    let issuer_keys = if config.issuer.enabled {
+        Some(
+            SigningKeys::load(
+                &config.signing_key_source()?,
+                signing_key_config_name(&config),
+                config.known_public_keys(),
+                Some(metrics.clone()),
+            )
+            .map_err(|e| anyhow::anyhow!("invalid signing key: {e}"))?,
+        )
+    } else {
+        None
+    };
+    let receiver_keys = match (
+        config.receiver.enabled,
+        config.receiver_signing_key_source(),
+    ) {
+        (true, Some((source, name))) => Some(
+            SigningKeys::load(
+                &source,
+                name,
+                config.known_public_keys(),
+                Some(metrics.clone()),
+            )
+            .map_err(|e| anyhow::anyhow!("invalid receiver signing key: {e}"))?,
+        ),
+        _ => None,
+    };
+    let audit_keys = issuer_keys.clone().or_else(|| receiver_keys.clone());
+    let audit_first = audit_keys.as_ref().map(SigningKeys::first);
+    let audit = AuditLog::open(
+        &ledger,
+        audit_keys,
+        audit_first.as_ref(),
+        config.ledger.timeout(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot open the audit log in the ledger at {}",
+            ledger_url.redacted()
+        )
+    })?;
+    audit.set_metrics(metrics.clone());
     health.ready("ledger");
+    tasks.spawn(keep_audit(
+        audit.clone(),
+        metrics.clone(),
+        config.audit.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(watch_ledger(
         ledger.clone(),
         health.clone(),
         config.ledger.retention_days,
         shutdown.clone(),
     ));
-
-    // The notices read recipients from the audit log and record their acts there.
-    let audit = AuditLog::open(&ledger, None, None, config.ledger.timeout())
-        .await
-        .with_context(|| format!("cannot open the audit log at {}", ledger_url.redacted()))?;
 
     let names = Names::new(&config.amqp.prefix);
     let settings = QueueSettings::from_config(&config.amqp);
@@ -242,13 +299,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let access = config.issuer_didit()?;
         let client = DiditClient::paced(&access, metrics.clone(), &pacing, "issuer")
             .map_err(|e| anyhow::anyhow!("cannot build the issuer's Didit client: {e}"))?;
-        let signing_key = SigningKeys::load(
-            &config.signing_key_source()?,
-            signing_key_config_name(&config),
-            config.known_public_keys(),
-            Some(metrics.clone()),
-        )
-        .map_err(|e| anyhow::anyhow!("invalid signing key: {e}"))?;
+        let signing_key = issuer_keys
+            .clone()
+            .expect("loaded above for the issuer role");
         tracing::info!(key_id = signing_key.signer().key_id(), application_id = %access.application_id, "issuer role enabled");
 
         let tokens_link = link_for(&config.tokens_url()?, pipeline::ISSUER_TOKENS);
@@ -280,6 +333,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let minter = Arc::new(Minter {
             client: client.clone(),
             ledger: ledger.clone(),
+            audit: audit.clone(),
             tokens: tokens_publisher,
             names: names.clone(),
             signing_key,
@@ -300,10 +354,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         ));
         let onboarding_pause =
             PauseControl::new(pipeline::ISSUER_ONBOARDING, health.clone(), metrics.clone());
-        tasks.spawn(crate::probe::run(
+        tasks.spawn(crate::probe::run_audited(
             onboarding_pause.clone(),
             client.clone(),
             ledger.clone(),
+            Some(audit.clone()),
             pipeline::ISSUER_ONBOARDING,
             shutdown.clone(),
         ));
@@ -343,10 +398,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         }
         let reshare_pause =
             PauseControl::new(pipeline::ISSUER_RESHARE, health.clone(), metrics.clone());
-        tasks.spawn(crate::probe::run(
+        tasks.spawn(crate::probe::run_audited(
             reshare_pause.clone(),
             client.clone(),
             ledger.clone(),
+            Some(audit.clone()),
             pipeline::ISSUER_RESHARE,
             shutdown.clone(),
         ));
@@ -518,18 +574,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let access = config.receiver_didit()?;
         let client = DiditClient::paced(&access, metrics.clone(), &pacing, "receiver")
             .map_err(|e| anyhow::anyhow!("cannot build the receiver's Didit client: {e}"))?;
-        let reshare_key = match config.receiver_signing_key_source() {
-            Some((source, name)) => Some(
-                SigningKeys::load(
-                    &source,
-                    name,
-                    config.known_public_keys(),
-                    Some(metrics.clone()),
-                )
-                .map_err(|e| anyhow::anyhow!("invalid receiver signing key: {e}"))?,
-            ),
-            None => None,
-        };
+        let reshare_key = receiver_keys.clone();
         tracing::info!(application_id = %access.application_id, reshare_key_id = reshare_key.as_ref().map(|k| k.signer().key_id().to_string()), "receiver role enabled");
         let mut peers = Vec::new();
         for (i, peer) in config.receiver.issuers.iter().enumerate() {
@@ -609,10 +654,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             shutdown.clone(),
         ));
         let pause = PauseControl::new(pipeline::RECEIVER_TOKENS, health.clone(), metrics.clone());
-        tasks.spawn(crate::probe::run(
+        tasks.spawn(crate::probe::run_audited(
             pause.clone(),
             client.clone(),
             ledger.clone(),
+            Some(audit.clone()),
             pipeline::RECEIVER_TOKENS,
             shutdown.clone(),
         ));
@@ -689,6 +735,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         admin_stop,
         admin_task,
         grace,
+        audit,
     })
 }
 
@@ -880,6 +927,54 @@ async fn declare_in_background(
 async fn connection_lost(connection: &lapin::Connection) {
     while connection.status().connected() {
         tokio::time::sleep(CONNECTION_CHECK_EVERY).await;
+    }
+}
+
+/// Signs the audit chain's head every `audit.checkpoint_interval_secs` (an idle log writes none) and prunes rows
+/// older than `audit.retention_days` (at start, then hourly) behind a signed `prune` checkpoint. The shutdown
+/// checkpoint is written by [`Running::wait`], once every handler has finished.
+async fn keep_audit(
+    audit: AuditLog,
+    metrics: Arc<Metrics>,
+    config: AuditConfig,
+    shutdown: CancellationToken,
+) {
+    let interval = config.checkpoint_interval();
+    let mut last_prune: Option<tokio::time::Instant> = None;
+    let mut next_checkpoint = tokio::time::Instant::now() + interval;
+    loop {
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            let cutoff =
+                chrono::Utc::now() - chrono::Duration::days(i64::from(config.retention_days));
+            match audit.prune(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    metrics.audit_checkpoint(crate::audit::kinds::PRUNE);
+                    tracing::info!(
+                        rows = n,
+                        retention_days = config.retention_days,
+                        "audit log pruned behind a signed checkpoint"
+                    )
+                }
+                Err(e) => tracing::warn!(error = %e, "audit log pruning failed"),
+            }
+            last_prune = Some(tokio::time::Instant::now());
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep_until(next_checkpoint) => {}
+        }
+        next_checkpoint = tokio::time::Instant::now() + interval;
+        match audit.checkpoint(crate::audit::kinds::PERIODIC).await {
+            Ok(Some(c)) => {
+                metrics.audit_checkpoint(crate::audit::kinds::PERIODIC);
+                tracing::debug!(seq = c.seq, "audit checkpoint written");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "audit checkpoint not written; trying again next interval")
+            }
+        }
     }
 }
 

@@ -57,6 +57,8 @@ pub struct Config {
     pub retry: RetryConfig,
     /// The idempotency ledger.
     pub ledger: LedgerConfig,
+    /// The audit log (in the ledger's database).
+    pub audit: AuditConfig,
     /// Log output.
     pub log: LogConfig,
     /// Graceful shutdown.
@@ -77,6 +79,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             retry: RetryConfig::default(),
             ledger: LedgerConfig::default(),
+            audit: AuditConfig::default(),
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
             issuer: IssuerConfig::default(),
@@ -366,6 +369,33 @@ impl LedgerConfig {
             sslmode: self.sslmode.clone(),
             ca_file: self.ca_file.clone(),
         }
+    }
+}
+
+/// `[audit]`: the audit log of every sharing act (docs/compliance.md), kept in the ledger's database.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Rows older than this are pruned, behind a signed `prune` checkpoint. Independent of
+    /// `ledger.retention_days`: the default, 1825 (five years), is what EU AML rules ask for.
+    pub retention_days: u32,
+    /// How often the chain's head is signed and stored as a checkpoint (also written on shutdown).
+    pub checkpoint_interval_secs: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 1825,
+            checkpoint_interval_secs: 300,
+        }
+    }
+}
+
+impl AuditConfig {
+    /// How often a checkpoint is written.
+    pub fn checkpoint_interval(&self) -> Duration {
+        Duration::from_secs(self.checkpoint_interval_secs)
     }
 }
 
@@ -924,6 +954,18 @@ impl Config {
             p.push(ConfigError::new(
                 "ledger.lease_ms",
                 "must be at least 1.5 × ledger.timeout_ms, so that a slow renewal still lands in time",
+            ));
+        }
+        if self.audit.retention_days == 0 || self.audit.retention_days > 36_500 {
+            p.push(ConfigError::new(
+                "audit.retention_days",
+                "must be between 1 and 36500 (EU AML rules ask for 1825, five years)",
+            ));
+        }
+        if !(1..=86_400).contains(&self.audit.checkpoint_interval_secs) {
+            p.push(ConfigError::new(
+                "audit.checkpoint_interval_secs",
+                "must be between 1 and 86400",
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {

@@ -320,6 +320,27 @@ impl SigningKeys {
         }
     }
 
+    /// The oldest (first) key of the set: rotation appends, so it stays the same (the audit log keys its
+    /// `vendor_data` hash with it).
+    pub fn first(&self) -> SigningKey {
+        match self {
+            SigningKeys::Fixed(key) => (**key).clone(),
+            SigningKeys::File(file) => file
+                .current()
+                .first()
+                .cloned()
+                .expect("a parsed signing key set is never empty"),
+        }
+    }
+
+    /// Every public key of the set (to verify what any of its keys signed).
+    pub fn public_keys(&self) -> Vec<crate::envelope::VerifyingKey> {
+        match self {
+            SigningKeys::Fixed(key) => vec![key.verifying_key()],
+            SigningKeys::File(file) => file.current().iter().map(|k| k.verifying_key()).collect(),
+        }
+    }
+
     /// The key that signs now: the newest (last) of the set.
     pub fn signer(&self) -> SigningKey {
         match self {

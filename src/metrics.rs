@@ -236,6 +236,23 @@ pub struct Metrics {
     delivery_retries: Family<PipelineLabels, Counter>,
     notices: Family<NoticeLabels, Counter>,
     notices_unacknowledged: Family<PartnerLabels, Gauge>,
+    audit_rows: Family<ActLabels, Counter>,
+    audit_write_failures: Counter,
+    audit_checkpoints: Family<CheckpointLabels, Counter>,
+}
+
+/// `{act}`
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActLabels {
+    /// An audit act's name (`share_minted`, `imported`, …).
+    pub act: &'static str,
+}
+
+/// `{kind}`
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckpointLabels {
+    /// `periodic`, `shutdown` or `prune`.
+    pub kind: &'static str,
 }
 
 /// Event outcomes.
@@ -330,6 +347,9 @@ impl Metrics {
             delivery_retries: Family::default(),
             notices: Family::default(),
             notices_unacknowledged: Family::default(),
+            audit_rows: Family::default(),
+            audit_write_failures: Counter::default(),
+            audit_checkpoints: Family::default(),
         };
         registry.register(
             "key_reload_errors",
@@ -469,10 +489,47 @@ impl Metrics {
             "Notices sent to the partner that it has not acknowledged yet (each is sent again every issuer.notice_retry_secs)",
             m.notices_unacknowledged.clone(),
         );
+        registry.register(
+            "audit_rows",
+            "Rows appended to the audit log, per act (share_minted, token_published, imported, …)",
+            m.audit_rows.clone(),
+        );
+        registry.register(
+            "audit_write_failures",
+            "Audit log writes that failed (the message that caused the act was not settled and comes back)",
+            m.audit_write_failures.clone(),
+        );
+        registry.register(
+            "audit_checkpoints",
+            "Signed audit checkpoints written, per kind (periodic, shutdown, prune)",
+            m.audit_checkpoints.clone(),
+        );
+        for act in crate::audit::ActKind::ALL {
+            m.audit_rows
+                .get_or_create(&ActLabels { act: act.as_str() })
+                .get();
+        }
         Metrics {
             registry: root,
             ..m
         }
+    }
+
+    /// An audit row was appended for `act`.
+    pub fn audit_row(&self, act: &'static str) {
+        self.audit_rows.get_or_create(&ActLabels { act }).inc();
+    }
+
+    /// An audit write failed.
+    pub fn audit_write_failure(&self) {
+        self.audit_write_failures.inc();
+    }
+
+    /// A signed audit checkpoint of `kind` was written.
+    pub fn audit_checkpoint(&self, kind: &'static str) {
+        self.audit_checkpoints
+            .get_or_create(&CheckpointLabels { kind })
+            .inc();
     }
 
     /// Initialises every series whose labels are known from the configuration, so dashboards and `rate()` see zeros

@@ -5,8 +5,10 @@
 //! - `credentials`: re-read the key (a rotated Kubernetes secret or replaced file is picked up) and ask Didit with a
 //!   cheap authenticated call, with exponential backoff; resume when the key is accepted.
 //! - `ledger`: the ledger failed or did not answer in time (a PostgreSQL failover, a hung server, a locked or
-//!   unwritable SQLite file). Probe it with its own writability check, with backoff (at most [`LEDGER_MAX_DELAY`]
-//!   apart, so work resumes within seconds of the ledger coming back); resume when it answers. Handlers turn a ledger
+//!   unwritable SQLite file), or an audit act could not be recorded (the audit log lives in the same database).
+//!   Probe it with its own writability check, and the audit log's (an insert rolled back), with backoff (at most
+//!   [`LEDGER_MAX_DELAY`] apart, so work resumes within seconds of the ledger coming back); resume when both
+//!   answer. Handlers turn a ledger
 //!   error into this pause through [`ledger_decision`], so that an outage costs no delivery attempt and
 //!   dead-letters nothing.
 //! - `workflow_missing` (and anything else): there is no cheap call that proves a workflow exists, so the probe is the
@@ -23,6 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::consumer::{Decision, PauseControl};
+use crate::audit::AuditLog;
 use crate::didit::client::DiditClient;
 use crate::didit::error::Disposition;
 use crate::health::Health;
@@ -56,11 +59,24 @@ const MAX_DELAY: Duration = Duration::from_secs(60);
 /// A resume that holds this long resets the backoff between episodes.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 
-/// Watches `pause` until shutdown.
+/// Watches `pause` until shutdown (a `ledger` pause probes the ledger only; see [`run_audited`]).
 pub async fn run(
     pause: PauseControl,
     client: DiditClient,
     ledger: Ledger,
+    pipeline: &'static str,
+    shutdown: CancellationToken,
+) {
+    run_audited(pause, client, ledger, None, pipeline, shutdown).await
+}
+
+/// Watches `pause` until shutdown; a `ledger` pause ends when the ledger and, when given, the audit log accept
+/// writes again.
+pub async fn run_audited(
+    pause: PauseControl,
+    client: DiditClient,
+    ledger: Ledger,
+    audit: Option<AuditLog>,
     pipeline: &'static str,
     shutdown: CancellationToken,
 ) {
@@ -76,7 +92,7 @@ pub async fn run(
         }
         if reason == LEDGER {
             // The probe is exact (a real write), so there is no need to grow the wait between episodes.
-            if !probe_ledger(&ledger, pipeline, &shutdown).await {
+            if !probe_ledger(&ledger, audit.as_ref(), pipeline, &shutdown).await {
                 return;
             }
             tracing::info!(pipeline, reason, "ledger answers again; resuming pipeline");
@@ -205,9 +221,10 @@ pub async fn check_key_at_start(
     }
 }
 
-/// Probes `ledger` until a writability check succeeds; `false` on shutdown.
+/// Probes `ledger` (and `audit`) until a writability check succeeds; `false` on shutdown.
 async fn probe_ledger(
     ledger: &Ledger,
+    audit: Option<&AuditLog>,
     pipeline: &'static str,
     shutdown: &CancellationToken,
 ) -> bool {
@@ -219,7 +236,13 @@ async fn probe_ledger(
         }
         let checked = tokio::select! {
             () = shutdown.cancelled() => return false,
-            checked = ledger.check_writable() => checked,
+            checked = async {
+                ledger.check_writable().await?;
+                match audit {
+                    Some(audit) => audit.check_writable().await,
+                    None => Ok(()),
+                }
+            } => checked,
         };
         match checked {
             Ok(()) => return true,

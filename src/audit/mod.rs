@@ -39,6 +39,7 @@ use sha2::{Digest, Sha256};
 use crate::envelope::{SigningKey, VerifyingKey};
 use crate::keys::SigningKeys;
 use crate::ledger::{Ledger, LedgerError};
+use crate::metrics::Metrics;
 
 pub use store::AuditStore;
 
@@ -215,6 +216,30 @@ impl Act {
         self
     }
 
+    /// Sets the share token, by its digest ([`token_id`]).
+    pub fn token(mut self, token_id: &str) -> Act {
+        self.token_id = Some(token_id.to_string());
+        self
+    }
+
+    /// Sets the onboarding event.
+    pub fn event(mut self, event_id: &str) -> Act {
+        self.event_id = Some(event_id.to_string());
+        self
+    }
+
+    /// Sets the status.
+    pub fn status(mut self, status: impl Into<String>) -> Act {
+        self.status = Some(status.into());
+        self
+    }
+
+    /// Sets the reason.
+    pub fn reason(mut self, reason: impl Into<String>) -> Act {
+        self.reason = Some(reason.into());
+        self
+    }
+
     /// Records this act at most once for `key` (scoped by the act's name).
     pub fn once(mut self, key: impl std::fmt::Display) -> Act {
         self.dedupe_key = Some(format!("{}:{key}", self.kind));
@@ -267,6 +292,30 @@ impl AuditRow {
     /// `at_ms` as a time (the epoch if out of range).
     pub fn at(&self) -> DateTime<Utc> {
         DateTime::from_timestamp_millis(self.at_ms).unwrap_or_default()
+    }
+
+    /// The column names in stored order (as [`AuditRow::columns`] gives them).
+    pub fn column_names() -> [&'static str; 18] {
+        [
+            "seq",
+            "at_ms",
+            "side",
+            "act",
+            "partner",
+            "partner_application_id",
+            "agreement_id",
+            "session_id",
+            "imported_session_id",
+            "event_id",
+            "message_id",
+            "token_id",
+            "status",
+            "reason",
+            "vendor_data_hash",
+            "dedupe_key",
+            "prev_hash",
+            "hash",
+        ]
     }
 
     /// The columns in stored order, as text (`None` for NULL): what [`row_hash`] encodes and `audit export`
@@ -416,6 +465,7 @@ struct Inner {
     vendor_key: Option<[u8; 32]>,
     signer: Option<SigningKeys>,
     timeout: Duration,
+    metrics: std::sync::OnceLock<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -440,8 +490,23 @@ impl AuditLog {
                 vendor_key: vendor_data_key(first_key),
                 signer,
                 timeout,
+                metrics: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Counts rows written (`audit_rows_total{act}`) and failed writes (`audit_write_failures_total`) in
+    /// `metrics` from now on (once; later calls are ignored).
+    pub fn set_metrics(&self, metrics: Arc<Metrics>) {
+        let _ = self.inner.metrics.set(metrics);
+    }
+
+    /// Proves that a row could be appended right now (an insert rolled back at once), for the ledger probe of a
+    /// pipeline paused because an act could not be recorded: the audit tables must accept writes again, not only
+    /// the ledger's.
+    pub async fn check_writable(&self) -> Result<(), LedgerError> {
+        self.bounded("check_writable", self.inner.store.check_writable())
+            .await
     }
 
     async fn bounded<T>(
@@ -470,6 +535,7 @@ impl AuditLog {
     /// Records several acts in one transaction, in order (all or none).
     pub async fn record_all(&self, acts: Vec<Act>) -> Result<Vec<Option<i64>>, LedgerError> {
         let key = self.inner.vendor_key;
+        let kinds: Vec<ActKind> = acts.iter().map(|a| a.kind).collect();
         let drafts = acts
             .into_iter()
             .map(|a| Draft::from_act(a, key.as_ref()))
@@ -477,8 +543,23 @@ impl AuditLog {
         let result = self
             .bounded("record", self.inner.store.append(drafts))
             .await;
-        if let Err(e) = &result {
-            tracing::warn!(error = %e, "audit act not recorded; the message that caused it is not settled");
+        let metrics = self.inner.metrics.get();
+        match &result {
+            Ok(seqs) => {
+                if let Some(m) = metrics {
+                    for (kind, seq) in kinds.iter().zip(seqs) {
+                        if seq.is_some() {
+                            m.audit_row(kind.as_str());
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if let Some(m) = metrics {
+                    m.audit_write_failure();
+                }
+                tracing::warn!(error = %e, "audit act not recorded; the message that caused it is not settled");
+            }
         }
         result
     }

@@ -162,6 +162,37 @@ impl AuditStore {
         }
     }
 
+    /// Inserts a row and rolls it back at once (see [`super::AuditLog::check_writable`]).
+    pub(crate) async fn check_writable(&self) -> Result<(), LedgerError> {
+        const PROBE: &str = "INSERT INTO audit_log (seq, at_ms, side, act, prev_hash, hash) \
+            VALUES (-1, 0, 'probe', 'probe', '', '')";
+        match self {
+            AuditStore::Sqlite(l) => {
+                l.run(false, |conn| {
+                    conn.execute_batch("SAVEPOINT audit_probe")
+                        .map_err(db_error)?;
+                    let probed = conn.execute(PROBE, []);
+                    let undone = conn.execute_batch("ROLLBACK TO audit_probe; RELEASE audit_probe");
+                    probed.map_err(db_error)?;
+                    undone.map_err(db_error)?;
+                    Ok(())
+                })
+                .await
+            }
+            AuditStore::Postgres(pg) => {
+                pg.with_client(|client| {
+                    Box::pin(async move {
+                        let tx = client.transaction().await?;
+                        tx.execute(PROBE, &[]).await?;
+                        tx.rollback().await?;
+                        Ok(())
+                    })
+                })
+                .await
+            }
+        }
+    }
+
     /// Chains and inserts `drafts` in one transaction; `None` for a draft whose `dedupe_key` is there already.
     pub(crate) async fn append(&self, drafts: Vec<Draft>) -> Result<Vec<Option<i64>>, LedgerError> {
         match self {

@@ -8,6 +8,12 @@
 //! 3. publish the signed envelope and wait for the broker's confirm;
 //! 4. only then complete the ledger row (a crash before this mints again on redelivery, which the receiver's ledger
 //!    absorbs; recording before publishing could lose the token for good).
+//!
+//! The audit log gets two acts per token, each before anything is settled: `share_minted` once Didit answered
+//! (before the publish) and `token_published` once the broker confirmed it (before the ledger row). A failed audit
+//! write is a failed ledger write: the claim is released and the delivery pauses the pipeline (or is retried), so
+//! the event comes back and mints again — a token whose `token_published` could not be recorded is on the broker
+//! all the same (the receiver's ledger absorbs the second one), and the audit log shows both mints.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::consumer::Decision;
 use crate::amqp::publisher::{Outgoing, PublishError, Publisher};
 use crate::amqp::{HeaderValue, Names};
+use crate::audit::{self, Act, ActKind, AuditLog, Side};
 use crate::config::{PartnerConfig, RetryConfig};
 use crate::didit::client::DiditClient;
 use crate::didit::error::Disposition;
@@ -34,6 +41,8 @@ use crate::retry::{Failure, with_backoff};
 pub(crate) struct Minter {
     pub client: DiditClient,
     pub ledger: Ledger,
+    /// Every token minted and published is recorded here before its delivery is settled.
+    pub audit: AuditLog,
     pub tokens: Publisher,
     pub names: Names,
     /// The issuer's key set; its newest key signs (re-read on change).
@@ -191,6 +200,45 @@ impl Minter {
         }
     }
 
+    /// An act about `source` shared with `partner`, on the issuer side.
+    pub(crate) fn act(&self, kind: ActKind, partner: &PartnerConfig, source: &Source) -> Act {
+        let mut act = Act::new(kind, Side::Issuer)
+            .partner(&partner.name, &partner.application_id)
+            .session(&source.session_id)
+            .event(&source.event_id);
+        act.vendor_data = source.vendor_data.clone();
+        // The agreements change (#13 item 2) sets `act.agreement_id` from the partner's `agreement_id` here.
+        act.agreement_id = None;
+        act
+    }
+
+    /// Records `act`; a failure ends the mint as a failed ledger write would (pause while the database is
+    /// unavailable, else retry), so nothing is settled without its act.
+    pub(crate) async fn record(&self, partner: &PartnerConfig, act: Act) -> Result<(), Minted> {
+        let kind = act.kind;
+        match self.audit.record(act).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, partner = %partner.name, act = %kind, "audit act not recorded");
+                Err(match crate::probe::ledger_decision(&e) {
+                    Decision::Pause { reason, detail } => {
+                        self.metrics.share(&partner.name, "paused");
+                        Minted::Pause {
+                            reason,
+                            detail: format!("audit log: {detail}"),
+                        }
+                    }
+                    _ => {
+                        self.metrics.share(&partner.name, "retried");
+                        Minted::Retry {
+                            detail: format!("audit log: {e}"),
+                        }
+                    }
+                })
+            }
+        }
+    }
+
     async fn share_and_publish(
         &self,
         req: &MintRequest<'_>,
@@ -272,6 +320,17 @@ impl Minter {
             .and_then(|c| DateTime::<Utc>::from_timestamp(c.exp, 0))
             .unwrap_or(minted_at + chrono::Duration::seconds(i64::from(partner.ttl_seconds)));
         let message_id = uuid::Uuid::now_v7().to_string();
+        let token_id = audit::token_id(response.share_token.expose());
+        let status = source.status.for_kind(kind).to_string();
+        self.record(
+            partner,
+            self.act(ActKind::ShareMinted, partner, source)
+                .message(&message_id)
+                .token(&token_id)
+                .status(status.clone())
+                .once(&token_id),
+        )
+        .await?;
         let envelope = ShareTokenEnvelope {
             kind: envelope::types::SHARE_TOKEN.to_string(),
             message_id: message_id.clone(),
@@ -358,6 +417,16 @@ impl Minter {
                 detail: format!("publishing to {exchange} with key {routing_key} failed: {e}"),
             });
         }
+        // Before the ledger row: a failure here releases the claim, and the event that comes back mints again.
+        self.record(
+            partner,
+            self.act(ActKind::TokenPublished, partner, source)
+                .message(&message_id)
+                .token(&token_id)
+                .status(status)
+                .once(&message_id),
+        )
+        .await?;
         self.metrics.share(&partner.name, "minted");
         self.metrics.token_published(&partner.name);
         self.health.remove(&unroutable_part(&partner.name));
