@@ -213,8 +213,9 @@ pub struct ImportResult {
     pub imported_at: DateTime<Utc>,
     /// Why, for outcomes other than `imported`.
     pub reason: Option<String>,
-    /// The data-sharing agreement with the issuer (`[[receiver.issuers]] agreement_id`, else the token's).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The data-sharing agreement with the issuer (`[[receiver.issuers]] agreement_id`, else the token's); null
+    /// when neither names one.
+    #[serde(default)]
     pub agreement_id: Option<String>,
 }
 
