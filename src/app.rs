@@ -20,11 +20,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminServer;
-use crate::amqp::consumer::{ConsumerSpec, PauseControl, run_consumer};
+use crate::amqp::consumer::{ConsumerSpec, DeadLetterAudit, PauseControl, run_consumer};
 use crate::amqp::publisher::Publisher;
 use crate::amqp::topology::{self, Entity, QueueSettings};
 use crate::amqp::{HeaderValue, Link, LinkOptions, Names};
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, Side};
 use crate::config::{AuditConfig, Config, next_webhook_secret_source};
 use crate::didit::client::DiditClient;
 use crate::didit::pacing::Pacing;
@@ -352,6 +352,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             health.clone(),
             shutdown.clone(),
         ));
+        let issuer_audit = DeadLetterAudit {
+            log: audit.clone(),
+            side: Side::Issuer,
+            names: config
+                .issuer
+                .partners
+                .iter()
+                .map(|p| (p.application_id.clone(), p.name.clone()))
+                .collect(),
+        };
         let onboarding_pause =
             PauseControl::new(pipeline::ISSUER_ONBOARDING, health.clone(), metrics.clone());
         tasks.spawn(crate::probe::run_audited(
@@ -373,6 +383,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 max_attempts: config.retry.max_attempts,
                 retry_delay_ms: config.amqp.retry_delay_ms,
                 declare: intake_plan.clone(),
+                audit: Some(issuer_audit.clone()),
             },
             Arc::new(OnboardingHandler {
                 minter: minter.clone(),
@@ -417,6 +428,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 max_attempts: config.retry.max_attempts,
                 retry_delay_ms: config.amqp.retry_delay_ms,
                 declare: intake_plan.clone(),
+                audit: Some(issuer_audit.clone()),
             },
             Arc::new(ReshareHandler {
                 minter,
@@ -449,10 +461,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             ),
         ] {
             let pause = PauseControl::new(pipeline_name, health.clone(), metrics.clone());
-            tasks.spawn(crate::probe::run(
+            tasks.spawn(crate::probe::run_audited(
                 pause.clone(),
                 client.clone(),
                 ledger.clone(),
+                Some(audit.clone()),
                 pipeline_name,
                 shutdown.clone(),
             ));
@@ -464,6 +477,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 max_attempts: config.retry.max_attempts,
                 retry_delay_ms: config.amqp.retry_delay_ms,
                 declare: intake_plan.clone(),
+                audit: Some(issuer_audit.clone()),
             };
             let publisher = Publisher::new(link.clone(), confirm_timeout, metrics.clone());
             if pipeline_name == pipeline::ISSUER_NOTICES {
@@ -597,10 +611,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let notices_link = link_for(&amqp_url, pipeline::RECEIVER_NOTICES);
         let notices_pause =
             PauseControl::new(pipeline::RECEIVER_NOTICES, health.clone(), metrics.clone());
-        tasks.spawn(crate::probe::run(
+        tasks.spawn(crate::probe::run_audited(
             notices_pause.clone(),
             client.clone(),
             ledger.clone(),
+            Some(audit.clone()),
             pipeline::RECEIVER_NOTICES,
             shutdown.clone(),
         ));
@@ -618,6 +633,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 max_attempts: config.retry.max_attempts,
                 retry_delay_ms: config.amqp.retry_delay_ms,
                 declare: plan.clone(),
+                audit: Some(DeadLetterAudit {
+                    log: audit.clone(),
+                    side: Side::Receiver,
+                    names: config
+                        .receiver
+                        .issuers
+                        .iter()
+                        .map(|p| (p.application_id.clone(), p.name.clone()))
+                        .collect(),
+                }),
             },
             Arc::new(NoticeHandler {
                 client: client.clone(),
@@ -673,10 +698,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 max_attempts: config.retry.max_attempts,
                 retry_delay_ms: config.amqp.retry_delay_ms,
                 declare: plan,
+                audit: Some(DeadLetterAudit {
+                    log: audit.clone(),
+                    side: Side::Receiver,
+                    names: config
+                        .receiver
+                        .issuers
+                        .iter()
+                        .map(|p| (p.application_id.clone(), p.name.clone()))
+                        .collect(),
+                }),
             },
             Arc::new(TokenHandler {
                 client,
                 ledger: ledger.clone(),
+                audit: audit.clone(),
                 publisher,
                 names: names.clone(),
                 application_id: access.application_id.clone(),

@@ -1,5 +1,5 @@
 //! The command line (DESIGN.md §8): `run`, `sandbox`, `demo`, `check-config`, `topology declare|show`,
-//! `dead-letters list|replay`, `keygen`, `notify`, `healthcheck`. Parsing only; each command's work lives in its module.
+//! `dead-letters list|replay`, `audit list|export|verify|recipients`, `keygen`, `notify`, `healthcheck`. Parsing only; each command's work lives in its module.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,6 +78,12 @@ pub enum Command {
         /// list or replay.
         #[command(subcommand)]
         action: DeadLetterAction,
+    },
+    /// Read, export and verify this side's audit log (in the ledger's database; see docs/compliance.md).
+    Audit {
+        /// list, export, verify or recipients.
+        #[command(subcommand)]
+        action: AuditAction,
     },
     /// Create an Ed25519 key pair: an issuer signs share-token envelopes with it, a receiver its reshare requests.
     Keygen {
@@ -188,6 +194,99 @@ impl From<NoticeKindArg> for crate::envelope::NoticeKind {
             NoticeKindArg::Rectification => crate::envelope::NoticeKind::Rectification,
         }
     }
+}
+
+/// `audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// Show the audit rows that match the filters, oldest first, one per line (tab-separated, with a header).
+    List {
+        /// The TOML configuration file.
+        #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
+        config: PathBuf,
+        /// Which rows.
+        #[command(flatten)]
+        filter: AuditFilterArgs,
+    },
+    /// Write the matching rows with every stored column (hashes included, so they can be checked independently)
+    /// to stdout, for a regulator or the partner.
+    Export {
+        /// The TOML configuration file.
+        #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
+        config: PathBuf,
+        /// `jsonl` (one JSON object per line) or `csv` (RFC 4180, a header line, empty for NULL).
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Which rows.
+        #[command(flatten)]
+        filter: AuditFilterArgs,
+    },
+    /// Recompute the hash chain and check every signed checkpoint: exit 0 with a summary when they hold, exit 1
+    /// naming the first row that does not match.
+    Verify {
+        /// The TOML configuration file.
+        #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Who received this person's data: every partner a token for the session was published to (issuer side).
+    Recipients {
+        /// The TOML configuration file.
+        #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
+        config: PathBuf,
+        /// The issuer's (source) session id.
+        #[arg(long)]
+        session: String,
+    },
+}
+
+/// The filters of `audit list` and `audit export`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditFilterArgs {
+    /// Rows about this session (source or imported).
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Rows about this counterpart (its configured name or application id).
+    #[arg(long)]
+    pub partner: Option<String>,
+    /// Rows at or after this time (RFC 3339, or a date: YYYY-MM-DD, midnight UTC).
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Rows at or before this time (RFC 3339, or a date: YYYY-MM-DD, the end of that day UTC).
+    #[arg(long, value_parser = parse_until)]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `--format` of `audit export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One JSON object per line.
+    Jsonl,
+    /// Comma-separated values with a header line.
+    Csv,
+}
+
+fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    parse_instant(text, false)
+}
+
+fn parse_until(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    parse_instant(text, true)
+}
+
+/// RFC 3339, or a bare date (its first or, for `--until`, last millisecond, UTC).
+fn parse_instant(text: &str, end_of_day: bool) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    let day = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| {
+        format!("{text:?} is neither RFC 3339 (2026-01-31T12:00:00Z) nor a date (2026-01-31)")
+    })?;
+    let start = day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc();
+    Ok(if end_of_day {
+        start + chrono::Duration::days(1) - chrono::Duration::milliseconds(1)
+    } else {
+        start
+    })
 }
 
 /// `--rate-limit-headers`.

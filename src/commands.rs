@@ -1,5 +1,5 @@
 //! The small commands: `check-config`, `keygen`, `healthcheck`, `topology declare|show`, `dead-letters
-//! list|replay`, `notify`. Each returns what to print; `main` decides exit codes.
+//! list|replay`, `audit list|export|verify|recipients`, `notify`. Each returns what to print; `main` decides exit codes.
 
 use std::io::Write;
 use std::path::Path;
@@ -329,6 +329,190 @@ pub async fn dead_letters_replay(
     Ok(moved)
 }
 
+/// The audit log in the configured ledger, and the public keys its checkpoints must verify with (every key of the
+/// issuer's signing set and of the receiver's, as configured).
+pub async fn open_audit(
+    config: &Config,
+) -> anyhow::Result<(crate::audit::AuditLog, Vec<crate::envelope::VerifyingKey>)> {
+    use crate::keys::SigningKeys;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut sets = Vec::new();
+    if config.issuer.enabled {
+        sets.push(
+            SigningKeys::load(
+                &config.signing_key_source()?,
+                "issuer.signing_key",
+                config.known_public_keys(),
+                None,
+            )
+            .map_err(|e| anyhow::anyhow!("invalid signing key: {e}"))?,
+        );
+    }
+    if config.receiver.enabled
+        && let Some((source, name)) = config.receiver_signing_key_source()
+    {
+        sets.push(
+            SigningKeys::load(&source, name, config.known_public_keys(), None)
+                .map_err(|e| anyhow::anyhow!("invalid receiver signing key: {e}"))?,
+        );
+    }
+    let keys = sets.iter().flat_map(SigningKeys::public_keys).collect();
+    let first = sets.first().map(SigningKeys::first);
+    let url = config.ledger_url();
+    let ledger = crate::ledger::Ledger::open_with_tls(
+        &url,
+        config.ledger.timeout(),
+        &config.ledger.tls_settings(),
+    )
+    .await
+    .with_context(|| format!("cannot open the ledger at {}", url.redacted()))?;
+    let audit =
+        crate::audit::AuditLog::open(&ledger, None, first.as_ref(), config.ledger.timeout())
+            .await
+            .with_context(|| format!("cannot open the audit log at {}", url.redacted()))?;
+    Ok((audit, keys))
+}
+
+fn cell(value: &Option<String>) -> &str {
+    value.as_deref().unwrap_or("-")
+}
+
+/// The columns `audit list` shows.
+pub const LIST_COLUMNS: [&str; 11] = [
+    "seq",
+    "at",
+    "side",
+    "act",
+    "partner",
+    "partner_application_id",
+    "agreement_id",
+    "session_id",
+    "imported_session_id",
+    "status",
+    "reason",
+];
+
+/// `audit list`: a header line, then one tab-separated line per row (`-` for nothing).
+pub fn audit_list(rows: &[crate::audit::AuditRow]) -> String {
+    let mut out = LIST_COLUMNS.join("\t");
+    out.push('\n');
+    for r in rows {
+        let at = crate::envelope::rfc3339(r.at());
+        let line = [
+            r.seq.to_string().as_str(),
+            at.as_str(),
+            r.side.as_str(),
+            r.act.as_str(),
+            cell(&r.partner),
+            cell(&r.partner_application_id),
+            cell(&r.agreement_id),
+            cell(&r.session_id),
+            cell(&r.imported_session_id),
+            cell(&r.status),
+            cell(&r.reason),
+        ]
+        .map(|v| v.replace(['\t', '\n', '\r'], " "))
+        .join("\t");
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+/// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break, quotes doubled.
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_string()
+    }
+}
+
+/// `audit export`: every stored column of each row, in stored order (the same for every row): JSON lines, or CSV
+/// with a header line (an empty field for NULL).
+pub fn audit_export(rows: &[crate::audit::AuditRow], format: crate::cli::ExportFormat) -> String {
+    let mut out = String::new();
+    match format {
+        crate::cli::ExportFormat::Jsonl => {
+            for r in rows {
+                out.push_str(&serde_json::to_string(r).expect("rows serialise"));
+                out.push('\n');
+            }
+        }
+        crate::cli::ExportFormat::Csv => {
+            let names: Vec<&str> = crate::audit::AuditRow::column_names().to_vec();
+            out.push_str(&names.join(","));
+            out.push_str("\r\n");
+            for r in rows {
+                let fields: Vec<String> = r
+                    .columns()
+                    .iter()
+                    .map(|(_, v)| csv_field(v.as_deref().unwrap_or("")))
+                    .collect();
+                out.push_str(&fields.join(","));
+                out.push_str("\r\n");
+            }
+        }
+    }
+    out
+}
+
+/// `audit verify`: the summary when the chain and every checkpoint hold, else an error naming the first row that
+/// does not match.
+pub async fn audit_verify(config: &Config) -> anyhow::Result<String> {
+    let (audit, keys) = open_audit(config).await?;
+    let verified = audit.verify(&keys).await?;
+    if let Some(problem) = verified.problem {
+        anyhow::bail!(
+            "{problem} ({} row(s) and {} checkpoint(s) read)",
+            verified.rows,
+            verified.checkpoints
+        );
+    }
+    let rows = audit.rows(&crate::audit::Filter::default()).await?;
+    let span = match (rows.first(), rows.last()) {
+        (Some(a), Some(b)) => format!(", seq {} to {}", a.seq, b.seq),
+        _ => String::new(),
+    };
+    let mut out = format!(
+        "audit log verified: {} row(s){span}, {} signed checkpoint(s)",
+        verified.rows,
+        verified.checkpoints - verified.unsigned
+    );
+    if verified.unsigned > 0 {
+        out.push_str(&format!(
+            ", {} unsigned (this side has no signing key)",
+            verified.unsigned
+        ));
+    }
+    out.push('\n');
+    Ok(out)
+}
+
+/// `audit recipients`: a header line, then one tab-separated line per partner that was sent the session.
+pub async fn audit_recipients(config: &Config, session: &str) -> anyhow::Result<String> {
+    let (audit, _) = open_audit(config).await?;
+    let recipients = audit.recipients(session).await?;
+    let mut out = String::from(
+        "partner\tpartner_application_id\tagreement_id\tfirst_sent\tlast_sent\ttokens\n",
+    );
+    let time = |ms: i64| {
+        crate::envelope::rfc3339(chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default())
+    };
+    for r in recipients {
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\n",
+            cell(&r.partner),
+            r.partner_application_id,
+            cell(&r.agreement_id),
+            time(r.first_ms),
+            time(r.last_ms),
+            r.tokens
+        ));
+    }
+    Ok(out)
+}
+
 /// `notify`: tells every recipient of `session_id` about an erasure or rectification (see
 /// [`crate::issuer::notices`]). Sends the notices once and returns what happened; the running issuer collects the
 /// acknowledgements and sends again whatever is not acknowledged. `request_id` makes a repeated command send
@@ -435,6 +619,14 @@ pub async fn notify(
 mod tests {
     use super::*;
     use crate::envelope::VerifyingKey;
+
+    #[test]
+    fn csv_fields_are_quoted_only_when_they_must_be() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+    }
 
     #[test]
     fn export_public_writes_only_the_matching_public_key() {

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use partner_bridge::cli::{Cli, Command, DeadLetterAction, TopologyAction};
+use partner_bridge::cli::{
+    AuditAction, AuditFilterArgs, Cli, Command, DeadLetterAction, TopologyAction,
+};
 use partner_bridge::config::{Config, ConfigError, LogFormat};
 use partner_bridge::{app, commands, demo, sandbox, telemetry};
 
@@ -166,6 +168,50 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                     "{left} of the {} message(s) there at the start were not moved and stay in {queue}.dead",
                     replayed.present
                 );
+            }
+        }
+        Command::Audit { action } => {
+            let filter_of = |f: AuditFilterArgs| partner_bridge::audit::Filter {
+                session: f.session,
+                partner: f.partner,
+                since: f.since,
+                until: f.until,
+            };
+            match action {
+                AuditAction::List { config, filter } => {
+                    let config = load(&config)?;
+                    telemetry::init_cli("warn");
+                    let (audit, _) = commands::open_audit(&config).await?;
+                    let rows = audit
+                        .rows(&filter_of(filter))
+                        .await
+                        .map_err(anyhow::Error::from)?;
+                    print!("{}", commands::audit_list(&rows));
+                }
+                AuditAction::Export {
+                    config,
+                    format,
+                    filter,
+                } => {
+                    let config = load(&config)?;
+                    telemetry::init_cli("warn");
+                    let (audit, _) = commands::open_audit(&config).await?;
+                    let rows = audit
+                        .rows(&filter_of(filter))
+                        .await
+                        .map_err(anyhow::Error::from)?;
+                    print!("{}", commands::audit_export(&rows, format));
+                }
+                AuditAction::Verify { config } => {
+                    let config = load(&config)?;
+                    telemetry::init_cli("warn");
+                    print!("{}", commands::audit_verify(&config).await?);
+                }
+                AuditAction::Recipients { config, session } => {
+                    let config = load(&config)?;
+                    telemetry::init_cli("warn");
+                    print!("{}", commands::audit_recipients(&config, &session).await?);
+                }
             }
         }
         Command::Keygen {

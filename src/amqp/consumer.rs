@@ -36,6 +36,13 @@
 //! missing ones; the memory is dropped once the delivery is settled. A crash of the process between a confirmed
 //! copy and the settle, or a redelivery to another replica, can still repeat a copy once (at-least-once; a replay
 //! of a repeated copy is absorbed by the ledger).
+//!
+//! **Every dead-letter is in the audit log first.** With a [`DeadLetterAudit`] in the spec, each dead-lettered
+//! message (a [`Decision::DeadLetter`], a split copy, `retries_exhausted`, a reject without a dead-letter exchange)
+//! is recorded as a `dead_lettered` act before its copy is published, keyed so that a redelivery records it once.
+//! When the act cannot be recorded, nothing of the decision is carried out: the delivery is parked in the retry
+//! queue (no attempt counted) and the pipeline pauses for `ledger`, exactly as a handler does for a failed ledger
+//! write.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -62,8 +69,12 @@ use super::connection::Link;
 use super::publisher::{PublishError, Publisher};
 use super::topology::{Entity, declare};
 use super::{AmqpError, Backoff, HeaderValue, Names, short, truncate};
-use crate::envelope::{HEADER_ATTEMPT, HEADER_DETAIL, HEADER_REASON};
+use crate::audit::{Act, ActKind, AuditLog, Side};
+use crate::envelope::{
+    HEADER_ATTEMPT, HEADER_DETAIL, HEADER_PARTNER, HEADER_REASON, HEADER_REPLAYED,
+};
 use crate::health::Health;
+use crate::ledger::LedgerError;
 use crate::metrics::Metrics;
 
 /// Longest `x-pb-detail` written on a dead-lettered message.
@@ -297,6 +308,116 @@ pub struct ConsumerSpec {
     /// The topology plan to (re)declare at each session start. Its entry for `queue` names the dead-letter
     /// exchange used for [`Decision::DeadLetter`].
     pub declare: Vec<Entity>,
+    /// Where dead-letters are recorded (`None`: nowhere, for tests of the consumer alone).
+    pub audit: Option<DeadLetterAudit>,
+}
+
+/// The audit log a consumer records its dead-letters in, and who it is.
+#[derive(Debug, Clone)]
+pub struct DeadLetterAudit {
+    /// The process's audit log.
+    pub log: AuditLog,
+    /// The side the consumer works for.
+    pub side: Side,
+    /// Counterparts' configured names by application id (partners on the issuer side, issuers on the receiver's).
+    pub names: Vec<(String, String)>,
+}
+
+impl DeadLetterAudit {
+    /// The `dead_lettered` act of `body` (a copy of `delivery`, with `extra` headers) leaving `queue` for
+    /// `reason`. Ids come from the message where it has them (`x-pb-partner`, the body's session, event, token and
+    /// applications); its dedupe key names the delivery (queue, message id, attempt, replay, body, partner,
+    /// reason), so a redelivery of the same decision records nothing new while a replayed message that fails again
+    /// is a new act.
+    fn act(
+        &self,
+        queue: &str,
+        delivery: &Delivery,
+        body: &[u8],
+        reason: &str,
+        extra: &[(String, HeaderValue)],
+    ) -> Act {
+        use sha2::Digest;
+        let original = incoming(delivery, queue);
+        let header = |name: &str| {
+            extra
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| v.as_str())
+                .or_else(|| original.header(name))
+                .map(str::to_string)
+        };
+        let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+        let field = |name: &str| {
+            json.as_ref()
+                .and_then(|v| v.get(name))
+                .and_then(serde_json::Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        let counterpart = header(HEADER_PARTNER).or_else(|| match self.side {
+            Side::Issuer => field("for_application_id"),
+            Side::Receiver => field("from_application_id"),
+        });
+        let message_id = original.message_id.clone().unwrap_or_default();
+        let mut act = Act::new(ActKind::DeadLettered, self.side).reason(reason);
+        if let Some(app) = &counterpart {
+            act.partner = self
+                .names
+                .iter()
+                .find(|(id, _)| id == app)
+                .map(|(_, name)| name.clone());
+            act.partner_application_id = Some(app.clone());
+        }
+        act.session_id = field("source_session_id").or_else(|| field("session_id"));
+        act.event_id = field("event_id");
+        act.token_id = field("share_token").map(|t| crate::audit::token_id(&t));
+        act.message_id = Some(message_id.clone()).filter(|m| !m.is_empty());
+        let mut key = sha2::Sha256::new();
+        for part in [
+            queue.to_string(),
+            message_id,
+            original.attempt.to_string(),
+            header(HEADER_REPLAYED).unwrap_or_default(),
+            counterpart.unwrap_or_default(),
+            reason.to_string(),
+            hex::encode(sha2::Sha256::digest(body)),
+        ] {
+            key.update((part.len() as u64).to_be_bytes());
+            key.update(part.as_bytes());
+        }
+        act.once(hex::encode(key.finalize()))
+    }
+}
+
+/// Why a decision could not be carried out; the delivery is still unsettled.
+#[derive(Debug)]
+enum ApplyError {
+    /// A retry or dead-letter copy was not confirmed: requeue and restart the session.
+    Publish(PublishError),
+    /// A dead-letter could not be recorded in the audit log: park the delivery and pause, as for the ledger.
+    Audit(LedgerError),
+}
+
+impl From<PublishError> for ApplyError {
+    fn from(e: PublishError) -> Self {
+        ApplyError::Publish(e)
+    }
+}
+
+impl From<AmqpError> for ApplyError {
+    fn from(e: AmqpError) -> Self {
+        ApplyError::Publish(e.into())
+    }
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Publish(e) => e.fmt(f),
+            ApplyError::Audit(e) => write!(f, "audit log: {e}"),
+        }
+    }
 }
 
 impl ConsumerSpec {
@@ -712,10 +833,43 @@ async fn handle_delivery<H: Handler>(
         Decision::Pause { reason, detail } => Some((*reason, detail.clone())),
         _ => None,
     };
-    if let Err(error) = apply(&ctx, &delivery, attempt, decision).await {
-        warn!(queue = %ctx.spec.queue, %message_id, %error, "could not republish; returning the message to the queue");
-        settle(&ctx, &delivery, Settle::Requeue, &message_id).await;
-        fault.cancel();
+    match apply(&ctx, &delivery, attempt, decision).await {
+        Ok(()) => {}
+        Err(ApplyError::Audit(error)) => {
+            // As a handler does with a failed ledger write: the message waits in the retry queue (no attempt
+            // counted), the pipeline pauses until the database answers again, nothing is dead-lettered unrecorded.
+            warn!(queue = %ctx.spec.queue, %message_id, %error, "dead-letter not recorded in the audit log; parking the message and pausing");
+            let parked = match copy_properties(&delivery.properties, &[], &[]) {
+                Ok(properties) => ctx
+                    .publisher
+                    .publish_raw(
+                        "",
+                        &Names::retry_queue(&ctx.spec.queue),
+                        &delivery.data,
+                        properties,
+                    )
+                    .await
+                    .map_err(ApplyError::Publish),
+                Err(e) => Err(e.into()),
+            };
+            match parked {
+                Ok(()) => {
+                    settle(&ctx, &delivery, Settle::Ack, &message_id).await;
+                }
+                Err(e) => {
+                    warn!(queue = %ctx.spec.queue, %message_id, error = %e, "could not park; returning the message to the queue");
+                    settle(&ctx, &delivery, Settle::Requeue, &message_id).await;
+                    fault.cancel();
+                }
+            }
+            ctx.pause
+                .pause_because(crate::probe::LEDGER, &format!("audit log: {error}"));
+        }
+        Err(error) => {
+            warn!(queue = %ctx.spec.queue, %message_id, %error, "could not republish; returning the message to the queue");
+            settle(&ctx, &delivery, Settle::Requeue, &message_id).await;
+            fault.cancel();
+        }
     }
     if let Some((reason, detail)) = pause_after {
         ctx.pause.pause_because(reason, &detail);
@@ -729,7 +883,7 @@ async fn apply<H: Handler>(
     delivery: &Delivery,
     attempt: u32,
     mut decision: Decision,
-) -> Result<(), PublishError> {
+) -> Result<(), ApplyError> {
     let message_id = delivery
         .properties
         .message_id()
@@ -856,8 +1010,16 @@ async fn dead_letter<H: Handler>(
     reason: &'static str,
     detail: &str,
     extra: &[(String, HeaderValue)],
-) -> Result<DeadLettered, PublishError> {
+) -> Result<DeadLettered, ApplyError> {
     let queue = ctx.spec.queue.as_str();
+    if let Some(audit) = &ctx.spec.audit {
+        // Recorded before anything leaves: a failure here changes nothing, and a redelivery records it once.
+        audit
+            .log
+            .record(audit.act(queue, delivery, body, reason, extra))
+            .await
+            .map_err(ApplyError::Audit)?;
+    }
     let Some(exchange) = ctx.dead_letter_exchange.as_deref() else {
         // No dead-letter exchange known: let the broker dead-letter the original per the queue's arguments.
         let message_id = delivery
@@ -1108,6 +1270,7 @@ mod tests {
             max_attempts: 3,
             retry_delay_ms: 100,
             declare: super::super::topology::receiver_plan(&names, &settings, "me"),
+            audit: None,
         };
         assert_eq!(
             spec.dead_letter_exchange().as_deref(),
@@ -1143,6 +1306,7 @@ mod tests {
             max_attempts: 1,
             retry_delay_ms: 1,
             declare: Vec::new(),
+            audit: None,
         };
         let pause = PauseControl::new("receiver_tokens", health.clone(), metrics.clone());
         assert_send(run_consumer(

@@ -17,12 +17,18 @@
 //! Then the issuer mints again for that partner only — unless a newer token than the expired one is already on its
 //! way (the ledger's last message id differs and is still valid). The fresh envelope carries the event id, time and
 //! vendor data of the first token's ledger row, and Didit's current status and kind.
+//!
+//! An honoured request is recorded in the audit log as `reshare_answered` (after the fresh token's own
+//! `share_minted` and `token_published`, or with status `already_valid` when a newer token is on its way) before
+//! the request is acked, keyed by the request (partner, session, expired envelope, attempt) so that a redelivery
+//! records it once. Refusals are dead-lettered, and so recorded as `dead_lettered`.
 
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
 use crate::amqp::consumer::{Decision, Handler, Incoming};
+use crate::audit::ActKind;
 use crate::config::PartnerConfig;
 use crate::didit::error::Disposition;
 use crate::didit::wire::SessionDecision;
@@ -222,21 +228,49 @@ impl Handler for ReshareHandler {
             .await;
         match minted {
             Minted::Published | Minted::AlreadyValid => {
+                let answered = m
+                    .act(ActKind::ReshareAnswered, partner, &source)
+                    .message(&request.original_message_id)
+                    .status(if minted == Minted::Published {
+                        "minted"
+                    } else {
+                        "already_valid"
+                    })
+                    .reason(request.reason.clone())
+                    .once(format!(
+                        "{}:{}:{}:{}",
+                        partner.application_id,
+                        request.source_session_id,
+                        request.original_message_id,
+                        request.attempt
+                    ));
+                if let Err(failed) = m.record(partner, answered).await {
+                    return minted_decision(failed);
+                }
                 m.metrics.success(pipeline::ISSUER_RESHARE);
                 Decision::Ack
             }
-            Minted::DeadLetter { reason, detail } => Decision::DeadLetter { reason, detail },
-            Minted::Retry { detail } => Decision::Retry {
-                detail,
-                headers: Vec::new(),
-            },
-            Minted::Paced { detail } => Decision::Defer {
-                detail,
-                headers: Vec::new(),
-            },
-            Minted::Pause { reason, detail } => Decision::Pause { reason, detail },
-            Minted::Shutdown => Decision::Requeue,
+            other => minted_decision(other),
         }
+    }
+}
+
+/// The decision for a request whose mint did not answer it.
+fn minted_decision(minted: Minted) -> Decision {
+    match minted {
+        Minted::DeadLetter { reason, detail } => Decision::DeadLetter { reason, detail },
+        Minted::Retry { detail } => Decision::Retry {
+            detail,
+            headers: Vec::new(),
+        },
+        Minted::Paced { detail } => Decision::Defer {
+            detail,
+            headers: Vec::new(),
+        },
+        Minted::Pause { reason, detail } => Decision::Pause { reason, detail },
+        Minted::Shutdown => Decision::Requeue,
+        // Answered: the caller records and acks.
+        Minted::Published | Minted::AlreadyValid => Decision::Ack,
     }
 }
 

@@ -52,6 +52,15 @@
 //! That session is recorded and published as `imported` with its id. Only when the list cannot name it (an empty
 //! `vendor_data` without provenance in the list, two imports of the same source, a deleted session) is the outcome
 //! `duplicate`, with the reason — never a guess.
+//!
+//! # The audit log
+//!
+//! Every act is recorded before the envelope is settled, and a failed audit write is a failed ledger write (the
+//! pipeline pauses, the envelope comes back): `token_received` once the checks pass (keyed by the envelope, so a
+//! redelivery records nothing new), `imported` or `duplicate` before the `import.result` is published (an import
+//! keyed by its session, so the delivery that finally reports it records it once, whichever that is), and
+//! `reshare_requested` before the request is published (keyed by the envelope, the attempt and a replay). A
+//! dead-letter is recorded by the consumer ([`crate::amqp::consumer`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -64,6 +73,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::consumer::{Decision, Handler, Incoming};
 use crate::amqp::publisher::{Outgoing, Publisher};
 use crate::amqp::{HeaderValue, Names};
+use crate::audit::{self, Act, ActKind, AuditLog, Side};
 use crate::config::RetryConfig;
 use crate::didit::client::{DiditClient, SessionQuery};
 use crate::didit::error::Disposition;
@@ -154,6 +164,8 @@ pub(crate) fn verify_signature(
 pub(crate) struct TokenHandler {
     pub client: DiditClient,
     pub ledger: Ledger,
+    /// Every act is recorded here before its envelope is settled.
+    pub audit: AuditLog,
     pub publisher: Publisher,
     pub names: Names,
     pub application_id: String,
@@ -180,6 +192,8 @@ struct Job<'a> {
     deadline: Instant,
     /// `dead-letters replay` moved this token back (`x-pb-replayed`): its reshare counter starts again.
     replayed: bool,
+    /// That replay's id (the header's value).
+    replay_id: Option<String>,
 }
 
 impl Handler for TokenHandler {
@@ -250,6 +264,7 @@ impl Handler for TokenHandler {
             peer,
             deadline,
             replayed: msg.header(envelope::HEADER_REPLAYED).is_some(),
+            replay_id: msg.header(envelope::HEADER_REPLAYED).map(str::to_string),
         };
         let claims = ShareTokenClaims::peek(envelope.share_token.expose());
         let claimed_for = claims.as_ref().map(|c| c.for_application_id.as_str());
@@ -280,6 +295,14 @@ impl Handler for TokenHandler {
             );
         }
         tracing::debug!(message_id = %envelope.message_id, source_session_id = %envelope.source_session_id, issuer = %job.peer.name, "token received");
+        let mut received = self
+            .act(ActKind::TokenReceived, &job)
+            .status(envelope.source_status.clone())
+            .once(&envelope.message_id);
+        received.vendor_data = envelope.source_vendor_data.clone();
+        if let Err(decision) = self.record(&job, received).await {
+            return decision;
+        }
         self.import(&job, claims.as_ref()).await
     }
 }
@@ -291,6 +314,32 @@ impl TokenHandler {
             .iter()
             .find(|p| p.application_id == application_id)
             .and_then(|p| p.agreement_id.clone())
+    }
+
+    /// An act about this job's token, on the receiver side.
+    fn act(&self, kind: ActKind, job: &Job<'_>) -> Act {
+        let envelope = job.envelope;
+        let mut act = Act::new(kind, Side::Receiver)
+            .partner(&job.peer.name, &job.peer.application_id)
+            .session(&envelope.source_session_id)
+            .event(&envelope.event_id)
+            .message(&envelope.message_id)
+            .token(&audit::token_id(envelope.share_token.expose()));
+        // The agreement configured for the issuer, else the one the token names.
+        act.agreement_id = job
+            .peer
+            .agreement_id
+            .clone()
+            .or_else(|| envelope.agreement_id.clone());
+        act
+    }
+
+    /// Records `act`; a failure is a failed ledger write (the envelope is kept: pause, or retry).
+    async fn record(&self, job: &Job<'_>, act: Act) -> Result<(), Decision> {
+        match self.audit.record(act).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.ledger_failed(job, &e)),
+        }
     }
 
     /// A message that is not a token we can act on: dead-letter it and count it.
@@ -757,7 +806,7 @@ impl TokenHandler {
         }
         self.metrics
             .import(&job.peer.name, ImportOutcome::Imported.as_str());
-        self.publish_and_ack(&record, ImportOutcome::Imported, None)
+        self.publish_and_ack(job, &record, ImportOutcome::Imported, None)
             .await
     }
 
@@ -841,7 +890,7 @@ impl TokenHandler {
             status = %decision.status,
             "session imported"
         );
-        self.publish_and_ack(&record, ImportOutcome::Imported, None)
+        self.publish_and_ack(job, &record, ImportOutcome::Imported, None)
             .await
     }
 
@@ -867,15 +916,39 @@ impl TokenHandler {
         let reason = (outcome == ImportOutcome::Duplicate).then(|| {
             why.unwrap_or_else(|| "session already imported into this application".to_string())
         });
-        self.publish_and_ack(&record, outcome, reason).await
+        self.publish_and_ack(job, &record, outcome, reason).await
     }
 
     async fn publish_and_ack(
         &self,
+        job: &Job<'_>,
         record: &ImportRecord,
         outcome: ImportOutcome,
         reason: Option<String>,
     ) -> Decision {
+        let kind = if outcome == ImportOutcome::Imported {
+            ActKind::Imported
+        } else {
+            ActKind::Duplicate
+        };
+        let mut act = self.act(kind, job);
+        act.imported_session_id = record.imported_session_id.clone();
+        act.status = record.status.clone();
+        act.reason = reason.clone();
+        act.vendor_data = record.vendor_data.clone();
+        let act = match kind {
+            // One import, one act, whichever delivery gets to report it.
+            ActKind::Imported => act.once(format!(
+                "{}:{}:{}",
+                record.issuer_application_id,
+                record.source_session_id,
+                record.imported_session_id.as_deref().unwrap_or("-")
+            )),
+            _ => act.once(&job.envelope.message_id),
+        };
+        if let Err(decision) = self.record(job, act).await {
+            return decision;
+        }
         let result = ImportResult {
             kind: envelope::types::IMPORT_RESULT.to_string(),
             outcome,
@@ -1013,6 +1086,20 @@ impl TokenHandler {
                 .await;
         }
         let attempt = sent + 1;
+        // Recorded before the request goes out: a failed publish comes back with the same attempt (the counter is
+        // bumped only after a confirm), which the key absorbs.
+        let asked = self
+            .act(ActKind::ReshareRequested, job)
+            .reason("token_expired")
+            .status(format!("attempt {attempt}"))
+            .once(format!(
+                "{}:{attempt}:{}",
+                envelope.message_id,
+                job.replay_id.as_deref().unwrap_or("")
+            ));
+        if let Err(decision) = self.record(job, asked).await {
+            return decision;
+        }
         let request = ReshareRequest {
             kind: envelope::types::RESHARE_REQUEST.to_string(),
             source_session_id: envelope.source_session_id.clone(),

@@ -149,6 +149,7 @@ impl Fixture {
             max_attempts,
             retry_delay_ms: self.settings.retry_delay_ms,
             declare: self.plan(),
+            audit: None,
         }
     }
 

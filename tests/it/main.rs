@@ -3,6 +3,7 @@
 //! in parallel on one broker.
 
 mod amqp;
+mod audit;
 mod client_sandbox;
 mod config;
 mod deploy;

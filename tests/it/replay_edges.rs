@@ -604,6 +604,7 @@ async fn the_no_dlx_fallback_settles_each_delivery_once() {
         max_attempts: 3,
         retry_delay_ms: 200,
         declare: Vec::new(),
+        audit: None,
     };
     let consumer = lib.start(spec, handler.clone());
     wait_for("three in the operator's dead queue", WAIT, || async {
@@ -675,6 +676,7 @@ async fn a_requeued_split_does_not_publish_its_copies_again() {
         max_attempts: 5,
         retry_delay_ms: settings.retry_delay_ms,
         declare: plan.clone(),
+        audit: None,
     };
     let consumer = lib.start(spec, handler.clone());
     lib.ready().await;
