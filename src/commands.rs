@@ -525,7 +525,9 @@ pub async fn notify(
     request_id: Option<String>,
 ) -> anyhow::Result<String> {
     if !config.issuer.enabled {
-        anyhow::bail!("notify needs the issuer role ([issuer] enabled = true): notices go to the issuer's partners");
+        anyhow::bail!(
+            "notify needs the issuer role ([issuer] enabled = true): notices go to the issuer's partners"
+        );
     }
     let metrics = std::sync::Arc::new(Metrics::new());
     let ledger_url = config.ledger_url();

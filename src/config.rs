@@ -1071,7 +1071,10 @@ impl Config {
                 ));
             }
             p.check(self.partner_public_keys(i).map(drop));
-            p.check(check_agreement(partner.agreement_id.as_deref(), &key("agreement_id")));
+            p.check(check_agreement(
+                partner.agreement_id.as_deref(),
+                &key("agreement_id"),
+            ));
         }
         if self.issuer.notice_retry_secs == 0 {
             p.push(ConfigError::new(
@@ -1163,7 +1166,10 @@ impl Config {
                 p.push(ConfigError::new(key("application_id"), "listed twice"));
             }
             p.check(self.issuer_public_keys(i).map(drop));
-            p.check(check_agreement(peer.agreement_id.as_deref(), &key("agreement_id")));
+            p.check(check_agreement(
+                peer.agreement_id.as_deref(),
+                &key("agreement_id"),
+            ));
         }
         p.check(self.receiver_signing_key().map(drop));
     }

@@ -223,10 +223,8 @@ impl Notifier {
         act.reason = Some(row.kind.clone());
         act.event_id = Some(row.request_id.clone());
         self.audit.record(act).await.map_err(SendError::Ledger)?;
-        self.metrics.notice(
-            &row.partner,
-            if row.sends == 0 { "sent" } else { "resent" },
-        );
+        self.metrics
+            .notice(&row.partner, if row.sends == 0 { "sent" } else { "resent" });
         tracing::info!(notice_id = %row.notice_id, partner = %row.partner, session_id = %row.session_id, kind = %row.kind, sends = row.sends + 1, "notice sent");
         Ok(())
     }
@@ -323,9 +321,7 @@ impl Handler for NoticeRequestHandler {
             Ok(issued) => {
                 // Notices not confirmed now are recorded: the retry loop sends them.
                 tracing::info!(request_id = %request.request_id, session_id = %request.session_id, recipients = issued.notices.len(), not_sent = issued.not_sent.len(), "notice request handled");
-                self.notifier
-                    .metrics
-                    .success(pipeline::ISSUER_NOTICES);
+                self.notifier.metrics.success(pipeline::ISSUER_NOTICES);
                 Decision::Ack
             }
             Err(e) => crate::probe::ledger_decision(&e),

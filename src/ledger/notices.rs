@@ -148,9 +148,7 @@ async fn query(
         Ledger::Sqlite(l) => {
             let call = l.run(false, move |conn| {
                 let sql = sql.replace('$', "?");
-                let mut st = conn
-                    .prepare_cached(&sql)
-                    .map_err(super::sqlite::db_error)?;
+                let mut st = conn.prepare_cached(&sql).map_err(super::sqlite::db_error)?;
                 let bound: Vec<rusqlite::types::Value> = params
                     .into_iter()
                     .map(|v| match v {
@@ -327,7 +325,11 @@ impl Ledger {
     }
 
     /// Issuer: the notice was published (the broker confirmed it).
-    pub async fn notice_sent(&self, notice_id: &str, now: DateTime<Utc>) -> Result<(), LedgerError> {
+    pub async fn notice_sent(
+        &self,
+        notice_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), LedgerError> {
         query(
             self,
             "UPDATE notices_sent SET sends = sends + 1, last_sent_at = $2 WHERE notice_id = $1",

@@ -133,7 +133,10 @@ pub(crate) fn verify_signature(
         if allow_unsigned {
             return Ok(());
         }
-        return Err(("unsigned", "message carries no x-pb-signature header".into()));
+        return Err((
+            "unsigned",
+            "message carries no x-pb-signature header".into(),
+        ));
     };
     let Some(keys) = &peer.key else {
         // An unknown issuer, explicitly allowed: there is no key to check against.

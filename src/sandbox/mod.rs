@@ -113,8 +113,8 @@ use tokio_util::task::TaskTracker;
 pub use client::Control;
 pub use fixture::{Fixture, FixtureApplication, FixtureError, FixtureSession};
 pub use model::{
-    ApplicationInfo, ClockInfo, Deletion, EntityInfo, FaultEndpoint, FaultSettings, FaultState, ImportCount,
-    RateLimitHeaders, SentWebhook, SessionInfo, Settings, Stats, WebhookDelivery,
+    ApplicationInfo, ClockInfo, Deletion, EntityInfo, FaultEndpoint, FaultSettings, FaultState,
+    ImportCount, RateLimitHeaders, SentWebhook, SessionInfo, Settings, Stats, WebhookDelivery,
     WebhookDestination, WorkflowIds,
 };
 

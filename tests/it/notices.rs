@@ -94,7 +94,10 @@ fn receiver_b_toml(world: &World, b: &ApplicationInfo, prefix_b: &str) -> String
 /// Declares the exchanges both prefixes use and routes B's tokens and notices from the issuer's tokens exchange to
 /// B's, and B's acknowledgements back to the issuer's reshare exchange.
 async fn wire_partner_b(amqp: &Amqp, world: &World, b: &ApplicationInfo, names_b: &Names) {
-    let topic = |name: String| Entity::Exchange { name, kind: "topic" };
+    let topic = |name: String| Entity::Exchange {
+        name,
+        kind: "topic",
+    };
     topology::declare(
         &amqp.channel,
         &[
@@ -122,7 +125,12 @@ async fn wire_partner_b(amqp: &Amqp, world: &World, b: &ApplicationInfo, names_b
         Names::token_key(&b.application_id),
         Names::notice_key(&b.application_id),
     ] {
-        bind(names_b.tokens_exchange(), world.names.tokens_exchange(), key).await;
+        bind(
+            names_b.tokens_exchange(),
+            world.names.tokens_exchange(),
+            key,
+        )
+        .await;
     }
     bind(
         world.names.reshare_exchange(),
@@ -232,7 +240,10 @@ async fn erasure_notices_reach_every_recipient_once_and_each_receiver_acts_as_co
             out.contains(&format!("to {expected} recipient(s)")),
             "{session}: {out}"
         );
-        assert!(out.contains("sent, waiting for the acknowledgement"), "{out}");
+        assert!(
+            out.contains("sent, waiting for the acknowledgement"),
+            "{out}"
+        );
     }
     let never_shared = world.session(SessionKind::User, "Approved", "n-x").await;
     let out = commands::notify(
@@ -344,7 +355,10 @@ async fn erasure_notices_reach_every_recipient_once_and_each_receiver_acts_as_co
         world.control.stats().await.unwrap().deletions.len(),
         deletions_before
     );
-    assert_eq!(metric_of(&issuer, &notices("sponsor-bank", "acknowledged")), 8.0);
+    assert_eq!(
+        metric_of(&issuer, &notices("sponsor-bank", "acknowledged")),
+        8.0
+    );
     assert_eq!(audit_acts(&issuer_config, "notice_acknowledged").await, 16);
 
     // Forged notices (a stranger's key; the issuer's key id on a stranger's signature) are dead-lettered.
@@ -405,10 +419,7 @@ async fn an_unacknowledged_notice_is_sent_again_until_the_receiver_acknowledges_
     let issuer = world.start(issuer_config.clone()).await;
     let session = world.session(SessionKind::User, "Approved", "r-1").await;
     world
-        .publish_event(
-            &amqp,
-            &world.event(&session, SessionKind::User, "Approved"),
-        )
+        .publish_event(&amqp, &world.event(&session, SessionKind::User, "Approved"))
         .await;
     wait_imports_into(&world, &world.partner_app.application_id, 1, WAIT).await;
     wait_for("the event processed", WAIT, || async {
@@ -442,7 +453,10 @@ async fn an_unacknowledged_notice_is_sent_again_until_the_receiver_acknowledges_
     })
     .await;
     assert_eq!(metric_of(&issuer, &unacked("sponsor-bank")), 1.0);
-    assert_eq!(metric_of(&issuer, &notices("sponsor-bank", "acknowledged")), 0.0);
+    assert_eq!(
+        metric_of(&issuer, &notices("sponsor-bank", "acknowledged")),
+        0.0
+    );
 
     let receiver = world.start(receiver_config).await;
     wait_for("the acknowledgement", WAIT, || async {
@@ -482,7 +496,10 @@ async fn an_unacknowledged_notice_is_sent_again_until_the_receiver_acknowledges_
 async fn a_token_under_another_agreement_is_dead_lettered_agreement_mismatch() {
     let world = World::new("agreement").await;
     let amqp = Amqp::connect().await;
-    let toml = format!("{}agreement_id = \"{AGREEMENT}\"\n", world.receiver_toml(false));
+    let toml = format!(
+        "{}agreement_id = \"{AGREEMENT}\"\n",
+        world.receiver_toml(false)
+    );
     let receiver = world.start(world.config(&toml)).await;
 
     let mut other = hand_token(&world, SessionKind::User, "Approved", Some("g-1")).await;
