@@ -608,6 +608,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         if config.receiver.results_queue {
             plan = topology::combine([plan, results_queue_plan(&names, &settings)]);
         }
+        let receiver_audit = DeadLetterAudit {
+            log: audit.clone(),
+            side: Side::Receiver,
+            names: config
+                .receiver
+                .issuers
+                .iter()
+                .map(|p| (p.application_id.clone(), p.name.clone()))
+                .collect(),
+        };
         let notices_link = link_for(&amqp_url, pipeline::RECEIVER_NOTICES);
         let notices_pause =
             PauseControl::new(pipeline::RECEIVER_NOTICES, health.clone(), metrics.clone());
@@ -633,16 +643,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 max_attempts: config.retry.max_attempts,
                 retry_delay_ms: config.amqp.retry_delay_ms,
                 declare: plan.clone(),
-                audit: Some(DeadLetterAudit {
-                    log: audit.clone(),
-                    side: Side::Receiver,
-                    names: config
-                        .receiver
-                        .issuers
-                        .iter()
-                        .map(|p| (p.application_id.clone(), p.name.clone()))
-                        .collect(),
-                }),
+                audit: Some(receiver_audit.clone()),
             },
             Arc::new(NoticeHandler {
                 client: client.clone(),
@@ -698,16 +699,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 max_attempts: config.retry.max_attempts,
                 retry_delay_ms: config.amqp.retry_delay_ms,
                 declare: plan,
-                audit: Some(DeadLetterAudit {
-                    log: audit.clone(),
-                    side: Side::Receiver,
-                    names: config
-                        .receiver
-                        .issuers
-                        .iter()
-                        .map(|p| (p.application_id.clone(), p.name.clone()))
-                        .collect(),
-                }),
+                audit: Some(receiver_audit.clone()),
             },
             Arc::new(TokenHandler {
                 client,

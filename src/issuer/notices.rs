@@ -22,9 +22,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::Names;
 use crate::amqp::consumer::{Decision, Handler, Incoming};
 use crate::amqp::publisher::{Outgoing, Publisher};
-use crate::amqp::{HeaderValue, Names};
 use crate::audit::{Act, ActKind, AuditLog, Side};
 use crate::config::PartnerConfig;
 use crate::envelope::{self, Message, NoticeKind, NoticeRequested, SubjectNotice};
@@ -182,7 +182,6 @@ impl Notifier {
     async fn send(&self, row: &SentNotice) -> Result<(), SendError> {
         let notice = self.notice_of(row);
         let body = serde_json::to_vec(&notice).expect("notices serialise");
-        let signer = self.signing_key.signer();
         let exchange = self.names.tokens_exchange();
         let routing_key = Names::notice_key(&row.partner_application_id);
         self.tokens
@@ -192,16 +191,7 @@ impl Notifier {
                 body: &body,
                 message_id: &row.notice_id,
                 kind: envelope::types::NOTICE,
-                headers: vec![
-                    (
-                        envelope::HEADER_SIGNATURE.to_string(),
-                        HeaderValue::Str(signer.sign(&body)),
-                    ),
-                    (
-                        envelope::HEADER_KEY_ID.to_string(),
-                        HeaderValue::Str(signer.key_id().to_string()),
-                    ),
-                ],
+                headers: self.signing_key.signature_headers(&body),
             })
             .await
             .map_err(|e| {

@@ -24,19 +24,18 @@ use chrono::Utc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::Names;
 use crate::amqp::consumer::{Decision, Handler, Incoming};
 use crate::amqp::publisher::{Outgoing, Publisher};
-use crate::amqp::{HeaderValue, Names};
 use crate::audit::{Act, ActKind, AuditLog, Side};
 use crate::config::{OnErasure, RetryConfig};
 use crate::didit::client::DiditClient;
-use crate::didit::error::Disposition;
 use crate::envelope::{self, Message, NoticeAck, NoticeAction, NoticeKind, SubjectNotice};
 use crate::keys::SigningKeys;
 use crate::ledger::{Ledger, ReceivedNotice};
 use crate::metrics::{Metrics, pipeline};
 use crate::receiver::tokens::{Peer, verify_signature};
-use crate::retry::{Failure, with_backoff};
+use crate::retry::with_backoff;
 
 /// Handles `subject.notice` deliveries.
 pub(crate) struct NoticeHandler {
@@ -234,29 +233,16 @@ impl NoticeHandler {
             || self.client.delete_session(session_id, Some(deadline)),
         )
         .await;
-        match deleted {
-            Ok(_) => Ok(()),
-            Err(Failure::Shutdown) => Err(Decision::Requeue),
-            Err(Failure::Didit(e)) => {
-                let detail = format!("deleting imported session {session_id}: {e}");
-                Err(match e.disposition() {
-                    Disposition::Retry { .. } if e.is_pacing() => Decision::Defer {
-                        detail,
-                        headers: Vec::new(),
-                    },
-                    Disposition::Retry { .. } => Decision::Retry {
-                        detail,
-                        headers: Vec::new(),
-                    },
-                    Disposition::Pause { reason } => Decision::Pause { reason, detail },
-                    Disposition::DeadLetter { reason } => Decision::DeadLetter { reason, detail },
-                    Disposition::Duplicate | Disposition::Reshare => Decision::Retry {
-                        detail,
-                        headers: Vec::new(),
-                    },
-                })
-            }
-        }
+        deleted.map(drop).map_err(|failure| {
+            crate::retry::decision_for(
+                failure,
+                |e| format!("deleting imported session {session_id}: {e}"),
+                |detail| Decision::Retry {
+                    detail,
+                    headers: Vec::new(),
+                },
+            )
+        })
     }
 
     async fn publish_to_backend(&self, notice: &SubjectNotice) -> Result<(), String> {
@@ -295,19 +281,7 @@ impl NoticeHandler {
                 headers: self
                     .signing_key
                     .iter()
-                    .map(SigningKeys::signer)
-                    .flat_map(|key| {
-                        [
-                            (
-                                envelope::HEADER_SIGNATURE.to_string(),
-                                HeaderValue::Str(key.sign(&body)),
-                            ),
-                            (
-                                envelope::HEADER_KEY_ID.to_string(),
-                                HeaderValue::Str(key.key_id().to_string()),
-                            ),
-                        ]
-                    })
+                    .flat_map(|keys| keys.signature_headers(&body))
                     .collect(),
             })
             .await

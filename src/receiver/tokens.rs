@@ -70,9 +70,9 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::Names;
 use crate::amqp::consumer::{Decision, Handler, Incoming};
 use crate::amqp::publisher::{Outgoing, Publisher};
-use crate::amqp::{HeaderValue, Names};
 use crate::audit::{self, Act, ActKind, AuditLog, Side};
 use crate::config::RetryConfig;
 use crate::didit::client::{DiditClient, SessionQuery};
@@ -1127,19 +1127,7 @@ impl TokenHandler {
                 headers: self
                     .signing_key
                     .iter()
-                    .map(SigningKeys::signer)
-                    .flat_map(|key| {
-                        [
-                            (
-                                envelope::HEADER_SIGNATURE.to_string(),
-                                HeaderValue::Str(key.sign(&body)),
-                            ),
-                            (
-                                envelope::HEADER_KEY_ID.to_string(),
-                                HeaderValue::Str(key.key_id().to_string()),
-                            ),
-                        ]
-                    })
+                    .flat_map(|keys| keys.signature_headers(&body))
                     .collect(),
             })
             .await;

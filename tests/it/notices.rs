@@ -554,3 +554,112 @@ async fn a_token_under_another_agreement_is_dead_lettered_agreement_mismatch() {
     amqp.close().await;
     world.cleanup().await;
 }
+
+/// The notice tables behave the same on both ledger backends: one row per (request, recipient) however often the
+/// request comes, due for a resend only while unacknowledged, acknowledged once; a received notice keeps what was
+/// done with it.
+#[tokio::test]
+async fn the_notice_tables_keep_notices_exactly_once_on_sqlite_and_postgres() {
+    use partner_bridge::ledger::{AckRecorded, ReceivedNotice, SentNotice};
+    use partner_bridge::secret::SecretUrl;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pg = crate::support::pg_ledger::PgSchema::create("notices").await;
+    for url in [
+        format!("sqlite://{}/ledger.db", dir.path().display()),
+        pg.url(),
+    ] {
+        let ledger = Ledger::open(&SecretUrl::new(url.clone()))
+            .await
+            .expect("ledger");
+        let now = chrono::Utc::now();
+        let row = |notice_id: &str, request_id: &str, partner: &str| SentNotice {
+            notice_id: notice_id.into(),
+            request_id: request_id.into(),
+            session_id: "s-1".into(),
+            partner: partner.into(),
+            partner_application_id: format!("app-{partner}"),
+            agreement_id: Some("DSA-1".into()),
+            kind: "erasure".into(),
+            reason: None,
+            requested_at: now,
+            sends: 0,
+            last_sent_at: None,
+            acked_at: None,
+            action: None,
+            imported_session_id: None,
+        };
+        let first = ledger.record_notice(&row("n-1", "r-1", "a")).await.unwrap();
+        let again = ledger.record_notice(&row("n-2", "r-1", "a")).await.unwrap();
+        assert_eq!(
+            again.notice_id, "n-1",
+            "{url}: a repeated request keeps its notice"
+        );
+        assert_eq!(first, again);
+        ledger.record_notice(&row("n-3", "r-1", "b")).await.unwrap();
+        assert_eq!(
+            ledger.unacknowledged_notices().await.unwrap(),
+            [("a".to_string(), 1), ("b".to_string(), 1)]
+        );
+        let due = |t| ledger.notices_due(t, 10);
+        assert_eq!(due(now).await.unwrap().len(), 2, "{url}: never sent is due");
+        ledger.notice_sent("n-1", now).await.unwrap();
+        let later = now + chrono::Duration::seconds(60);
+        let ids = |v: Vec<SentNotice>| v.into_iter().map(|n| n.notice_id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(due(now - chrono::Duration::seconds(1)).await.unwrap()),
+            ["n-3"]
+        );
+        assert_eq!(ids(due(later).await.unwrap()), ["n-1", "n-3"]);
+        assert_eq!(ledger.sent_notice("n-1").await.unwrap().unwrap().sends, 1);
+
+        assert_eq!(
+            ledger
+                .ack_notice("n-1", "app-b", "deleted", None, later)
+                .await
+                .unwrap(),
+            AckRecorded::Unknown,
+            "{url}: only the recipient acknowledges"
+        );
+        assert!(matches!(
+            ledger.ack_notice("n-1", "app-a", "deleted", Some("i-1"), later).await.unwrap(),
+            AckRecorded::New(n) if n.action.as_deref() == Some("deleted") && n.acked_at.is_some()
+        ));
+        assert!(matches!(
+            ledger.ack_notice("n-1", "app-a", "notified", None, later).await.unwrap(),
+            AckRecorded::Again(n) if n.action.as_deref() == Some("deleted")
+        ));
+        assert_eq!(ids(due(later).await.unwrap()), ["n-3"]);
+        assert_eq!(
+            ledger.unacknowledged_notices().await.unwrap(),
+            [("b".to_string(), 1)]
+        );
+        assert_eq!(ledger.notices_for_session("s-1").await.unwrap().len(), 2);
+
+        let received = ReceivedNotice {
+            issuer_application_id: "issuer".into(),
+            notice_id: "n-1".into(),
+            source_session_id: "s-1".into(),
+            kind: "erasure".into(),
+            received_at: now,
+            imported_session_id: Some("i-1".into()),
+            deleted_at: None,
+            published_at: None,
+            action: None,
+        };
+        let stored = ledger.receive_notice(&received).await.unwrap();
+        assert_eq!(stored.deleted_at, None);
+        ledger.notice_deleted("issuer", "n-1", now).await.unwrap();
+        ledger
+            .notice_published("issuer", "n-1", "deleted", now)
+            .await
+            .unwrap();
+        let mut redelivered = received.clone();
+        redelivered.received_at = later;
+        redelivered.imported_session_id = None;
+        let stored = ledger.receive_notice(&redelivered).await.unwrap();
+        assert_eq!(stored.imported_session_id.as_deref(), Some("i-1"), "{url}");
+        assert!(stored.deleted_at.is_some() && stored.published_at.is_some());
+        assert_eq!(stored.action.as_deref(), Some("deleted"));
+    }
+}
