@@ -236,6 +236,9 @@ pub enum AuditAction {
         /// The issuer's (source) session id.
         #[arg(long)]
         session: String,
+        /// Print a JSON array (partner, partner_application_id, agreement_id, tokens, first_ms, last_ms) instead.
+        #[arg(long)]
+        json: bool,
     },
 }
 

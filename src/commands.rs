@@ -490,9 +490,16 @@ pub async fn audit_verify(config: &Config) -> anyhow::Result<String> {
 }
 
 /// `audit recipients`: a header line, then one tab-separated line per partner that was sent the session.
-pub async fn audit_recipients(config: &Config, session: &str) -> anyhow::Result<String> {
+pub async fn audit_recipients(
+    config: &Config,
+    session: &str,
+    json: bool,
+) -> anyhow::Result<String> {
     let (audit, _) = open_audit(config).await?;
     let recipients = audit.recipients(session).await?;
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string(&recipients)?));
+    }
     let mut out = String::from(
         "partner\tpartner_application_id\tagreement_id\tfirst_sent\tlast_sent\ttokens\n",
     );

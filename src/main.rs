@@ -171,48 +171,38 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             }
         }
         Command::Audit { action } => {
-            let filter_of = |f: AuditFilterArgs| partner_bridge::audit::Filter {
-                session: f.session,
-                partner: f.partner,
-                since: f.since,
-                until: f.until,
+            let path = match &action {
+                AuditAction::List { config, .. }
+                | AuditAction::Export { config, .. }
+                | AuditAction::Verify { config }
+                | AuditAction::Recipients { config, .. } => config.clone(),
             };
-            match action {
-                AuditAction::List { config, filter } => {
-                    let config = load(&config)?;
-                    telemetry::init_cli("warn");
-                    let (audit, _) = commands::open_audit(&config).await?;
-                    let rows = audit
-                        .rows(&filter_of(filter))
-                        .await
-                        .map_err(anyhow::Error::from)?;
-                    print!("{}", commands::audit_list(&rows));
+            let config = load(&path)?;
+            telemetry::init_cli("warn");
+            let rows = |filter: AuditFilterArgs| {
+                let config = &config;
+                async move {
+                    let (audit, _) = commands::open_audit(config).await?;
+                    let filter = partner_bridge::audit::Filter {
+                        session: filter.session,
+                        partner: filter.partner,
+                        since: filter.since,
+                        until: filter.until,
+                    };
+                    Ok::<_, anyhow::Error>(audit.rows(&filter).await?)
                 }
-                AuditAction::Export {
-                    config,
-                    format,
-                    filter,
-                } => {
-                    let config = load(&config)?;
-                    telemetry::init_cli("warn");
-                    let (audit, _) = commands::open_audit(&config).await?;
-                    let rows = audit
-                        .rows(&filter_of(filter))
-                        .await
-                        .map_err(anyhow::Error::from)?;
-                    print!("{}", commands::audit_export(&rows, format));
+            };
+            let out = match action {
+                AuditAction::List { filter, .. } => commands::audit_list(&rows(filter).await?),
+                AuditAction::Export { format, filter, .. } => {
+                    commands::audit_export(&rows(filter).await?, format)
                 }
-                AuditAction::Verify { config } => {
-                    let config = load(&config)?;
-                    telemetry::init_cli("warn");
-                    print!("{}", commands::audit_verify(&config).await?);
+                AuditAction::Verify { .. } => commands::audit_verify(&config).await?,
+                AuditAction::Recipients { session, json, .. } => {
+                    commands::audit_recipients(&config, &session, json).await?
                 }
-                AuditAction::Recipients { config, session } => {
-                    let config = load(&config)?;
-                    telemetry::init_cli("warn");
-                    print!("{}", commands::audit_recipients(&config, &session).await?);
-                }
-            }
+            };
+            print!("{out}");
         }
         Command::Keygen {
             out,

@@ -1013,6 +1013,12 @@ mod tests {
     }
 
     #[test]
+    fn the_column_names_are_the_columns_in_order() {
+        let names: Vec<&str> = chain(1)[0].columns().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, AuditRow::column_names());
+    }
+
+    #[test]
     fn act_names_round_trip_and_are_unique() {
         let names: std::collections::HashSet<_> = ActKind::ALL.iter().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), ActKind::ALL.len());

@@ -135,6 +135,62 @@ fn acts(rows: &[AuditRow]) -> BTreeMap<(String, String, String), usize> {
     out
 }
 
+/// Each of `names` is recorded exactly once for every session in `ids` with `counterpart`.
+fn assert_once(
+    seen: &BTreeMap<(String, String, String), usize>,
+    names: &[&str],
+    ids: &[String],
+    counterpart: &str,
+) {
+    for id in ids {
+        for act in names {
+            assert_eq!(
+                seen.get(&(act.to_string(), id.clone(), counterpart.to_string())),
+                Some(&1),
+                "{act} for {id} with {counterpart}: {seen:?}"
+            );
+        }
+    }
+}
+
+/// The audit table of one side refuses rows of `act` (and the pause probe's test insert) until [`Refusal::lift`]:
+/// a real write failure, from a trigger in the side's SQLite file.
+struct Refusal {
+    conn: rusqlite::Connection,
+}
+
+impl Refusal {
+    fn of(world: &World, side: &str, act: &str) -> Refusal {
+        let conn =
+            rusqlite::Connection::open(world.dir.path().join(format!("{side}/ledger.sqlite3")))
+                .unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.execute_batch(&format!(
+            "CREATE TRIGGER refuse_act BEFORE INSERT ON audit_log
+             WHEN NEW.act IN ('{act}', 'probe')
+             BEGIN SELECT RAISE(ABORT, 'the test refuses this audit row'); END;"
+        ))
+        .unwrap();
+        Refusal { conn }
+    }
+
+    fn lift(self) {
+        self.conn.execute_batch("DROP TRIGGER refuse_act").unwrap();
+    }
+}
+
+/// Waits until `pipeline` of `bridge` is paused for `ledger` (an act could not be recorded).
+async fn paused_on_the_audit_log(bridge: &partner_bridge::app::Running, pipeline: &str) {
+    let series = format!("partner_bridge_paused{{pipeline=\"{pipeline}\",reason=\"ledger\"}}");
+    wait_for(
+        "the pipeline paused on the audit log",
+        Duration::from_secs(10),
+        || async { (metric_of(bridge, &series) == 1.0).then_some(()) },
+    )
+    .await;
+    assert!(metric_of(bridge, "partner_bridge_audit_write_failures_total") >= 1.0);
+}
+
 fn count(rows: &[AuditRow], act: &str) -> usize {
     rows.iter().filter(|r| r.act == act).count()
 }
@@ -223,16 +279,8 @@ async fn shares_to_two_partners_are_recorded_once_on_both_sides_and_verify() {
     // The issuer: one share minted and one token published per session and partner, one dead-letter.
     let rows = rows_of(&issuer_config).await;
     let seen = acts(&rows);
-    for id in &ids {
-        for partner in [&world.partner_app.application_id, &two.second_app] {
-            for act in ["share_minted", "token_published"] {
-                assert_eq!(
-                    seen.get(&(act.to_string(), id.clone(), partner.clone())),
-                    Some(&1),
-                    "{act} for {id} to {partner}: {seen:?}"
-                );
-            }
-        }
+    for partner in [&world.partner_app.application_id, &two.second_app] {
+        assert_once(&seen, &["share_minted", "token_published"], &ids, partner);
     }
     assert_eq!(rows.len(), 4 * SESSIONS + 1, "{seen:?}");
     let dead = rows.iter().find(|r| r.act == "dead_lettered").unwrap();
@@ -254,19 +302,12 @@ async fn shares_to_two_partners_are_recorded_once_on_both_sides_and_verify() {
     for (config, junk) in [(&first_config, 1), (&second_config, 0)] {
         let rows = rows_of(config).await;
         let seen = acts(&rows);
-        for id in &ids {
-            for act in ["token_received", "imported"] {
-                assert_eq!(
-                    seen.get(&(
-                        act.to_string(),
-                        id.clone(),
-                        world.issuer_app.application_id.clone()
-                    )),
-                    Some(&1),
-                    "{act} for {id}: {seen:?}"
-                );
-            }
-        }
+        assert_once(
+            &seen,
+            &["token_received", "imported"],
+            &ids,
+            &world.issuer_app.application_id,
+        );
         assert_eq!(count(&rows, "dead_lettered"), junk, "{seen:?}");
         assert_eq!(rows.len(), 2 * SESSIONS + junk);
         assert!(rows.iter().all(|r| r.side == "receiver"));
@@ -357,6 +398,13 @@ async fn shares_to_two_partners_are_recorded_once_on_both_sides_and_verify() {
             .collect();
         assert_eq!(recipients, imported_into, "{out}");
         assert!(out.contains("sponsor-bank") && out.contains("second-bank"));
+        let (_, json, _) = audit_cmd(&issuer_file, &["recipients", "--session", id, "--json"]);
+        let listed: Vec<serde_json::Value> = serde_json::from_str(&json).expect("a JSON array");
+        let from_json: BTreeSet<String> = listed
+            .iter()
+            .map(|r| r["partner_application_id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(from_json, imported_into, "{json}");
     }
     let (_, nobody, _) = audit_cmd(&issuer_file, &["recipients", "--session", "never-shared"]);
     assert_eq!(nobody.lines().count(), 1, "a header only: {nobody}");
@@ -512,32 +560,12 @@ async fn a_failed_audit_write_settles_nothing_and_the_redelivery_records_each_ac
 
     // The receiver's audit table refuses `imported` rows (and the probe's test insert) from now on: Didit imports,
     // the ledger records it, and then the act cannot be written.
-    let db = world.dir.path().join("receiver/ledger.sqlite3");
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.execute_batch(
-        "CREATE TRIGGER refuse_imported BEFORE INSERT ON audit_log
-         WHEN NEW.act IN ('imported', 'probe')
-         BEGIN SELECT RAISE(ABORT, 'the test refuses this audit row'); END;",
-    )
-    .unwrap();
+    let refusal = Refusal::of(&world, "receiver", "imported");
 
     let sessions = create_sessions(&world, SESSIONS, "fail").await;
     let ids = publish_events(&world, &amqp, &sessions).await;
     world.wait_imports(SESSIONS, Duration::from_secs(20)).await;
-    wait_for(
-        "the receiver paused on the audit log",
-        Duration::from_secs(10),
-        || async {
-            (metric_of(
-                &receiver,
-                "partner_bridge_paused{pipeline=\"receiver_tokens\",reason=\"ledger\"}",
-            ) == 1.0)
-                .then_some(())
-        },
-    )
-    .await;
-    assert!(metric_of(&receiver, "partner_bridge_audit_write_failures_total") >= 1.0);
+    paused_on_the_audit_log(&receiver, "receiver_tokens").await;
     // Nothing is reported while the act is missing: the envelopes wait.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
@@ -549,7 +577,7 @@ async fn a_failed_audit_write_settles_nothing_and_the_redelivery_records_each_ac
     assert_eq!(count(&rows, "imported"), 0);
 
     // The table accepts rows again: the pipeline resumes, every envelope comes back and is reported.
-    conn.execute_batch("DROP TRIGGER refuse_imported").unwrap();
+    refusal.lift();
     results.wait_count(SESSIONS, Duration::from_secs(30)).await;
     wait_for("every import recorded", Duration::from_secs(10), || async {
         (count(&rows_of(&receiver_config).await, "imported") == SESSIONS).then_some(())
@@ -568,19 +596,12 @@ async fn a_failed_audit_write_settles_nothing_and_the_redelivery_records_each_ac
     // Each act once, although every envelope was handled at least twice.
     let rows = rows_of(&receiver_config).await;
     let seen = acts(&rows);
-    for id in &ids {
-        for act in ["token_received", "imported"] {
-            assert_eq!(
-                seen.get(&(
-                    act.to_string(),
-                    id.clone(),
-                    world.issuer_app.application_id.clone()
-                )),
-                Some(&1),
-                "{act} {id}: {seen:?}"
-            );
-        }
-    }
+    assert_once(
+        &seen,
+        &["token_received", "imported"],
+        &ids,
+        &world.issuer_app.application_id,
+    );
     assert_eq!(rows.len(), 2 * SESSIONS, "{seen:?}");
     let (audit, keys) = partner_bridge::commands::open_audit(&receiver_config)
         .await
@@ -710,6 +731,160 @@ async fn a_postgres_ledger_keeps_the_same_audit_log_and_verifies() {
     let (code, _, err) = audit_cmd(&file, &["verify"]);
     assert_ne!(code, 0);
     assert!(err.contains("audit row seq=2 does not match"), "{err}");
+
+    amqp.close().await;
+    world.cleanup().await;
+}
+
+#[tokio::test]
+async fn audit_settings_out_of_range_exit_64_naming_the_key() {
+    let world = World::new("audit-config").await;
+    let file = config_file(world.dir.path(), "issuer", &world.issuer_toml());
+    for (var, value, key) in [
+        (
+            "PARTNER_BRIDGE__AUDIT__RETENTION_DAYS",
+            "0",
+            "audit.retention_days",
+        ),
+        (
+            "PARTNER_BRIDGE__AUDIT__CHECKPOINT_INTERVAL_SECS",
+            "0",
+            "audit.checkpoint_interval_secs",
+        ),
+    ] {
+        for command in [&["check-config"][..], &["audit", "verify"][..]] {
+            let out = std::process::Command::new(BIN)
+                .args(command)
+                .arg("--config")
+                .arg(&file)
+                .env(var, value)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{command:?} {var}: {stderr}");
+            assert!(stderr.contains(key), "{stderr}");
+        }
+    }
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_leaves_a_chain_that_still_verifies_and_keeps_growing() {
+    let world = World::new("audit-prune").await;
+    let config = issuer_with_history(&world).await;
+    let rows = rows_of(&config).await;
+    assert_eq!(rows.len(), 8);
+
+    // What the hourly task does, with a retention that makes the first half old: a signed `prune` checkpoint at
+    // the last deleted row, the rows before it gone.
+    let ledger = partner_bridge::ledger::Ledger::open(&config.ledger_url())
+        .await
+        .unwrap();
+    let audit = AuditLog::open(
+        &ledger,
+        Some(partner_bridge::keys::SigningKeys::Fixed(Box::new(
+            world.key.clone(),
+        ))),
+        Some(&world.key),
+        Duration::from_secs(3),
+    )
+    .await
+    .unwrap();
+    let cutoff = chrono::DateTime::from_timestamp_millis(rows[4].at_ms).unwrap();
+    let pruned = audit.prune(cutoff).await.unwrap();
+    assert!((1..8).contains(&pruned), "pruned {pruned}");
+    let kept = rows_of(&config).await;
+    assert_eq!(kept.len() as u64, 8 - pruned);
+    assert_eq!(kept[0].seq, pruned as i64 + 1);
+    let file = config_file(world.dir.path(), "issuer", &world.issuer_toml());
+    let (code, out, err) = audit_cmd(&file, &["verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    drop(audit);
+    drop(ledger);
+
+    // The bridge appends after the pruned head, and the whole retained chain still verifies.
+    let receiver = world.start_receiver(false).await;
+    let issuer = world.start(config.clone()).await;
+    let amqp = Amqp::connect().await;
+    let sessions = create_sessions(&world, 1, "after-prune").await;
+    publish_events(&world, &amqp, &sessions).await;
+    wait_for(
+        "the new token recorded",
+        Duration::from_secs(20),
+        || async {
+            let rows = rows_of(&config).await;
+            (rows.last().map(|r| r.seq) == Some(10)).then_some(())
+        },
+    )
+    .await;
+    issuer.stop().await.unwrap();
+    receiver.stop().await.unwrap();
+    let after = rows_of(&config).await;
+    assert_eq!(after.last().unwrap().seq, 10);
+    let (code, out, err) = audit_cmd(&file, &["verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Removing the first retained row is still caught: the prune checkpoint names its predecessor.
+    let removed = tampered_copy(
+        &world,
+        "pruned-removed",
+        &format!("DELETE FROM audit_log WHERE seq = {}", pruned + 1),
+    );
+    let (code, _, err) = audit_cmd(&removed, &["verify"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("audit row seq={} does not match", pruned + 2)),
+        "{err}"
+    );
+
+    amqp.close().await;
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_that_cannot_record_a_mint_publishes_nothing_until_it_can() {
+    const SESSIONS: usize = 2;
+    let world = World::new("audit-issuer-fail").await;
+    let issuer_config = world.config(&world.issuer_toml());
+    let receiver = world.start_receiver(false).await;
+    let issuer = world.start(issuer_config.clone()).await;
+    let amqp = Amqp::connect().await;
+    let refusal = Refusal::of(&world, "issuer", "share_minted");
+
+    let sessions = create_sessions(&world, SESSIONS, "issuer-fail").await;
+    let ids = publish_events(&world, &amqp, &sessions).await;
+    paused_on_the_audit_log(&issuer, "issuer_onboarding").await;
+    // Didit minted, but no token left without its act.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        metric_of(
+            &issuer,
+            "partner_bridge_tokens_published_total{partner=\"sponsor-bank\"}"
+        ),
+        0.0
+    );
+    assert!(world.control.stats().await.unwrap().imports.is_empty());
+
+    refusal.lift();
+    let counts = world.wait_imports(SESSIONS, Duration::from_secs(30)).await;
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+    wait_for("every token recorded", Duration::from_secs(10), || async {
+        (count(&rows_of(&issuer_config).await, "token_published") == SESSIONS).then_some(())
+    })
+    .await;
+    issuer.stop().await.unwrap();
+    receiver.stop().await.unwrap();
+    let rows = rows_of(&issuer_config).await;
+    assert_once(
+        &acts(&rows),
+        &["share_minted", "token_published"],
+        &ids,
+        &world.partner_app.application_id,
+    );
+    assert_eq!(rows.len(), 2 * SESSIONS);
+    let (audit, keys) = partner_bridge::commands::open_audit(&issuer_config)
+        .await
+        .unwrap();
+    assert_eq!(audit.verify(&keys).await.unwrap().problem, None);
 
     amqp.close().await;
     world.cleanup().await;
