@@ -121,7 +121,7 @@ const SCHEMA_V3: &str = "
 -- notice sent, how often, and its acknowledgement (a notice is sent again until acked). Receiver side, one row per
 -- notice received: what was done with it (the imported copy deleted, the backend told), so that a redelivered
 -- notice does neither twice.
-CREATE TABLE notices_sent (
+CREATE TABLE IF NOT EXISTS notices_sent (
     notice_id              TEXT   NOT NULL PRIMARY KEY,
     request_id             TEXT   NOT NULL,
     session_id             TEXT   NOT NULL,
@@ -138,8 +138,8 @@ CREATE TABLE notices_sent (
     imported_session_id    TEXT,
     UNIQUE (request_id, partner_application_id)
 );
-CREATE INDEX notices_sent_unacked ON notices_sent (acked_at, last_sent_at);
-CREATE TABLE notices_received (
+CREATE INDEX IF NOT EXISTS notices_sent_unacked ON notices_sent (acked_at, last_sent_at);
+CREATE TABLE IF NOT EXISTS notices_received (
     issuer_application_id  TEXT   NOT NULL,
     notice_id              TEXT   NOT NULL,
     source_session_id      TEXT   NOT NULL,

@@ -582,7 +582,7 @@ async fn a_v1_sqlite_ledger_migrates_to_v2_and_keeps_its_imports() {
         .unwrap()
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, partner_bridge::ledger::sqlite::SCHEMA_VERSION);
     assert!(matches!(claim(&l, "old", "b").await, Claim::Done(_)));
     assert!(matches!(
         claim(&l, "new", "b").await,
@@ -644,7 +644,10 @@ async fn a_v1_postgres_ledger_migrates_to_v2_and_keeps_its_imports() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, "2");
+    assert_eq!(
+        version,
+        partner_bridge::ledger::postgres::SCHEMA_VERSION.to_string()
+    );
     drop(l);
 }
 
