@@ -247,47 +247,60 @@ impl NoticeHandler {
 
     async fn publish_to_backend(&self, notice: &SubjectNotice) -> Result<(), String> {
         let body = serde_json::to_vec(notice).expect("notices serialise");
-        let exchange = self.names.imports_exchange();
         let routing_key = Names::backend_notice_key(notice.notice_kind.as_str());
-        let message_id = uuid::Uuid::now_v7().to_string();
-        self.publisher
-            .publish(Outgoing {
-                exchange: &exchange,
-                routing_key: &routing_key,
-                body: &body,
-                message_id: &message_id,
-                kind: envelope::types::NOTICE,
-                headers: Vec::new(),
-            })
-            .await
-            .map_err(|e| {
-                self.metrics.retry("publish");
-                format!("publishing subject.notice to {exchange} with key {routing_key} failed: {e} (is a queue bound to the imports exchange for notice.#?)")
-            })
+        self.publish(
+            &self.names.imports_exchange(),
+            &routing_key,
+            envelope::types::NOTICE,
+            &body,
+            Vec::new(),
+        )
+        .await
+        .map_err(|e| format!("{e} (is a queue bound to the imports exchange for notice.#?)"))
     }
 
     async fn send_ack(&self, ack: &NoticeAck) -> Result<(), String> {
         let body = serde_json::to_vec(ack).expect("acks serialise");
-        let exchange = self.names.reshare_exchange();
+        let headers = self
+            .signing_key
+            .iter()
+            .flat_map(|keys| keys.signature_headers(&body))
+            .collect();
         let routing_key = Names::notice_ack_key(&ack.from_application_id);
+        self.publish(
+            &self.names.reshare_exchange(),
+            &routing_key,
+            envelope::types::NOTICE_ACK,
+            &body,
+            headers,
+        )
+        .await
+        .map_err(|e| format!("{e} (has the issuer declared its notice-acks queue?)"))
+    }
+
+    /// Publishes one message (confirmed, mandatory); a failure is counted as a publish retry.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        kind: &str,
+        body: &[u8],
+        headers: Vec<(String, crate::amqp::HeaderValue)>,
+    ) -> Result<(), String> {
         let message_id = uuid::Uuid::now_v7().to_string();
         self.publisher
             .publish(Outgoing {
-                exchange: &exchange,
-                routing_key: &routing_key,
-                body: &body,
+                exchange,
+                routing_key,
+                body,
                 message_id: &message_id,
-                kind: envelope::types::NOTICE_ACK,
-                headers: self
-                    .signing_key
-                    .iter()
-                    .flat_map(|keys| keys.signature_headers(&body))
-                    .collect(),
+                kind,
+                headers,
             })
             .await
             .map_err(|e| {
                 self.metrics.retry("publish");
-                format!("publishing subject.notice.ack to {exchange} with key {routing_key} failed: {e} (has the issuer declared its notice-acks queue?)")
+                format!("publishing {kind} to {exchange} with key {routing_key} failed: {e}")
             })
     }
 }
