@@ -30,12 +30,14 @@ use crate::didit::client::DiditClient;
 use crate::didit::pacing::Pacing;
 use crate::health::Health;
 use crate::issuer::mint::Minter;
+use crate::issuer::notices::{NoticeAckHandler, NoticeRequestHandler, Notifier, run_retries};
 use crate::issuer::onboarding::OnboardingHandler;
 use crate::issuer::reshare::{ReshareHandler, ResharePartner};
 use crate::issuer::webhook::{self, WebhookState};
 use crate::keys::{PublicKeys, SigningKeys};
 use crate::ledger::Ledger;
 use crate::metrics::{Metrics, pipeline};
+use crate::receiver::notices::NoticeHandler;
 use crate::receiver::tokens::{Peer, TokenHandler};
 use crate::secret::SecretUrl;
 
@@ -348,11 +350,23 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             Publisher::new(onboarding_link.clone(), confirm_timeout, metrics.clone());
         let reshare_publisher =
             Publisher::new(reshare_link.clone(), confirm_timeout, metrics.clone());
+        let tokens_publisher =
+            Publisher::new(tokens_link.clone(), confirm_timeout, metrics.clone());
+        let notifier = Notifier {
+            ledger: ledger.clone(),
+            audit: audit.clone(),
+            tokens: tokens_publisher.clone(),
+            names: names.clone(),
+            signing_key: signing_key.clone(),
+            application_id: access.application_id.clone(),
+            partners: config.issuer.partners.clone(),
+            metrics: metrics.clone(),
+        };
         let minter = Arc::new(Minter {
             client: client.clone(),
             ledger: ledger.clone(),
             audit: audit.clone(),
-            tokens: Publisher::new(tokens_link.clone(), confirm_timeout, metrics.clone()),
+            tokens: tokens_publisher,
             partner_tokens,
             names: names.clone(),
             signing_key,
@@ -438,7 +452,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         ));
         let reshare_handler = Arc::new(ReshareHandler {
             minter,
-            partners: reshare_partners,
+            partners: reshare_partners.clone(),
             allow_unsigned: config.issuer.allow_unsigned_reshare,
             max_reshares: config.issuer.max_reshares,
             max_message_bytes: config.amqp.max_message_bytes,
@@ -475,13 +489,89 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tasks.spawn(run_consumer(
             reshare_link.clone(),
             reshare_publisher,
-            reshare_spec(intake_plan),
+            reshare_spec(intake_plan.clone()),
             reshare_handler,
             reshare_pause,
             shutdown.clone(),
             grace,
             metrics.clone(),
             health.clone(),
+        ));
+
+        // Notices: requests in on the onboarding exchange, acknowledgements in on the reshare exchange, open
+        // notices sent again until acknowledged.
+        let notices_link = link_for(&amqp_url, pipeline::ISSUER_NOTICES);
+        let acks_link = link_for(&amqp_url, pipeline::ISSUER_NOTICE_ACKS);
+        for (link, queue, pipeline_name) in [
+            (
+                &notices_link,
+                names.issuer_notices_queue(),
+                pipeline::ISSUER_NOTICES,
+            ),
+            (
+                &acks_link,
+                names.issuer_notice_acks_queue(),
+                pipeline::ISSUER_NOTICE_ACKS,
+            ),
+        ] {
+            let pause = PauseControl::new(pipeline_name, health.clone(), metrics.clone());
+            tasks.spawn(crate::probe::run_audited(
+                pause.clone(),
+                client.clone(),
+                ledger.clone(),
+                Some(audit.clone()),
+                pipeline_name,
+                shutdown.clone(),
+            ));
+            let spec = ConsumerSpec {
+                queue,
+                pipeline: pipeline_name,
+                prefetch: config.amqp.prefetch,
+                concurrency: 1,
+                max_attempts: config.retry.max_attempts,
+                retry_delay_ms: config.amqp.retry_delay_ms,
+                declare: intake_plan.clone(),
+                audit: Some(issuer_audit.clone()),
+            };
+            let publisher = Publisher::new(link.clone(), confirm_timeout, metrics.clone());
+            if pipeline_name == pipeline::ISSUER_NOTICES {
+                tasks.spawn(run_consumer(
+                    link.clone(),
+                    publisher,
+                    spec,
+                    Arc::new(NoticeRequestHandler {
+                        notifier: notifier.clone(),
+                        max_message_bytes: config.amqp.max_message_bytes,
+                    }),
+                    pause,
+                    shutdown.clone(),
+                    grace,
+                    metrics.clone(),
+                    health.clone(),
+                ));
+            } else {
+                tasks.spawn(run_consumer(
+                    link.clone(),
+                    publisher,
+                    spec,
+                    Arc::new(NoticeAckHandler {
+                        notifier: notifier.clone(),
+                        partners: reshare_partners.clone(),
+                        allow_unsigned: config.issuer.allow_unsigned_reshare,
+                        max_message_bytes: config.amqp.max_message_bytes,
+                    }),
+                    pause,
+                    shutdown.clone(),
+                    grace,
+                    metrics.clone(),
+                    health.clone(),
+                ));
+            }
+        }
+        tasks.spawn(run_retries(
+            notifier,
+            Duration::from_secs(config.issuer.notice_retry_secs),
+            shutdown.clone(),
         ));
 
         if let Some(webhook_config) = &config.issuer.webhook {
@@ -526,15 +616,25 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             });
             pipelines.push(pipeline::ISSUER_WEBHOOK);
         }
-        links.extend([onboarding_link, reshare_link, tokens_link]);
+        links.extend([
+            onboarding_link,
+            reshare_link,
+            tokens_link,
+            notices_link,
+            acks_link,
+        ]);
         pipelines.extend([
             pipeline::ISSUER_ONBOARDING,
             pipeline::ISSUER_RESHARE,
             pipeline::ISSUER_TOKENS,
+            pipeline::ISSUER_NOTICES,
+            pipeline::ISSUER_NOTICE_ACKS,
         ]);
         queues.extend([
             names.issuer_onboarding_queue(),
             names.issuer_reshare_queue(),
+            names.issuer_notices_queue(),
+            names.issuer_notice_acks_queue(),
         ]);
     }
 
@@ -555,6 +655,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                         .map_err(|e| anyhow::anyhow!("issuer {}: {e}", peer.name))?
                 }),
                 trust_review: peer.trust_review,
+                agreement_id: peer.agreement_id.clone(),
             });
         }
         let tokens_queue = receiver_tokens_queue(&config, &names);
@@ -563,6 +664,68 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         if config.receiver.results_queue {
             plan = topology::combine([plan, results_queue_plan(&names, &settings)]);
         }
+        let receiver_audit = DeadLetterAudit {
+            log: audit.clone(),
+            side: Side::Receiver,
+            names: config
+                .receiver
+                .issuers
+                .iter()
+                .map(|p| (p.application_id.clone(), p.name.clone()))
+                .collect(),
+        };
+        let notices_link = link_for(&amqp_url, pipeline::RECEIVER_NOTICES);
+        let notices_pause =
+            PauseControl::new(pipeline::RECEIVER_NOTICES, health.clone(), metrics.clone());
+        tasks.spawn(crate::probe::run_audited(
+            notices_pause.clone(),
+            client.clone(),
+            ledger.clone(),
+            Some(audit.clone()),
+            pipeline::RECEIVER_NOTICES,
+            shutdown.clone(),
+        ));
+        let notices_publisher =
+            Publisher::new(notices_link.clone(), confirm_timeout, metrics.clone());
+        tasks.spawn(run_consumer(
+            notices_link.clone(),
+            notices_publisher.clone(),
+            ConsumerSpec {
+                queue: names.receiver_notices_queue(),
+                pipeline: pipeline::RECEIVER_NOTICES,
+                prefetch: config.amqp.prefetch,
+                // One at a time: two copies of a notice are never acted on at once.
+                concurrency: 1,
+                max_attempts: config.retry.max_attempts,
+                retry_delay_ms: config.amqp.retry_delay_ms,
+                declare: plan.clone(),
+                audit: Some(receiver_audit.clone()),
+            },
+            Arc::new(NoticeHandler {
+                client: client.clone(),
+                ledger: ledger.clone(),
+                audit: audit.clone(),
+                publisher: notices_publisher,
+                names: names.clone(),
+                application_id: access.application_id.clone(),
+                peers: peers.clone(),
+                signing_key: reshare_key.clone(),
+                allow_unsigned: config.receiver.allow_unsigned,
+                on_erasure: config.receiver.on_erasure,
+                max_message_bytes: config.amqp.max_message_bytes,
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+                retry: config.retry.clone(),
+            }),
+            notices_pause,
+            shutdown.clone(),
+            grace,
+            metrics.clone(),
+            health.clone(),
+        ));
+        links.push(notices_link);
+        pipelines.push(pipeline::RECEIVER_NOTICES);
+        queues.push(names.receiver_notices_queue());
         let link = link_for(&amqp_url, pipeline::RECEIVER_TOKENS);
         let publisher = Publisher::new(link.clone(), confirm_timeout, metrics.clone());
         tasks.spawn(crate::probe::check_key_at_start(
@@ -592,16 +755,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 max_attempts: config.retry.max_attempts,
                 retry_delay_ms: config.amqp.retry_delay_ms,
                 declare: plan,
-                audit: Some(DeadLetterAudit {
-                    log: audit.clone(),
-                    side: Side::Receiver,
-                    names: config
-                        .receiver
-                        .issuers
-                        .iter()
-                        .map(|p| (p.application_id.clone(), p.name.clone()))
-                        .collect(),
-                }),
+                audit: Some(receiver_audit.clone()),
             },
             Arc::new(TokenHandler {
                 client,
@@ -813,6 +967,11 @@ pub fn results_queue_plan(names: &Names, settings: &QueueSettings) -> Vec<Entity
             queue: queue.clone(),
             exchange: names.imports_exchange(),
             routing_key: "import.#".into(),
+        },
+        Entity::Binding {
+            queue: queue.clone(),
+            exchange: names.imports_exchange(),
+            routing_key: "notice.#".into(),
         },
         Entity::Binding {
             queue: dead,

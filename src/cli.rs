@@ -1,6 +1,6 @@
 //! The command line (DESIGN.md §8): `run`, `sandbox`, `demo`, `check-config`, `topology declare|show`,
-//! `dead-letters list|replay`, `audit list|export|verify|recipients`, `backfill`, `keygen`, `healthcheck`. Parsing
-//! only; each command's work lives in its module.
+//! `dead-letters list|replay`, `audit list|export|verify|recipients`, `backfill`, `keygen`, `notify`, `healthcheck`.
+//! Parsing only; each command's work lives in its module.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -115,6 +115,26 @@ pub enum Command {
         #[arg(long)]
         public_out: Option<PathBuf>,
     },
+    /// Tell every partner that received a session about an erasure or rectification (GDPR Art. 19): a signed
+    /// notice to each recipient the audit log (or the ledger) shows; the running issuer collects the
+    /// acknowledgements and resends until each is acknowledged.
+    Notify {
+        /// The TOML configuration file (the issuer's).
+        #[arg(long, env = "PARTNER_BRIDGE_CONFIG")]
+        config: PathBuf,
+        /// The issuer's Didit session the person's data came from.
+        #[arg(long)]
+        session: String,
+        /// What happened at the source.
+        #[arg(long, value_enum)]
+        kind: NoticeKindArg,
+        /// A sentence for the recipients (no personal data).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Makes a repeated command send nothing new (default: a fresh id each time).
+        #[arg(long)]
+        request_id: Option<String>,
+    },
     /// Exit 0 when the URL answers 200 (a HEALTHCHECK for images without curl).
     Healthcheck {
         /// The URL to check.
@@ -168,6 +188,24 @@ pub enum DeadLetterAction {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+}
+
+/// `notify --kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NoticeKindArg {
+    /// The person's data was erased.
+    Erasure,
+    /// The person's data was rectified.
+    Rectification,
+}
+
+impl From<NoticeKindArg> for crate::envelope::NoticeKind {
+    fn from(k: NoticeKindArg) -> Self {
+        match k {
+            NoticeKindArg::Erasure => crate::envelope::NoticeKind::Erasure,
+            NoticeKindArg::Rectification => crate::envelope::NoticeKind::Rectification,
+        }
+    }
 }
 
 /// `audit` subcommands.

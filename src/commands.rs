@@ -1,5 +1,5 @@
 //! The small commands: `check-config`, `keygen`, `healthcheck`, `topology declare|show`, `dead-letters
-//! list|replay`, `audit list|export|verify|recipients`. Each returns what to print; `main` decides exit codes.
+//! list|replay`, `audit list|export|verify|recipients`, `notify`. Each returns what to print; `main` decides exit codes.
 
 use std::io::Write;
 use std::path::Path;
@@ -528,6 +528,110 @@ pub async fn audit_recipients(
             time(r.last_ms),
             r.tokens
         ));
+    }
+    Ok(out)
+}
+
+/// `notify`: tells every recipient of `session_id` about an erasure or rectification (see
+/// [`crate::issuer::notices`]). Sends the notices once and returns what happened; the running issuer collects the
+/// acknowledgements and sends again whatever is not acknowledged. `request_id` makes a repeated command send
+/// nothing new (default: a fresh one).
+pub async fn notify(
+    config: &Config,
+    session_id: &str,
+    kind: crate::envelope::NoticeKind,
+    reason: Option<String>,
+    request_id: Option<String>,
+) -> anyhow::Result<String> {
+    if !config.issuer.enabled {
+        anyhow::bail!(
+            "notify needs the issuer role ([issuer] enabled = true): notices go to the issuer's partners"
+        );
+    }
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let ledger_url = config.ledger_url();
+    let ledger = crate::ledger::Ledger::open_with_tls(
+        &ledger_url,
+        config.ledger.timeout(),
+        &config.ledger.tls_settings(),
+    )
+    .await
+    .with_context(|| format!("cannot open the ledger at {}", ledger_url.redacted()))?;
+    let audit = crate::audit::AuditLog::open(&ledger, None, None, config.ledger.timeout())
+        .await
+        .context("cannot open the audit log")?;
+    let signing_key = crate::keys::SigningKeys::load(
+        &config.signing_key_source()?,
+        if config.issuer.signing_key.is_some() {
+            "issuer.signing_key"
+        } else {
+            "issuer.signing_key_file"
+        },
+        config.known_public_keys(),
+        None,
+    )
+    .map_err(|e| anyhow::anyhow!("invalid signing key: {e}"))?;
+    let link = one_shot_link(config, config.tokens_url()?);
+    // Connected first, so that the publish below does not fail on a link that never tried.
+    drop(one_shot_channel(&link).await?);
+    let notifier = crate::issuer::notices::Notifier {
+        ledger,
+        audit,
+        tokens: Publisher::new(
+            link.clone(),
+            std::time::Duration::from_millis(config.amqp.confirm_timeout_ms),
+            metrics.clone(),
+        ),
+        names: crate::amqp::Names::new(&config.amqp.prefix),
+        signing_key,
+        application_id: config.issuer_didit()?.application_id,
+        partners: config.issuer.partners.clone(),
+        metrics,
+    };
+    let request = crate::envelope::NoticeRequested {
+        kind: crate::envelope::types::NOTICE_REQUESTED.to_string(),
+        request_id: request_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        session_id: session_id.to_string(),
+        notice_kind: kind,
+        reason,
+    };
+    let issued = notifier.issue(&request, chrono::Utc::now()).await?;
+    link.close().await;
+    let mut out = String::new();
+    if issued.notices.is_empty() {
+        out.push_str(&format!(
+            "session {session_id} was never shared (no recipient in the audit log or the ledger): the {} notice reaches nobody
+",
+            kind.as_str()
+        ));
+        return Ok(out);
+    }
+    out.push_str(&format!(
+        "{} notice for session {session_id} (request {}) to {} recipient(s):
+",
+        kind.as_str(),
+        request.request_id,
+        issued.notices.len()
+    ));
+    for n in &issued.notices {
+        let state = if n.acked_at.is_some() {
+            "acknowledged"
+        } else if issued.not_sent.iter().any(|(id, _)| id == &n.notice_id) {
+            "not confirmed by the broker yet: the running issuer sends it again"
+        } else {
+            "sent, waiting for the acknowledgement"
+        };
+        out.push_str(&format!(
+            "- {} ({}) notice_id={} agreement={}: {state}
+",
+            n.partner,
+            n.partner_application_id,
+            n.notice_id,
+            n.agreement_id.as_deref().unwrap_or("-")
+        ));
+    }
+    for (id, detail) in &issued.not_sent {
+        out.push_str(&format!("  {id}: {detail}\n"));
     }
     Ok(out)
 }

@@ -483,6 +483,8 @@ pub struct IssuerConfig {
     pub tokens_url_file: Option<PathBuf>,
     /// Didit webhooks as an event source.
     pub webhook: Option<WebhookConfig>,
+    /// Seconds between sends of an erasure or rectification notice that its recipient has not acknowledged yet.
+    pub notice_retry_secs: u64,
     /// The partners tokens are minted for.
     pub partners: Vec<PartnerConfig>,
 }
@@ -502,6 +504,7 @@ impl Default for IssuerConfig {
             tokens_url: None,
             tokens_url_file: None,
             webhook: None,
+            notice_retry_secs: 300,
             partners: Vec::new(),
         }
     }
@@ -587,6 +590,10 @@ pub struct PartnerConfig {
     /// A file holding `tokens_url`.
     #[serde(default)]
     pub tokens_url_file: Option<PathBuf>,
+    /// The reference of the data-sharing agreement with this partner: carried in every `share_token` and notice
+    /// for it, and recorded in the audit log.
+    #[serde(default)]
+    pub agreement_id: Option<String>,
 }
 
 fn default_ttl() -> u32 {
@@ -653,8 +660,22 @@ pub struct ReceiverConfig {
     /// The receiver's token queue instead of `<prefix>.receiver.tokens`: a second receiving application on the
     /// same broker and prefix needs a queue of its own (e.g. `<prefix>.receiver.<application id>.tokens`).
     pub queue_name: Option<String>,
+    /// What an erasure notice does here: `notify` (publish it to the backend only, the default) or `delete` (also
+    /// delete the imported copy of the session in this Didit application).
+    pub on_erasure: OnErasure,
     /// The issuers whose tokens are accepted.
     pub issuers: Vec<IssuerPeerConfig>,
+}
+
+/// `receiver.on_erasure`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnErasure {
+    /// Publish the notice to the backend; the backend decides.
+    #[default]
+    Notify,
+    /// Publish it and delete the imported session in this application's Didit.
+    Delete,
 }
 
 impl Default for ReceiverConfig {
@@ -675,6 +696,7 @@ impl Default for ReceiverConfig {
             concurrency: None,
             results_queue: true,
             queue_name: None,
+            on_erasure: OnErasure::Notify,
             issuers: Vec::new(),
         }
     }
@@ -702,6 +724,10 @@ pub struct IssuerPeerConfig {
     /// Keep the issuer's decision on import (`true`) or land in review (`false`, the safe default).
     #[serde(default, deserialize_with = "strict_bool")]
     pub trust_review: bool,
+    /// The data-sharing agreement with this issuer: when set, a `share_token` that carries another agreement id,
+    /// or none, is dead-lettered `agreement_mismatch`.
+    #[serde(default)]
+    pub agreement_id: Option<String>,
 }
 
 /// Public keys given inline (decoded) and key-set files to read them from, each with its config key.
@@ -1081,6 +1107,16 @@ impl Config {
             }
             p.check(self.partner_public_keys(i).map(drop));
             p.check(self.partner_tokens_url(i).map(drop));
+            p.check(check_agreement(
+                partner.agreement_id.as_deref(),
+                &key("agreement_id"),
+            ));
+        }
+        if self.issuer.notice_retry_secs == 0 {
+            p.push(ConfigError::new(
+                "issuer.notice_retry_secs",
+                "must be at least 1",
+            ));
         }
         if let Some(webhook) = &self.issuer.webhook {
             match next_webhook_secret_source(webhook) {
@@ -1178,6 +1214,10 @@ impl Config {
                 p.push(ConfigError::new(key("application_id"), "listed twice"));
             }
             p.check(self.issuer_public_keys(i).map(drop));
+            p.check(check_agreement(
+                peer.agreement_id.as_deref(),
+                &key("agreement_id"),
+            ));
         }
         p.check(self.receiver_signing_key().map(drop));
     }
@@ -1548,6 +1588,14 @@ impl Config {
         }
         if self.issuer.enabled {
             for (i, p) in self.issuer.partners.iter().enumerate() {
+                if p.agreement_id.is_none() {
+                    out.push(format!(
+                        "issuer.partners[{i}] ({}) has no agreement_id: its tokens and the audit log name no data-sharing agreement",
+                        p.name
+                    ));
+                }
+            }
+            for (i, p) in self.issuer.partners.iter().enumerate() {
                 if p.public_keys.is_empty() && p.public_key_files.is_empty() {
                     out.push(if self.issuer.allow_unsigned_reshare {
                         format!(
@@ -1577,6 +1625,16 @@ impl Config {
                     "issuer.allow_unsigned_reshare is set: unsigned reshare requests are honoured (never in production)"
                         .into(),
                 );
+            }
+        }
+        if self.receiver.enabled {
+            for (i, p) in self.receiver.issuers.iter().enumerate() {
+                if p.agreement_id.is_none() {
+                    out.push(format!(
+                        "receiver.issuers[{i}] ({}) has no agreement_id: its tokens are taken whatever agreement they name",
+                        p.name
+                    ));
+                }
             }
         }
         if self.receiver.enabled
@@ -1860,6 +1918,24 @@ fn check_name(name: &str, key: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// An agreement reference, when given: 1-128 printable characters, no surrounding blanks (it is compared exactly).
+fn check_agreement(agreement: Option<&str>, key: &str) -> Result<(), ConfigError> {
+    match agreement {
+        None => Ok(()),
+        Some(a) if a.trim().is_empty() => Err(ConfigError::new(
+            key,
+            "is empty (leave the key out when there is no agreement)",
+        )),
+        Some(a) if a.trim() != a || a.chars().count() > 128 || a.chars().any(char::is_control) => {
+            Err(ConfigError::new(
+                key,
+                "must be 1-128 printable characters without leading or trailing blanks",
+            ))
+        }
+        Some(_) => Ok(()),
+    }
 }
 
 /// Didit ids are UUIDs; routing keys are built from them, so nothing else is allowed.

@@ -47,6 +47,12 @@ pub mod types {
     pub const IMPORT_RESULT: &str = "import.result";
     /// Receiver → issuer.
     pub const RESHARE_REQUEST: &str = "reshare.request";
+    /// Issuer's backend (or `partner-bridge notify`) → issuer: tell every recipient of a session.
+    pub const NOTICE_REQUESTED: &str = "subject.notice.requested";
+    /// Issuer → receiver (and receiver → its backend).
+    pub const NOTICE: &str = "subject.notice";
+    /// Receiver → issuer.
+    pub const NOTICE_ACK: &str = "subject.notice.ack";
 }
 
 /// Why a body is not a message we accept. `reason` is the `x-pb-reason` word.
@@ -132,6 +138,9 @@ pub struct ShareTokenEnvelope {
     pub expires_at: DateTime<Utc>,
     /// When the verification finished.
     pub occurred_at: DateTime<Utc>,
+    /// The data-sharing agreement the token falls under (`[[issuer.partners]] agreement_id`), when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement_id: Option<String>,
 }
 
 /// The outcome of one token at the receiver.
@@ -204,6 +213,10 @@ pub struct ImportResult {
     pub imported_at: DateTime<Utc>,
     /// Why, for outcomes other than `imported`.
     pub reason: Option<String>,
+    /// The data-sharing agreement with the issuer (`[[receiver.issuers]] agreement_id`, else the token's); null
+    /// when neither names one.
+    #[serde(default)]
+    pub agreement_id: Option<String>,
 }
 
 /// `reshare.request`: the receiver asks the issuer for a fresh token.
@@ -224,6 +237,128 @@ pub struct ReshareRequest {
     pub original_message_id: String,
 }
 
+/// What a notice is about (GDPR Art. 17 and 16, passed on to every recipient under Art. 19).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeKind {
+    /// The person's data was erased at the source: recipients should erase their copy.
+    Erasure,
+    /// The person's data was rectified at the source: recipients should update theirs.
+    Rectification,
+}
+
+impl NoticeKind {
+    /// The wire word (and routing key suffix towards the receiver's backend).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeKind::Erasure => "erasure",
+            NoticeKind::Rectification => "rectification",
+        }
+    }
+
+    /// Reads the wire word.
+    pub fn parse(s: &str) -> Option<NoticeKind> {
+        match s {
+            "erasure" => Some(NoticeKind::Erasure),
+            "rectification" => Some(NoticeKind::Rectification),
+            _ => None,
+        }
+    }
+}
+
+/// `subject.notice.requested`: the issuer's backend asks the bridge to tell every recipient of a session.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NoticeRequested {
+    /// Always `subject.notice.requested`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Unique per request (dedupe key: a redelivered request sends nothing more).
+    pub request_id: String,
+    /// The issuer's Didit session the person's data came from.
+    pub session_id: String,
+    /// `erasure` or `rectification`.
+    #[serde(rename = "kind")]
+    pub notice_kind: NoticeKind,
+    /// A sentence for the recipients (no personal data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `subject.notice`: an erasure or rectification notice for one recipient, signed like a `share_token`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SubjectNotice {
+    /// Always `subject.notice`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Unique per (request, recipient); also the AMQP `message_id`. Every resend carries the same id.
+    pub notice_id: String,
+    /// `erasure` or `rectification`.
+    #[serde(rename = "kind")]
+    pub notice_kind: NoticeKind,
+    /// The issuer's session.
+    pub source_session_id: String,
+    /// The issuer's application.
+    pub from_application_id: String,
+    /// The recipient's application.
+    pub for_application_id: String,
+    /// The data-sharing agreement with the recipient, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement_id: Option<String>,
+    /// A sentence for the recipient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the notice was first issued.
+    pub issued_at: DateTime<Utc>,
+    /// Receiver → its backend only: the imported copy of the session in this application, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_session_id: Option<String>,
+    /// Receiver → its backend only: what the receiver did (`deleted` or `notified`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<NoticeAction>,
+}
+
+/// What the receiver did with a notice.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeAction {
+    /// Published to the backend only.
+    Notified,
+    /// The imported copy was deleted in Didit, and the notice published to the backend.
+    Deleted,
+}
+
+impl NoticeAction {
+    /// The wire word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeAction::Notified => "notified",
+            NoticeAction::Deleted => "deleted",
+        }
+    }
+}
+
+/// `subject.notice.ack`: the receiver acted on a notice. Signed by the receiver.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NoticeAck {
+    /// Always `subject.notice.ack`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The notice acknowledged.
+    pub notice_id: String,
+    /// The issuer's session.
+    pub source_session_id: String,
+    /// The issuer's application (where the ack goes).
+    pub from_application_id: String,
+    /// The receiver's application (who acknowledges).
+    pub for_application_id: String,
+    /// The imported copy, when there was one.
+    pub imported_session_id: Option<String>,
+    /// `notified` or `deleted`.
+    pub action: NoticeAction,
+    /// When the receiver acted (the first time; a redelivered notice is acknowledged with the same time).
+    pub acted_at: DateTime<Utc>,
+}
+
 /// Any message we consume.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
@@ -235,6 +370,12 @@ pub enum Message {
     ReshareRequest(ReshareRequest),
     /// `import.result`
     ImportResult(ImportResult),
+    /// `subject.notice.requested`
+    NoticeRequested(NoticeRequested),
+    /// `subject.notice`
+    Notice(Box<SubjectNotice>),
+    /// `subject.notice.ack`
+    NoticeAck(NoticeAck),
 }
 
 /// Parses a body into one of our messages, or says precisely why not.
@@ -262,6 +403,9 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Message, BadMessage> {
         types::SHARE_TOKEN => Message::ShareToken(Box::new(typed(value)?)),
         types::RESHARE_REQUEST => Message::ReshareRequest(typed(value)?),
         types::IMPORT_RESULT => Message::ImportResult(typed(value)?),
+        types::NOTICE_REQUESTED => Message::NoticeRequested(typed(value)?),
+        types::NOTICE => Message::Notice(Box::new(typed(value)?)),
+        types::NOTICE_ACK => Message::NoticeAck(typed(value)?),
         other => {
             return Err(BadMessage::new(
                 "unknown_type",
@@ -325,6 +469,21 @@ fn check_required(message: &Message) -> Result<(), BadMessage> {
         }
         Message::ImportResult(m) => {
             present(&m.source_session_id, "source_session_id")?;
+        }
+        Message::NoticeRequested(m) => {
+            present(&m.request_id, "request_id")?;
+            present(&m.session_id, "session_id")?;
+        }
+        Message::Notice(m) => {
+            present(&m.notice_id, "notice_id")?;
+            present(&m.source_session_id, "source_session_id")?;
+            present(&m.from_application_id, "from_application_id")?;
+            present(&m.for_application_id, "for_application_id")?;
+        }
+        Message::NoticeAck(m) => {
+            present(&m.notice_id, "notice_id")?;
+            present(&m.from_application_id, "from_application_id")?;
+            present(&m.for_application_id, "for_application_id")?;
         }
     }
     Ok(())

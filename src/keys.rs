@@ -320,6 +320,21 @@ impl SigningKeys {
         }
     }
 
+    /// `x-pb-signature` and `x-pb-key-id` for `body`, signed by the current key (what every signed message carries).
+    pub fn signature_headers(&self, body: &[u8]) -> Vec<(String, crate::amqp::HeaderValue)> {
+        let key = self.signer();
+        vec![
+            (
+                crate::envelope::HEADER_SIGNATURE.to_string(),
+                crate::amqp::HeaderValue::Str(key.sign(body)),
+            ),
+            (
+                crate::envelope::HEADER_KEY_ID.to_string(),
+                crate::amqp::HeaderValue::Str(key.key_id().to_string()),
+            ),
+        ]
+    }
+
     /// The oldest (first) key of the set: rotation appends, so it stays the same (the audit log keys its
     /// `vendor_data` hash with it).
     pub fn first(&self) -> SigningKey {

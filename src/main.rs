@@ -263,6 +263,20 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 backfill::render_summary(&plan, &summary, started.elapsed())
             );
         }
+        Command::Notify {
+            config,
+            session,
+            kind,
+            reason,
+            request_id,
+        } => {
+            let config = load(&config)?;
+            telemetry::init_cli("warn");
+            print!(
+                "{}",
+                commands::notify(&config, &session, kind.into(), reason, request_id).await?
+            );
+        }
         Command::Healthcheck { url } => commands::healthcheck(&url).await?,
     }
     Ok(())

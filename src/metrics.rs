@@ -42,13 +42,31 @@ pub mod pipeline {
     pub const ISSUER_WEBHOOK: &str = "issuer_webhook";
     /// Receiver: `share_token` consumer.
     pub const RECEIVER_TOKENS: &str = "receiver_tokens";
+    /// Issuer: `subject.notice.requested` consumer.
+    pub const ISSUER_NOTICES: &str = "issuer_notices";
+    /// Issuer: `subject.notice.ack` consumer.
+    pub const ISSUER_NOTICE_ACKS: &str = "issuer_notice_acks";
+    /// Receiver: `subject.notice` consumer.
+    pub const RECEIVER_NOTICES: &str = "receiver_notices";
     /// Every pipeline name.
-    pub const ALL: [&str; 5] = [
+    pub const ALL: [&str; 8] = [
         ISSUER_ONBOARDING,
         ISSUER_RESHARE,
         ISSUER_TOKENS,
         ISSUER_WEBHOOK,
         RECEIVER_TOKENS,
+        ISSUER_NOTICES,
+        ISSUER_NOTICE_ACKS,
+        RECEIVER_NOTICES,
+    ];
+    /// The pipelines that consume a queue (and so can pause and retry deliveries).
+    pub const CONSUMERS: [&str; 6] = [
+        ISSUER_ONBOARDING,
+        ISSUER_RESHARE,
+        RECEIVER_TOKENS,
+        ISSUER_NOTICES,
+        ISSUER_NOTICE_ACKS,
+        RECEIVER_NOTICES,
     ];
 }
 
@@ -117,6 +135,22 @@ pub struct DiditLabels {
     /// The HTTP status code, or `timeout`, `connect_error`, `error`.
     pub status: String,
 }
+
+/// `{peer, event}`
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NoticeLabels {
+    /// The partner (issuer side) or issuer (receiver side) by configured name.
+    pub peer: String,
+    /// Issuer: `sent`, `resent`, `acknowledged`; receiver: `received`, `duplicate`, `deleted`, `notified`,
+    /// `ack_sent`.
+    pub event: &'static str,
+}
+
+/// Notice events counted on the issuer side, per partner.
+pub const ISSUER_NOTICE_EVENTS: [&str; 3] = ["sent", "resent", "acknowledged"];
+/// Notice events counted on the receiver side, per issuer.
+pub const RECEIVER_NOTICE_EVENTS: [&str; 5] =
+    ["received", "duplicate", "deleted", "notified", "ack_sent"];
 
 /// `{operation}`
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -210,6 +244,8 @@ pub struct Metrics {
     key_reload_errors: Family<KeyLabels, Counter>,
     delivery_retries: Family<PipelineLabels, Counter>,
     backfill_sessions: Family<BackfillLabels, Counter>,
+    notices: Family<NoticeLabels, Counter>,
+    notices_unacknowledged: Family<PartnerLabels, Gauge>,
     audit_rows: Family<ActLabels, Counter>,
     audit_write_failures: Counter,
     audit_checkpoints: Family<CheckpointLabels, Counter>,
@@ -331,6 +367,8 @@ impl Metrics {
             key_reload_errors: Family::default(),
             delivery_retries: Family::default(),
             backfill_sessions: Family::default(),
+            notices: Family::default(),
+            notices_unacknowledged: Family::default(),
             audit_rows: Family::default(),
             audit_write_failures: Counter::default(),
             audit_checkpoints: Family::default(),
@@ -472,6 +510,16 @@ impl Metrics {
             m.backfill_sessions.clone(),
         );
         registry.register(
+            "notices",
+            "Erasure and rectification notices, per peer (partner or issuer) and event",
+            m.notices.clone(),
+        );
+        registry.register(
+            "notices_unacknowledged",
+            "Notices sent to the partner that it has not acknowledged yet (each is sent again every issuer.notice_retry_secs)",
+            m.notices_unacknowledged.clone(),
+        );
+        registry.register(
             "audit_rows",
             "Rows appended to the audit log, per act (share_minted, token_published, imported, …)",
             m.audit_rows.clone(),
@@ -546,8 +594,23 @@ impl Metrics {
             let _ = self.unroutable.get_or_create(&PartnerLabels {
                 partner: partner.clone(),
             });
+            for event in ISSUER_NOTICE_EVENTS {
+                let _ = self.notices.get_or_create(&NoticeLabels {
+                    peer: partner.clone(),
+                    event,
+                });
+            }
+            let _ = self.notices_unacknowledged.get_or_create(&PartnerLabels {
+                partner: partner.clone(),
+            });
         }
         for issuer in issuers {
+            for event in RECEIVER_NOTICE_EVENTS {
+                let _ = self.notices.get_or_create(&NoticeLabels {
+                    peer: issuer.clone(),
+                    event,
+                });
+            }
             for outcome in crate::envelope::ImportOutcome::ALL
                 .iter()
                 .map(|o| o.as_str())
@@ -599,13 +662,7 @@ impl Metrics {
                 let _ = self.amqp_connected.get_or_create(&labels);
             }
             // Only consumers pause.
-            if [
-                pipeline::ISSUER_ONBOARDING,
-                pipeline::ISSUER_RESHARE,
-                pipeline::RECEIVER_TOKENS,
-            ]
-            .contains(&pipeline)
-            {
+            if pipeline::CONSUMERS.contains(&pipeline) {
                 let _ = self.delivery_retries.get_or_create(&labels);
                 for reason in PAUSE_REASONS {
                     let _ = self
@@ -711,6 +768,25 @@ impl Metrics {
                 key: key.to_string(),
             })
             .inc();
+    }
+
+    /// A notice event (see [`NoticeLabels`]).
+    pub fn notice(&self, peer: &str, event: &'static str) {
+        self.notices
+            .get_or_create(&NoticeLabels {
+                peer: peer.to_string(),
+                event,
+            })
+            .inc();
+    }
+
+    /// How many notices `partner` has not acknowledged.
+    pub fn notices_unacknowledged(&self, partner: &str, n: u64) {
+        self.notices_unacknowledged
+            .get_or_create(&PartnerLabels {
+                partner: partner.to_string(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// A reshare request was sent or received.

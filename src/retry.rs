@@ -27,6 +27,34 @@ pub enum Failure {
     Shutdown,
 }
 
+/// What a consumer does with a call that did not succeed, by the error's disposition (a pacing wait defers without
+/// counting an attempt); `unexpected` decides for an answer the call does not expect (`Duplicate`, `Reshare`).
+pub(crate) fn decision_for(
+    failure: Failure,
+    detail: impl FnOnce(&DiditError) -> String,
+    unexpected: impl FnOnce(String) -> crate::amqp::consumer::Decision,
+) -> crate::amqp::consumer::Decision {
+    use crate::amqp::consumer::Decision;
+    let e = match failure {
+        Failure::Shutdown => return Decision::Requeue,
+        Failure::Didit(e) => e,
+    };
+    let detail = detail(&e);
+    match e.disposition() {
+        Disposition::Retry { .. } if e.is_pacing() => Decision::Defer {
+            detail,
+            headers: Vec::new(),
+        },
+        Disposition::Retry { .. } => Decision::Retry {
+            detail,
+            headers: Vec::new(),
+        },
+        Disposition::Pause { reason } => Decision::Pause { reason, detail },
+        Disposition::DeadLetter { reason } => Decision::DeadLetter { reason, detail },
+        Disposition::Duplicate | Disposition::Reshare => unexpected(detail),
+    }
+}
+
 /// Runs `call` until it succeeds, fails for good, or the next wait would end after `deadline`.
 ///
 /// Waiting for the rate limit is not a failure, but it must not hide one either: a call that failed (a 5xx, a

@@ -131,6 +131,24 @@ impl Names {
         format!("{}.issuer.reshare", self.prefix)
     }
 
+    /// `{p}.issuer.notices`: the issuer's queue of `subject.notice.requested` (quorum), bound to the onboarding
+    /// exchange with `subject.notice.requested`.
+    pub fn issuer_notices_queue(&self) -> String {
+        format!("{}.issuer.notices", self.prefix)
+    }
+
+    /// `{p}.issuer.notice-acks`: the issuer's queue of `subject.notice.ack` (quorum), bound to the reshare exchange
+    /// with `notice-ack.<own application id>`.
+    pub fn issuer_notice_acks_queue(&self) -> String {
+        format!("{}.issuer.notice-acks", self.prefix)
+    }
+
+    /// `{p}.receiver.notices`: the receiver's queue of `subject.notice` (quorum), bound to the tokens exchange with
+    /// `notice.<own application id>`.
+    pub fn receiver_notices_queue(&self) -> String {
+        format!("{}.receiver.notices", self.prefix)
+    }
+
     /// `{p}.imports`: topic exchange for `import.result` outcomes, keys `import.<outcome>`.
     pub fn imports_exchange(&self) -> String {
         format!("{}.imports", self.prefix)
@@ -159,6 +177,21 @@ impl Names {
     /// `reshare.<id>`: routing key of a reshare request to issuer application `id`.
     pub fn reshare_key(application_id: &str) -> String {
         format!("reshare.{application_id}")
+    }
+
+    /// `notice.<id>`: routing key of a `subject.notice` for recipient application `id` (tokens exchange).
+    pub fn notice_key(application_id: &str) -> String {
+        format!("notice.{application_id}")
+    }
+
+    /// `notice-ack.<id>`: routing key of a `subject.notice.ack` to issuer application `id` (reshare exchange).
+    pub fn notice_ack_key(application_id: &str) -> String {
+        format!("notice-ack.{application_id}")
+    }
+
+    /// `notice.<kind>`: routing key of a notice passed on to the receiver's backend (imports exchange).
+    pub fn backend_notice_key(kind: &str) -> String {
+        format!("notice.{kind}")
     }
 
     /// `import.<outcome>`: routing key of an import result.

@@ -229,6 +229,20 @@ pub fn issuer_remote_reshare_plan(
         &names.reshare_exchange(),
         &Names::reshare_key(own_application_id),
     ));
+    plan.extend(work_queue(
+        names,
+        settings,
+        &names.issuer_notices_queue(),
+        &names.onboarding_exchange(),
+        crate::envelope::types::NOTICE_REQUESTED,
+    ));
+    plan.extend(work_queue(
+        names,
+        settings,
+        &names.issuer_notice_acks_queue(),
+        &names.reshare_exchange(),
+        &Names::notice_ack_key(own_application_id),
+    ));
     ordered(plan)
 }
 
@@ -272,6 +286,13 @@ pub fn receiver_plan_on(
         queue,
         &names.tokens_exchange(),
         &Names::token_key(own_application_id),
+    ));
+    plan.extend(work_queue(
+        names,
+        settings,
+        &names.receiver_notices_queue(),
+        &names.tokens_exchange(),
+        &Names::notice_key(own_application_id),
     ));
     ordered(plan)
 }
@@ -459,7 +480,13 @@ mod tests {
                 "pb.issuer.onboarding.retry",
                 "pb.issuer.reshare",
                 "pb.issuer.reshare.dead",
-                "pb.issuer.reshare.retry"
+                "pb.issuer.reshare.retry",
+                "pb.issuer.notices",
+                "pb.issuer.notices.dead",
+                "pb.issuer.notices.retry",
+                "pb.issuer.notice-acks",
+                "pb.issuer.notice-acks.dead",
+                "pb.issuer.notice-acks.retry"
             ]
         );
         assert!(plan.contains(&exchange("pb.onboarding".into(), "topic")));
@@ -607,6 +634,6 @@ mod tests {
             .filter(|e| matches!(e, Entity::Exchange { name, .. } if name == "pb.reshare"))
             .count();
         assert_eq!(reshare, 1);
-        assert_eq!(queues(&both).len(), 9);
+        assert_eq!(queues(&both).len(), 18);
     }
 }

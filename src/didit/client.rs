@@ -391,6 +391,29 @@ impl DiditClient {
         }
     }
 
+    /// Deletes a session of this application (`DELETE /v3/session/{id}/delete/`). `Ok(true)` when Didit deleted
+    /// it (any 2xx, 204 as documented), `Ok(false)` when it answers 404 (deleted before, or never here): either way
+    /// the session is gone. Paced like every write.
+    pub async fn delete_session(
+        &self,
+        session_id: &str,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<bool, DiditError> {
+        let url = self.session_url(session_id, "delete")?;
+        let raw = self
+            .exchange(Operation::Delete, self.inner.http.delete(url), deadline)
+            .await?;
+        match self.classify(Operation::Delete, &raw, None, None) {
+            Verdict::Success => Ok(true),
+            Verdict::Failed(DiditError::SessionNotFound { .. }) => Ok(false),
+            Verdict::Failed(e) => Err(e),
+            Verdict::AskProbe { detail } => Err(DiditError::ApiKeyRejected {
+                status: raw.status,
+                detail,
+            }),
+        }
+    }
+
     /// Is the API key accepted? (`GET /v3/sessions/?limit=1`, body ignored.) `Ok` on any 2xx; a refused key is
     /// [`DiditError::ApiKeyRejected`]; anything else (timeout, 5xx, …) means the question could not be answered.
     pub async fn probe(&self) -> Result<(), DiditError> {

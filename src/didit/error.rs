@@ -42,6 +42,8 @@ pub enum Operation {
     Probe,
     /// `GET /v3/sessions/` with filters: finding a session (the receiver's lost-answer lookup).
     List,
+    /// `DELETE /v3/session/{id}/delete/` (receiver, on an erasure notice with `receiver.on_erasure = "delete"`).
+    Delete,
 }
 
 impl Operation {
@@ -53,13 +55,17 @@ impl Operation {
             Operation::Decision => "decision",
             Operation::Probe => "probe",
             Operation::List => "list",
+            Operation::Delete => "delete",
         }
     }
 
     /// Whether Didit counts it against the key's write limit (`generic-write`: POST, PATCH, DELETE). Reads have
     /// their own, larger scope and are not paced.
     pub fn is_write(self) -> bool {
-        matches!(self, Operation::Share | Operation::Import)
+        matches!(
+            self,
+            Operation::Share | Operation::Import | Operation::Delete
+        )
     }
 }
 
@@ -388,7 +394,7 @@ pub fn classify(op: Operation, answer: &Answer<'_>, ctx: &Context<'_>) -> Verdic
         (401 | 403, _) => failed(DiditError::ApiKeyRejected { status, detail }),
         (400, Operation::Share) => failed(DiditError::ShareRejected { code, detail }),
         (400, Operation::Import) => failed(DiditError::ImportRejected { code, detail }),
-        (404, Operation::Share | Operation::Decision) => {
+        (404, Operation::Share | Operation::Decision | Operation::Delete) => {
             failed(DiditError::SessionNotFound { detail })
         }
         (404, Operation::Import) => failed(classify_import_404(code, detail)),

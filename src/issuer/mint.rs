@@ -219,8 +219,7 @@ impl Minter {
             .session(&source.session_id)
             .event(&source.event_id);
         act.vendor_data = source.vendor_data.clone();
-        // The agreements change (#13 item 2) sets `act.agreement_id` from the partner's `agreement_id` here.
-        act.agreement_id = None;
+        act.agreement_id = partner.agreement_id.clone();
         act
     }
 
@@ -381,6 +380,7 @@ impl Minter {
             minted_at,
             expires_at,
             occurred_at: source.occurred_at,
+            agreement_id: partner.agreement_id.clone(),
         };
         let body = serde_json::to_vec(&envelope).expect("envelopes serialise");
         let signer = self.signing_key.signer();

@@ -5,11 +5,13 @@
 //! - `mint`: claim → share → publish → record, for one partner;
 //! - `onboarding`: the `onboarding.finished` consumer;
 //! - `reshare`: the `reshare.request` consumer;
-//! - `webhook`: the webhook intake.
+//! - `webhook`: the webhook intake;
+//! - `notices`: erasure and rectification notices to every recipient of a session, and their acknowledgements.
 //!
 //! The issuer talks to Didit (`didit`), the brokers (`amqp`) and its ledger, and never to the receiver: the two sides
 //! meet only through messages.
 
+pub mod notices;
 pub mod onboarding;
 pub mod policy;
 

@@ -30,13 +30,12 @@ use tokio::time::Instant;
 use crate::amqp::consumer::{Decision, Handler, Incoming};
 use crate::audit::ActKind;
 use crate::config::PartnerConfig;
-use crate::didit::error::Disposition;
 use crate::didit::wire::SessionDecision;
 use crate::envelope::{self, Message};
 use crate::issuer::mint::{MintRequest, Minted, Minter, Source};
 use crate::keys::{PublicKeys, Refused};
 use crate::metrics::pipeline;
-use crate::retry::{Failure, with_backoff};
+use crate::retry::with_backoff;
 
 /// A partner and the keys its reshare requests must be signed with.
 #[derive(Debug, Clone)]
@@ -328,29 +327,14 @@ impl ReshareHandler {
             || m.client.decision(session_id),
         )
         .await;
-        match decision {
-            Ok(decision) => Ok(decision),
-            Err(Failure::Shutdown) => Err(Decision::Requeue),
-            Err(Failure::Didit(e)) => {
-                let detail = e.to_string();
-                Err(match e.disposition() {
-                    Disposition::Retry { .. } if e.is_pacing() => Decision::Defer {
-                        detail,
-                        headers: Vec::new(),
-                    },
-                    Disposition::Retry { .. } => Decision::Retry {
-                        detail,
-                        headers: Vec::new(),
-                    },
-                    Disposition::Pause { reason } => Decision::Pause { reason, detail },
-                    Disposition::DeadLetter { reason } => Decision::DeadLetter { reason, detail },
-                    Disposition::Duplicate | Disposition::Reshare => Decision::DeadLetter {
-                        reason: "share_rejected",
-                        detail: format!("unexpected answer to decision: {detail}"),
-                    },
-                })
-            }
-        }
+        decision.map_err(|failure| {
+            crate::retry::decision_for(failure, ToString::to_string, |detail| {
+                Decision::DeadLetter {
+                    reason: "share_rejected",
+                    detail: format!("unexpected answer to decision: {detail}"),
+                }
+            })
+        })
     }
 }
 
@@ -376,6 +360,7 @@ mod tests {
                 public_key_files: Vec::new(),
                 tokens_url: None,
                 tokens_url_file: None,
+                agreement_id: None,
             },
             keys: PublicKeys::new(keys.iter().map(|k| k.verifying_key()).collect(), vec![]),
         }

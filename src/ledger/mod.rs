@@ -39,6 +39,7 @@
 //! This module knows nothing of queues, Didit or pipelines: it remembers, and the pipelines decide.
 
 pub mod backfill;
+pub mod notices;
 pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
@@ -50,6 +51,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use crate::didit::wire::SessionKind;
 use crate::secret::SecretUrl;
 
+pub use notices::{AckRecorded, ReceivedNotice, SentNotice};
 pub use pg_tls::{PgTlsSettings, SslMode};
 pub use postgres::PostgresLedger;
 pub use sqlite::SqliteLedger;

@@ -145,6 +145,40 @@ CREATE TABLE IF NOT EXISTS backfill_sent (
     sent_at    BIGINT NOT NULL,
     PRIMARY KEY (run_key, session_id)
 );
+-- notices: erasure and rectification notices (GDPR Art. 19). Issuer side, one row per (request, recipient): the
+-- notice sent, how often, and its acknowledgement (a notice is sent again until acked). Receiver side, one row per
+-- notice received: what was done with it (the imported copy deleted, the backend told), so that a redelivered
+-- notice does neither twice.
+CREATE TABLE IF NOT EXISTS notices_sent (
+    notice_id              TEXT   NOT NULL PRIMARY KEY,
+    request_id             TEXT   NOT NULL,
+    session_id             TEXT   NOT NULL,
+    partner                TEXT   NOT NULL,
+    partner_application_id TEXT   NOT NULL,
+    agreement_id           TEXT,
+    kind                   TEXT   NOT NULL,
+    reason                 TEXT,
+    requested_at           BIGINT NOT NULL,
+    sends                  BIGINT NOT NULL DEFAULT 0,
+    last_sent_at           BIGINT,
+    acked_at               BIGINT,
+    action                 TEXT,
+    imported_session_id    TEXT,
+    UNIQUE (request_id, partner_application_id)
+);
+CREATE INDEX IF NOT EXISTS notices_sent_unacked ON notices_sent (acked_at, last_sent_at);
+CREATE TABLE IF NOT EXISTS notices_received (
+    issuer_application_id  TEXT   NOT NULL,
+    notice_id              TEXT   NOT NULL,
+    source_session_id      TEXT   NOT NULL,
+    kind                   TEXT   NOT NULL,
+    received_at            BIGINT NOT NULL,
+    imported_session_id    TEXT,
+    deleted_at             BIGINT,
+    published_at           BIGINT,
+    action                 TEXT,
+    PRIMARY KEY (issuer_application_id, notice_id)
+);
 ";
 
 const SHARE_COLUMNS: &str = "message_id, event_id, session_kind, status, vendor_data, occurred_at, minted_at, expires_at, reshares";
@@ -749,6 +783,17 @@ impl PostgresLedger {
                 .map_err(|e| self.inner.error(e))?;
         }
         Ok(client)
+    }
+
+    /// Runs one statement on the shared connection and returns its rows (for the notice tables, whose statements
+    /// live in `ledger::notices` and are not prepared per connection).
+    pub(crate) async fn query_rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, LedgerError> {
+        let c = self.conn().await?;
+        c.client.query(sql, params).await.map_err(|e| self.err(e))
     }
 
     /// A driver error as a [`LedgerError`], the password scrubbed.

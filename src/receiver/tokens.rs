@@ -70,9 +70,9 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::Names;
 use crate::amqp::consumer::{Decision, Handler, Incoming};
 use crate::amqp::publisher::{Outgoing, Publisher};
-use crate::amqp::{HeaderValue, Names};
 use crate::audit::{self, Act, ActKind, AuditLog, Side};
 use crate::config::RetryConfig;
 use crate::didit::client::{DiditClient, SessionQuery};
@@ -117,6 +117,50 @@ pub(crate) struct Peer {
     /// `None`: an unknown issuer, explicitly allowed.
     pub key: Option<PublicKeys>,
     pub trust_review: bool,
+    /// `[[receiver.issuers]] agreement_id`: when set, tokens must carry exactly this one.
+    pub agreement_id: Option<String>,
+}
+
+/// Checks a message's `x-pb-signature` / `x-pb-key-id` against the issuer's keys (share tokens and notices alike):
+/// the refusal's reason and detail, or `Ok`. Unsigned passes only with `allow_unsigned`; an unknown issuer allowed
+/// in (no key) passes.
+pub(crate) fn verify_signature(
+    msg: &Incoming,
+    peer: &Peer,
+    allow_unsigned: bool,
+) -> Result<(), (&'static str, String)> {
+    let Some(signature) = msg.header(envelope::HEADER_SIGNATURE) else {
+        if allow_unsigned {
+            return Ok(());
+        }
+        return Err((
+            "unsigned",
+            "message carries no x-pb-signature header".into(),
+        ));
+    };
+    let Some(keys) = &peer.key else {
+        // An unknown issuer, explicitly allowed: there is no key to check against.
+        return Ok(());
+    };
+    match keys.verify(&msg.body, signature, msg.header(envelope::HEADER_KEY_ID)) {
+        Ok(key) => {
+            tracing::debug!(issuer = %peer.name, key_id = key.key_id(), "signature verified");
+            Ok(())
+        }
+        Err(Refused::UnknownKey(key_id)) => Err((
+            "bad_signature",
+            format!(
+                "signed with key {key_id}, which is not one of issuer {}'s configured public keys ({})",
+                peer.name,
+                keys.all()
+                    .iter()
+                    .map(|k| k.key_id())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+        Err(Refused::Bad(bad)) => Err((bad.reason, bad.detail)),
+    }
 }
 
 /// Handles `share_token` deliveries.
@@ -183,6 +227,7 @@ impl Handler for TokenHandler {
                 application_id: envelope.from_application_id.clone(),
                 key: None,
                 trust_review: false,
+                agreement_id: None,
             },
             None => {
                 return self.refuse(
@@ -197,6 +242,25 @@ impl Handler for TokenHandler {
         };
         if let Err(decision) = self.check_signature(&msg, &peer) {
             return decision;
+        }
+        if let Some(expected) = &peer.agreement_id
+            && envelope.agreement_id.as_ref() != Some(expected)
+        {
+            tracing::warn!(message_id = %envelope.message_id, source_session_id = %envelope.source_session_id, issuer = %peer.name, "token under another data-sharing agreement; dead-lettering");
+            return self.refuse(
+                &peer.name,
+                "agreement_mismatch",
+                match &envelope.agreement_id {
+                    Some(got) => format!(
+                        "the token names agreement {got:?}; the agreement with issuer {} is {expected:?}",
+                        peer.name
+                    ),
+                    None => format!(
+                        "the token names no agreement; the agreement with issuer {} is {expected:?}",
+                        peer.name
+                    ),
+                },
+            );
         }
         let job = Job {
             envelope: &envelope,
@@ -247,6 +311,14 @@ impl Handler for TokenHandler {
 }
 
 impl TokenHandler {
+    /// The agreement with the issuer of `application_id`, as configured.
+    fn agreement_of(&self, application_id: &str) -> Option<String> {
+        self.peers
+            .iter()
+            .find(|p| p.application_id == application_id)
+            .and_then(|p| p.agreement_id.clone())
+    }
+
     /// An act about this job's token, on the receiver side.
     fn act(&self, kind: ActKind, job: &Job<'_>) -> Act {
         let envelope = job.envelope;
@@ -256,8 +328,12 @@ impl TokenHandler {
             .event(&envelope.event_id)
             .message(&envelope.message_id)
             .token(&audit::token_id(envelope.share_token.expose()));
-        // The agreements change (#13 item 2) sets `act.agreement_id` from the issuer's `agreement_id` here.
-        act.agreement_id = None;
+        // The agreement configured for the issuer, else the one the token names.
+        act.agreement_id = job
+            .peer
+            .agreement_id
+            .clone()
+            .or_else(|| envelope.agreement_id.clone());
         act
     }
 
@@ -276,40 +352,8 @@ impl TokenHandler {
     }
 
     fn check_signature(&self, msg: &Incoming, peer: &Peer) -> Result<(), Decision> {
-        let Some(signature) = msg.header(envelope::HEADER_SIGNATURE) else {
-            if self.allow_unsigned {
-                return Ok(());
-            }
-            return Err(self.refuse(
-                &peer.name,
-                "unsigned",
-                "envelope carries no x-pb-signature header".into(),
-            ));
-        };
-        let Some(keys) = &peer.key else {
-            // An unknown issuer, explicitly allowed: there is no key to check against.
-            return Ok(());
-        };
-        match keys.verify(&msg.body, signature, msg.header(envelope::HEADER_KEY_ID)) {
-            Ok(key) => {
-                tracing::debug!(issuer = %peer.name, key_id = key.key_id(), "envelope signature verified");
-                Ok(())
-            }
-            Err(Refused::UnknownKey(key_id)) => Err(self.refuse(
-                &peer.name,
-                "bad_signature",
-                format!(
-                    "signed with key {key_id}, which is not one of issuer {}'s configured public keys ({})",
-                    peer.name,
-                    keys.all()
-                        .iter()
-                        .map(|k| k.key_id())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )),
-            Err(Refused::Bad(bad)) => Err(self.refuse(&peer.name, bad.reason, bad.detail)),
-        }
+        verify_signature(msg, peer, self.allow_unsigned)
+            .map_err(|(reason, detail)| self.refuse(&peer.name, reason, detail))
     }
 
     async fn import(&self, job: &Job<'_>, claims: Option<&ShareTokenClaims>) -> Decision {
@@ -921,6 +965,7 @@ impl TokenHandler {
             trust_review: record.trust_review,
             imported_at: record.imported_at,
             reason,
+            agreement_id: self.agreement_of(&record.issuer_application_id),
         };
         if let Err(detail) = self.publish_result(&result).await {
             return Decision::Retry {
@@ -996,6 +1041,11 @@ impl TokenHandler {
             trust_review: job.peer.trust_review,
             imported_at: Utc::now(),
             reason: Some(format!("{reason}: {detail}")),
+            agreement_id: job
+                .peer
+                .agreement_id
+                .clone()
+                .or_else(|| envelope.agreement_id.clone()),
         };
         if let Err(detail) = self.publish_result(&result).await {
             return Decision::Retry {
@@ -1077,19 +1127,7 @@ impl TokenHandler {
                 headers: self
                     .signing_key
                     .iter()
-                    .map(SigningKeys::signer)
-                    .flat_map(|key| {
-                        [
-                            (
-                                envelope::HEADER_SIGNATURE.to_string(),
-                                HeaderValue::Str(key.sign(&body)),
-                            ),
-                            (
-                                envelope::HEADER_KEY_ID.to_string(),
-                                HeaderValue::Str(key.key_id().to_string()),
-                            ),
-                        ]
-                    })
+                    .flat_map(|keys| keys.signature_headers(&body))
                     .collect(),
             })
             .await;

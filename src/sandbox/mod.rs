@@ -62,7 +62,7 @@
 //! | `POST /sandbox/faults` `{"endpoint", "latency_ms", "error_rate", "rate_limit_rate", "hang_rate", "drop_response_rate", "hang_after_rate"}` | `endpoint`: `share`, `import` or `*`; `{}` clears (lost answers: below) |
 //! | `POST /sandbox/clock` `{"advance_seconds"}` | `{"now", "offset_seconds"}` |
 //! | `POST /sandbox/settings` `{"rate_limit", "writes_per_minute", "window_ms", "rate_limit_headers"}` | the write limit: on or off, its size, its window (test-only), `X-RateLimit-*` headers `on_429` (Didit now) or `always` |
-//! | `GET /sandbox/stats` | `{"shares", "imports": [{"source_session_id", "application_id", "count"}], "rejections": {code: n}, "entities", "sessions", "webhook_deliveries"}` |
+//! | `GET /sandbox/stats` | `{"shares", "imports": [{"source_session_id", "application_id", "count"}], "rejections": {code: n}, "entities", "sessions", "webhook_deliveries", "deletions": [{"session_id", "application_id", "shared_from_session"}]}` |
 //! | `GET /sandbox/webhook-deliveries` | finished deliveries: attempts, status code, delivered |
 //!
 //! Lost answers: `drop_response_rate` carries the request out in full (an import is imported, a share minted),
@@ -113,8 +113,8 @@ use tokio_util::task::TaskTracker;
 pub use client::Control;
 pub use fixture::{Fixture, FixtureApplication, FixtureError, FixtureSession};
 pub use model::{
-    ApplicationInfo, ClockInfo, EntityInfo, FaultEndpoint, FaultSettings, FaultState, ImportCount,
-    RateLimitHeaders, SentWebhook, SessionInfo, Settings, Stats, WebhookDelivery,
+    ApplicationInfo, ClockInfo, Deletion, EntityInfo, FaultEndpoint, FaultSettings, FaultState,
+    ImportCount, RateLimitHeaders, SentWebhook, SessionInfo, Settings, Stats, WebhookDelivery,
     WebhookDestination, WorkflowIds,
 };
 

@@ -148,6 +148,17 @@ pub struct ImportCount {
     pub count: u64,
 }
 
+/// A session deleted through `DELETE /v3/session/{id}/delete/` (or the control routes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deletion {
+    /// The deleted session.
+    pub session_id: String,
+    /// Its application.
+    pub application_id: String,
+    /// For an imported session: the session it was imported from.
+    pub shared_from_session: Option<String>,
+}
+
 /// `GET /sandbox/stats`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Stats {
@@ -170,6 +181,9 @@ pub struct Stats {
     /// Webhook deliveries finished (delivered or given up).
     #[serde(default)]
     pub webhook_deliveries: u64,
+    /// Sessions deleted, in the order they were deleted.
+    #[serde(default)]
+    pub deletions: Vec<Deletion>,
 }
 
 impl Stats {

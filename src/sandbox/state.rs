@@ -418,6 +418,7 @@ pub struct State {
     clock_offset: i64,
     deliveries: VecDeque<WebhookDelivery>,
     deliveries_total: u64,
+    deletions: Vec<super::model::Deletion>,
 }
 
 impl State {
@@ -440,6 +441,7 @@ impl State {
             clock_offset: 0,
             deliveries: VecDeque::new(),
             deliveries_total: 0,
+            deletions: Vec::new(),
         }
     }
 
@@ -884,6 +886,11 @@ impl State {
             None => self.session(id)?,
         };
         let session = self.sessions.remove(id).expect("checked above");
+        self.deletions.push(super::model::Deletion {
+            session_id: session.id.clone(),
+            application_id: session.application_id.clone(),
+            shared_from_session: session.shared_from.clone(),
+        });
         if let Some(app) = self.apps.get_mut(&session.application_id) {
             app.sessions.remove(&session.number);
         }
@@ -1205,6 +1212,7 @@ impl State {
             entities: self.entities.len() as u64,
             sessions: self.sessions.len() as u64,
             webhook_deliveries: self.deliveries_total,
+            deletions: self.deletions.clone(),
         }
     }
 

@@ -262,7 +262,7 @@ fn check_config_reports_every_problem_at_once_with_full_key_paths() {
     assert_eq!(
         error_lines(&stderr),
         [
-            "error: invalid configuration: `issuer.partners[0].statuse`: unknown key; did you mean `issuer.partners[0].statuses`? (unknown field `statuse`, expected one of `name`, `application_id`, `ttl_seconds`, `statuses`, `session_kinds`, `share_vendor_data`, `public_keys`, `public_key_files`, `tokens_url`, `tokens_url_file`)",
+            "error: invalid configuration: `issuer.partners[0].statuse`: unknown key; did you mean `issuer.partners[0].statuses`? (unknown field `statuse`, expected one of `name`, `application_id`, `ttl_seconds`, `statuses`, `session_kinds`, `share_vendor_data`, `public_keys`, `public_key_files`, `tokens_url`, `tokens_url_file`, `agreement_id`)",
             "error: invalid configuration: `amqp.prefetch`: must be at least 1",
             "error: invalid configuration: `issuer.partners[0].ttl_seconds`: must be between 60 and 86400 (got 59)",
         ],

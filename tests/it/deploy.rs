@@ -364,8 +364,9 @@ fn shown_keys(text: &str) -> BTreeSet<(String, String)> {
 fn config_example_mentions_every_key_including_optional_ones() {
     let text = example_text();
     let shown = shown_keys(&text);
-    let sections: [(&str, &str); 14] = [
+    let sections: [(&str, &str); 15] = [
         ("", "zz_unknown_probe = 1"),
+        ("audit", "[audit]\nzz_unknown_probe = 1"),
         ("didit", "[didit]\nzz_unknown_probe = 1"),
         ("amqp", "[amqp]\nzz_unknown_probe = 1"),
         ("admin", "[admin]\nzz_unknown_probe = 1"),

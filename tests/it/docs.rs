@@ -19,7 +19,8 @@ use chrono::{TimeZone, Utc};
 use partner_bridge::amqp::topology;
 use partner_bridge::didit::wire::{SessionKind, SessionStatus};
 use partner_bridge::envelope::{
-    self, ImportOutcome, ImportResult, OnboardingFinished, ReshareRequest, ShareTokenEnvelope,
+    self, ImportOutcome, ImportResult, NoticeAck, NoticeAction, NoticeKind, NoticeRequested,
+    OnboardingFinished, ReshareRequest, ShareTokenEnvelope, SubjectNotice,
 };
 use partner_bridge::secret::ShareToken;
 use serde_json::{Value, json};
@@ -29,11 +30,14 @@ use crate::support::faults::republish;
 use crate::support::t_receiver::Tap;
 
 const WAIT: Duration = Duration::from_secs(30);
-const TYPES: [&str; 4] = [
+const TYPES: [&str; 7] = [
     "onboarding.finished",
     "share_token",
     "import.result",
     "reshare.request",
+    "subject.notice.requested",
+    "subject.notice",
+    "subject.notice.ack",
 ];
 
 fn repo() -> PathBuf {
@@ -131,6 +135,7 @@ fn share_token(vendor_data: bool) -> ShareTokenEnvelope {
         minted_at: at(1),
         expires_at: at(3601),
         occurred_at: at(0),
+        agreement_id: vendor_data.then(|| "DSA-2026-001".into()),
     }
 }
 
@@ -149,6 +154,50 @@ fn import_result(outcome: ImportOutcome) -> ImportResult {
         trust_review: false,
         imported_at: at(2),
         reason: (!imported).then(|| format!("{}: why", outcome.as_str())),
+        agreement_id: Some("DSA-2026-001".into()),
+    }
+}
+
+fn notice_requested(full: bool) -> NoticeRequested {
+    NoticeRequested {
+        kind: envelope::types::NOTICE_REQUESTED.into(),
+        request_id: "r-1".into(),
+        session_id: "s-1".into(),
+        notice_kind: NoticeKind::Erasure,
+        reason: full.then(|| "the person asked to be forgotten".into()),
+    }
+}
+
+fn notice(full: bool) -> SubjectNotice {
+    SubjectNotice {
+        kind: envelope::types::NOTICE.into(),
+        notice_id: "n-1".into(),
+        notice_kind: NoticeKind::Rectification,
+        source_session_id: "s-1".into(),
+        from_application_id: "a-1".into(),
+        for_application_id: "b-1".into(),
+        agreement_id: full.then(|| "DSA-2026-001".into()),
+        reason: full.then(|| "address corrected".into()),
+        issued_at: at(5),
+        imported_session_id: full.then(|| "i-1".into()),
+        action: full.then_some(NoticeAction::Notified),
+    }
+}
+
+fn notice_ack(imported: bool) -> NoticeAck {
+    NoticeAck {
+        kind: envelope::types::NOTICE_ACK.into(),
+        notice_id: "n-1".into(),
+        source_session_id: "s-1".into(),
+        from_application_id: "a-1".into(),
+        for_application_id: "b-1".into(),
+        imported_session_id: imported.then(|| "i-1".into()),
+        action: if imported {
+            NoticeAction::Deleted
+        } else {
+            NoticeAction::Notified
+        },
+        acted_at: at(6),
     }
 }
 
@@ -176,6 +225,12 @@ fn the_schemas_accept_the_bridges_own_types_and_require_what_the_parser_requires
         serde_json::to_value(share_token(true)).unwrap(),
         serde_json::to_value(share_token(false)).unwrap(),
         serde_json::to_value(reshare()).unwrap(),
+        serde_json::to_value(notice_requested(true)).unwrap(),
+        serde_json::to_value(notice_requested(false)).unwrap(),
+        serde_json::to_value(notice(true)).unwrap(),
+        serde_json::to_value(notice(false)).unwrap(),
+        serde_json::to_value(notice_ack(true)).unwrap(),
+        serde_json::to_value(notice_ack(false)).unwrap(),
     ];
     for outcome in ImportOutcome::ALL {
         samples.push(serde_json::to_value(import_result(outcome)).unwrap());
@@ -190,6 +245,9 @@ fn the_schemas_accept_the_bridges_own_types_and_require_what_the_parser_requires
         serde_json::to_value(onboarding(true)).unwrap(),
         serde_json::to_value(share_token(true)).unwrap(),
         serde_json::to_value(reshare()).unwrap(),
+        serde_json::to_value(notice_requested(true)).unwrap(),
+        serde_json::to_value(notice(true)).unwrap(),
+        serde_json::to_value(notice_ack(true)).unwrap(),
     ] {
         let kind = full["type"].as_str().unwrap().to_string();
         let needed = required(&kind);

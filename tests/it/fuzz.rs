@@ -267,6 +267,9 @@ fn type_of(message: &Message) -> &'static str {
         Message::ShareToken(_) => envelope::types::SHARE_TOKEN,
         Message::ReshareRequest(_) => envelope::types::RESHARE_REQUEST,
         Message::ImportResult(_) => envelope::types::IMPORT_RESULT,
+        Message::NoticeRequested(_) => envelope::types::NOTICE_REQUESTED,
+        Message::Notice(_) => envelope::types::NOTICE,
+        Message::NoticeAck(_) => envelope::types::NOTICE_ACK,
     }
 }
 

@@ -582,7 +582,7 @@ async fn a_v1_sqlite_ledger_migrates_to_v2_and_keeps_its_imports() {
         .unwrap()
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    // Through v2 to the current version (v3 adds the backfill's tables only).
+    // Through v2 to the current version (v3 adds the backfill's and the notices' tables).
     assert_eq!(version, partner_bridge::ledger::sqlite::SCHEMA_VERSION);
     assert!(matches!(claim(&l, "old", "b").await, Claim::Done(_)));
     assert!(matches!(

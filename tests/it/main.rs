@@ -22,6 +22,7 @@ mod ledger;
 mod ledger_edges;
 mod ledger_tls;
 mod misconf;
+mod notices;
 mod ops;
 mod pacing;
 mod receiver;

@@ -22,7 +22,7 @@ use crate::support::wait_for;
 const WAIT: Duration = Duration::from_secs(15);
 
 /// The fields DESIGN.md §2 gives `import.result`, no more and no fewer.
-const RESULT_FIELDS: [&str; 12] = [
+const RESULT_FIELDS: [&str; 13] = [
     "type",
     "outcome",
     "source_session_id",
@@ -35,6 +35,7 @@ const RESULT_FIELDS: [&str; 12] = [
     "trust_review",
     "imported_at",
     "reason",
+    "agreement_id",
 ];
 
 fn imports_series(issuer: &str, outcome: &str) -> String {

@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{amqp_url, unique_prefix, wait_for};
 
+/// The data-sharing agreement every world's issuer and receiver are configured with.
+pub const AGREEMENT: &str = "DSA-test-1";
+
 /// A message read from a queue.
 #[derive(Debug, Clone)]
 pub struct Got {
@@ -432,6 +435,7 @@ statuses = ["Approved", "In Review", "Declined"]
 session_kinds = ["user", "business"]
 share_vendor_data = true
 public_keys = ["{receiver_public}"]
+agreement_id = "{agreement}"
 "#,
             common = self.common_toml(
                 "issuer",
@@ -441,6 +445,7 @@ public_keys = ["{receiver_public}"]
             key = self.key.to_base64(),
             partner = self.partner_app.application_id,
             receiver_public = self.receiver_key.verifying_key().to_base64(),
+            agreement = AGREEMENT,
         )
     }
 

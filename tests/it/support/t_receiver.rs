@@ -207,6 +207,7 @@ pub fn envelope_for(
         minted_at: now,
         expires_at: DateTime::<Utc>::from_timestamp(claims.exp, 0).expect("a valid exp"),
         occurred_at: now,
+        agreement_id: Some(super::bridge::AGREEMENT.to_string()),
     }
 }
 
