@@ -883,6 +883,7 @@ mod tests {
             public_key_files: Vec::new(),
             tokens_url: None,
             tokens_url_file: None,
+            agreement_id: None,
         }];
         config
     }
