@@ -188,7 +188,8 @@ pub fn combine(plans: impl IntoIterator<Item = Vec<Entity>>) -> Vec<Entity> {
 }
 
 /// The issuer's intake broker: onboarding exchange and queue, reshare exchange and queue (bound to
-/// `reshare.<own>`), each queue with `.dead` and `.retry`, and the dead-letter exchange.
+/// `reshare.<own>`), the notice request and acknowledgement queues, each queue with `.dead` and `.retry`, and the
+/// dead-letter exchange.
 pub fn issuer_intake_plan(
     names: &Names,
     settings: &QueueSettings,
@@ -206,6 +207,21 @@ pub fn issuer_intake_plan(
         names,
         settings,
         own_application_id,
+    ));
+    // Notices are requested and acknowledged on `amqp.url` only (docs/topology.md).
+    plan.extend(work_queue(
+        names,
+        settings,
+        &names.issuer_notices_queue(),
+        &names.onboarding_exchange(),
+        crate::envelope::types::NOTICE_REQUESTED,
+    ));
+    plan.extend(work_queue(
+        names,
+        settings,
+        &names.issuer_notice_acks_queue(),
+        &names.reshare_exchange(),
+        &Names::notice_ack_key(own_application_id),
     ));
     ordered(plan)
 }
@@ -228,20 +244,6 @@ pub fn issuer_remote_reshare_plan(
         &names.issuer_reshare_queue(),
         &names.reshare_exchange(),
         &Names::reshare_key(own_application_id),
-    ));
-    plan.extend(work_queue(
-        names,
-        settings,
-        &names.issuer_notices_queue(),
-        &names.onboarding_exchange(),
-        crate::envelope::types::NOTICE_REQUESTED,
-    ));
-    plan.extend(work_queue(
-        names,
-        settings,
-        &names.issuer_notice_acks_queue(),
-        &names.reshare_exchange(),
-        &Names::notice_ack_key(own_application_id),
     ));
     ordered(plan)
 }
