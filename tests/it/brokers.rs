@@ -70,7 +70,12 @@ pub(crate) async fn imports_into(world: &World, application_id: &str) -> BTreeMa
 }
 
 /// Waits until `application_id` has imported every one of `sessions`.
-pub(crate) async fn wait_imported(world: &World, application_id: &str, sessions: &[String], limit: Duration) {
+pub(crate) async fn wait_imported(
+    world: &World,
+    application_id: &str,
+    sessions: &[String],
+    limit: Duration,
+) {
     wait_for(
         &format!("{} sessions imported into {application_id}", sessions.len()),
         limit,

@@ -4,6 +4,7 @@
 //! partner's reshare requests back. A shovel restarted mid-stream redelivers what it had in flight; the ledgers
 //! absorb that, so every session is still imported once.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -18,8 +19,54 @@ use crate::support::faults::{create_sessions, non_empty, publish_events, test_lo
 use crate::support::rabbit_nodes::Node;
 use crate::support::wait_for;
 
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/shovel/shovel.sh")
+    repo().join("deploy/shovel/shovel.sh")
+}
+
+/// A template of deploy/shovel/.
+fn template(name: &str) -> String {
+    std::fs::read_to_string(repo().join("deploy/shovel").join(name)).unwrap()
+}
+
+/// The `@NAME@` placeholders in `text`.
+fn placeholders(text: &str) -> BTreeSet<String> {
+    text.split('@')
+        .skip(1)
+        .step_by(2)
+        .filter(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_recipe_files_are_valid_json_the_script_fills_completely() {
+    let script_text = std::fs::read_to_string(script()).unwrap();
+    let syntax = Command::new("sh").arg("-n").arg(script()).output().unwrap();
+    assert!(syntax.status.success(), "sh -n shovel.sh: {syntax:?}");
+    for name in ["outbound.json", "inbound-shovel.json"] {
+        let text = template(name);
+        let value: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let used = placeholders(&text);
+        assert!(!used.is_empty(), "{name}");
+        for p in &used {
+            assert!(
+                script_text.contains(&format!("s|@{p}@|")),
+                "{name}: shovel.sh does not fill @{p}@"
+            );
+        }
+        if name == "inbound-shovel.json" {
+            assert_eq!(value["ack-mode"], "on-confirm");
+            assert!(
+                value.get("dest-exchange-key").is_none(),
+                "keeps the routing key"
+            );
+        }
+    }
 }
 
 /// One side of the recipe: the read-only user it creates for the other side, and the names the script gives.
@@ -87,7 +134,10 @@ impl Side {
             .env("SHOVEL_USER", &self.user)
             .env("SHOVEL_PASSWORD", &self.password)
             .env("REMOTE_URI", other.uri_for_the_other_side())
-            .env("RABBITMQCTL", format!("rabbitmqctl -q -n {}", self.node.name))
+            .env(
+                "RABBITMQCTL",
+                format!("rabbitmqctl -q -n {}", self.node.name),
+            )
             .env(
                 "RABBITMQ_ENABLED_PLUGINS_FILE",
                 self.node.dir.join("enabled_plugins"),
@@ -125,7 +175,9 @@ impl Side {
         wait_for(
             &format!("the {} side's shovel running", self.role),
             Duration::from_secs(60),
-            || async { (self.shovel_state(world).await.as_deref() == Some("running")).then_some(()) },
+            || async {
+                (self.shovel_state(world).await.as_deref() == Some("running")).then_some(())
+            },
         )
         .await;
     }
@@ -133,6 +185,34 @@ impl Side {
     async fn ctl(&'static self, args: &[&str]) -> String {
         let args = args.iter().map(|a| a.to_string()).collect();
         self.node.cli_async("rabbitmqctl", args).await
+    }
+
+    /// A shovel definition (name, value) from the recipe's template with the amqps:// URI of docs/deployment.md.
+    fn tls_example_shovel(&self, world: &World) -> (String, String) {
+        let docs = std::fs::read_to_string(repo().join("docs/deployment.md")).unwrap();
+        let start = docs
+            .find("`amqps://partner-shovel:")
+            .expect("an amqps:// example in docs/deployment.md")
+            + 1;
+        let uri = &docs[start..start + docs[start..].find('`').unwrap()];
+        assert!(
+            [
+                "cacertfile=",
+                "certfile=",
+                "keyfile=",
+                "verify=verify_peer",
+                "server_name_indication="
+            ]
+            .iter()
+            .all(|k| uri.contains(k)),
+            "{uri}"
+        );
+        let value = template("inbound-shovel.json")
+            .replace("@REMOTE_URI@", uri)
+            .replace("@REMOTE_QUEUE@", &self.outbound_queue(world))
+            .replace("@LOCAL_URI@", "amqp://")
+            .replace("@EXCHANGE@", &world.names.tokens_exchange());
+        (format!("{}.tls-example", world.prefix), value)
     }
 
     /// Removes the shovel, the user and the outbound queue.
@@ -161,7 +241,8 @@ async fn assert_empty_on(url: &str, queues: &[String]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shovel_recipe_moves_tokens_and_reshares_between_brokers_and_a_restart_imports_each_once() {
+async fn the_shovel_recipe_moves_tokens_and_reshares_between_brokers_and_a_restart_imports_each_once()
+ {
     test_logs();
     const STREAM: usize = 12;
     const EXPIRING: usize = 4;
@@ -187,6 +268,15 @@ async fn the_shovel_recipe_moves_tokens_and_reshares_between_brokers_and_a_resta
     issuer_side.wait_running(&world).await;
     partner_side.wait_running(&world).await;
 
+    // The TLS source URI docs/deployment.md shows is one RabbitMQ's shovel accepts.
+    let tls = issuer_side.tls_example_shovel(&world);
+    issuer_side
+        .ctl(&["set_parameter", "shovel", &tls.0, &tls.1])
+        .await;
+    issuer_side
+        .ctl(&["clear_parameter", "shovel", &tls.0])
+        .await;
+
     // The read-only user can read its queue and nothing else, and cannot publish.
     let perms = issuer_side
         .ctl(&["list_user_permissions", &issuer_side.user])
@@ -201,18 +291,24 @@ async fn the_shovel_recipe_moves_tokens_and_reshares_between_brokers_and_a_resta
 
     let amqp = Amqp::connect_to(&a_url).await;
     let created = create_sessions(&world, STREAM + EXPIRING, "shovel").await;
-    let stream = publish_events(&world, &amqp, &created[..STREAM]).await;
+    let third = STREAM / 3;
+    let mut stream = publish_events(&world, &amqp, &created[..third]).await;
 
-    // Mid-stream, the partner restarts its shovel: whatever it had in flight unconfirmed comes again.
+    // Mid-stream, the partner restarts its shovel while tokens keep coming (they wait in the issuer's outbound
+    // queue meanwhile, and whatever the shovel had in flight unconfirmed comes again); then it runs its recipe
+    // again, which redefines the shovel: a second restart.
     wait_for(
         "the first imports through the shovel",
         Duration::from_secs(60),
-        || async { (imports_into(&world, &partner_app).await.len() >= 2).then_some(()) },
+        || async { (!imports_into(&world, &partner_app).await.is_empty()).then_some(()) },
     )
     .await;
     partner_side
         .ctl(&["restart_shovel", &partner_side.shovel(&world)])
         .await;
+    stream.extend(publish_events(&world, &amqp, &created[third..2 * third]).await);
+    partner_side.run_recipe(&world, issuer_side).await;
+    stream.extend(publish_events(&world, &amqp, &created[2 * third..STREAM]).await);
     wait_imported(&world, &partner_app, &stream, Duration::from_secs(90)).await;
     partner_side.wait_running(&world).await;
 
@@ -249,7 +345,10 @@ async fn the_shovel_recipe_moves_tokens_and_reshares_between_brokers_and_a_resta
     // Nothing waiting or dead-lettered on either broker, and the shovels' queues drained.
     let names = &world.names;
     let mut on_a = vec![issuer_side.outbound_queue(&world)];
-    for queue in [names.issuer_onboarding_queue(), names.issuer_reshare_queue()] {
+    for queue in [
+        names.issuer_onboarding_queue(),
+        names.issuer_reshare_queue(),
+    ] {
         on_a.push(Names::retry_queue(&queue));
         on_a.push(Names::dead_queue(&queue));
         on_a.push(queue);
