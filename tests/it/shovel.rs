@@ -95,32 +95,24 @@ impl Side {
         )
     }
 
+    /// `P.shovel.<issuer_word or partner_word>.<application id>`, as the script names things on this side's broker:
+    /// the issuer's names carry the partner's application id, the partner's the issuer's.
+    fn name(&self, world: &World, issuer_word: &str, partner_word: &str) -> String {
+        let (word, app) = match self.role {
+            "issuer" => (issuer_word, &world.partner_app.application_id),
+            _ => (partner_word, &world.issuer_app.application_id),
+        };
+        format!("{}.shovel.{word}.{app}", world.prefix)
+    }
+
     /// The shovel the script defines on this side's broker.
     fn shovel(&self, world: &World) -> String {
-        match self.role {
-            "issuer" => format!(
-                "{}.shovel.reshare-from.{}",
-                world.prefix, world.partner_app.application_id
-            ),
-            _ => format!(
-                "{}.shovel.tokens-from.{}",
-                world.prefix, world.issuer_app.application_id
-            ),
-        }
+        self.name(world, "reshare-from", "tokens-from")
     }
 
     /// The outbound queue the script declares on this side's broker.
     fn outbound_queue(&self, world: &World) -> String {
-        match self.role {
-            "issuer" => format!(
-                "{}.shovel.tokens.{}",
-                world.prefix, world.partner_app.application_id
-            ),
-            _ => format!(
-                "{}.shovel.reshare.{}",
-                world.prefix, world.issuer_app.application_id
-            ),
-        }
+        self.name(world, "tokens", "reshare")
     }
 
     /// Runs `deploy/shovel/shovel.sh <role>` against this side's broker, as its operator would.
