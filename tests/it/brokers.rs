@@ -15,7 +15,7 @@ use crate::support::rabbit_nodes::{self, Node};
 use crate::support::wait_for;
 
 /// `toml` (a World configuration) with its `[amqp] url` set to `url`.
-fn on_broker(toml: &str, url: &str) -> String {
+pub(crate) fn on_broker(toml: &str, url: &str) -> String {
     set_key(toml, "url", &format!("\"{url}\""))
 }
 
@@ -56,7 +56,7 @@ tokens_url = "{url}"
 }
 
 /// Imports the sandbox has counted into `application_id`, per source session.
-async fn imports_into(world: &World, application_id: &str) -> BTreeMap<String, u64> {
+pub(crate) async fn imports_into(world: &World, application_id: &str) -> BTreeMap<String, u64> {
     world
         .control
         .stats()
@@ -70,7 +70,12 @@ async fn imports_into(world: &World, application_id: &str) -> BTreeMap<String, u
 }
 
 /// Waits until `application_id` has imported every one of `sessions`.
-async fn wait_imported(world: &World, application_id: &str, sessions: &[String], limit: Duration) {
+pub(crate) async fn wait_imported(
+    world: &World,
+    application_id: &str,
+    sessions: &[String],
+    limit: Duration,
+) {
     wait_for(
         &format!("{} sessions imported into {application_id}", sessions.len()),
         limit,
@@ -86,7 +91,7 @@ async fn wait_imported(world: &World, application_id: &str, sessions: &[String],
 }
 
 /// Every session of `sessions` imported exactly once into `application_id`, and nothing else.
-async fn assert_once_into(world: &World, application_id: &str, sessions: &[String]) {
+pub(crate) async fn assert_once_into(world: &World, application_id: &str, sessions: &[String]) {
     let counts = imports_into(world, application_id).await;
     let expected: BTreeMap<String, u64> = sessions.iter().map(|s| (s.clone(), 1)).collect();
     assert_eq!(counts, expected, "imports into {application_id}");
@@ -111,13 +116,13 @@ async fn assert_broker_clean(world: &World, url: &str) {
 }
 
 /// Deletes this world's queues and exchanges on a partner's broker.
-async fn cleanup_broker(world: &World, url: &str) {
+pub(crate) async fn cleanup_broker(world: &World, url: &str) {
     let amqp = Amqp::connect_to(url).await;
     let _ = topology::delete(&amqp.channel, &world.topology()).await;
     amqp.close().await;
 }
 
-async fn separate(i: usize) -> &'static Node {
+pub(crate) async fn separate(i: usize) -> &'static Node {
     tokio::task::spawn_blocking(move || rabbit_nodes::separate(i))
         .await
         .expect("extra broker")

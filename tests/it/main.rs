@@ -31,6 +31,7 @@ mod replay_edges;
 mod reshare_trust;
 mod rotation;
 mod sandbox;
+mod shovel;
 mod support;
 mod trust_edges;
 mod webhook_edges;
