@@ -48,6 +48,8 @@ static PROVIDER: OnceLock<Mutex<Option<SdkTracerProvider>>> = OnceLock::new();
 /// The OTLP exporter and the layer that turns the bridge's spans into OpenTelemetry spans; `None` (with a line on
 /// stderr) when the exporter cannot be built, so a bad endpoint never stops the bridge.
 fn otlp_layer() -> Option<BoxedLayer> {
+    // reqwest is built without a TLS provider of its own: the process's (ring, as everywhere else) comes first.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let exporter = match opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .build()

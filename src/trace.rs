@@ -211,9 +211,7 @@ pub fn outgoing_headers(span: &Span) -> Vec<(&'static str, String)> {
     let Some(current) = current() else {
         return Vec::new();
     };
-    let _ = span.set_parent(
-        opentelemetry::Context::new().with_remote_span_context(current.context.span_context()),
-    );
+    // The publish span is already under the work's span (the current one), so only its ids are read here.
     let context = own_context(span).unwrap_or_else(|| current.context.child());
     let mut headers = vec![(HEADER_TRACEPARENT, context.traceparent())];
     if let Some(state) = &current.context.state {

@@ -29,5 +29,6 @@ mod reshare_trust;
 mod rotation;
 mod sandbox;
 mod support;
+mod traces;
 mod trust_edges;
 mod webhook_edges;
