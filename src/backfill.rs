@@ -881,6 +881,8 @@ mod tests {
             share_vendor_data: false,
             public_keys: Vec::new(),
             public_key_files: Vec::new(),
+            tokens_url: None,
+            tokens_url_file: None,
         }];
         config
     }
