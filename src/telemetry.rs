@@ -38,7 +38,8 @@ pub fn init_run(format: LogFormat, level: &str) {
 /// Whether OTLP export is asked for: `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` set
 /// and not empty.
 pub fn otlp_configured(env: impl Fn(&str) -> Option<String>) -> bool {
-    env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+    env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+        || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
 }
 
 type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
@@ -135,10 +136,13 @@ mod tests {
         let none = |_: &str| None;
         assert!(!otlp_configured(none));
         let traces = |name: &str| {
-            (name == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").then(|| "http://127.0.0.1:4318/v1/traces".to_string())
+            (name == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .then(|| "http://127.0.0.1:4318/v1/traces".to_string())
         };
         assert!(otlp_configured(traces));
-        let base = |name: &str| (name == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://c:4318".to_string());
+        let base = |name: &str| {
+            (name == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://c:4318".to_string())
+        };
         assert!(otlp_configured(base));
     }
 }

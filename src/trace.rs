@@ -14,9 +14,7 @@
 
 use std::future::Future;
 
-use opentelemetry::trace::{
-    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
-};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -52,9 +50,15 @@ impl TraceContext {
         }
         let (version, trace, span, flags) = (parts[0], parts[1], parts[2], parts[3]);
         let lower_hex = |s: &str, n: usize| {
-            s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         };
-        if !lower_hex(version, 2) || version == "ff" || !lower_hex(trace, 32) || !lower_hex(span, 16) {
+        if !lower_hex(version, 2)
+            || version == "ff"
+            || !lower_hex(trace, 32)
+            || !lower_hex(span, 16)
+        {
             return None;
         }
         if !lower_hex(flags, 2) || (version == "00" && parts.len() != 4) {
@@ -166,7 +170,9 @@ pub fn begin(span: &Span, incoming: Option<TraceContext>, relation: Relation) ->
         Relation::Link => (None, incoming),
     };
     if let Some(parent) = &parent {
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent.span_context()));
+        let _ = span.set_parent(
+            opentelemetry::Context::new().with_remote_span_context(parent.span_context()),
+        );
     }
     if let Some(linked) = &linked {
         span.add_link(linked.span_context());
@@ -254,8 +260,10 @@ mod tests {
 
     #[test]
     fn without_the_otlp_layer_ids_are_made_locally() {
-        let incoming =
-            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None);
+        let incoming = TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            None,
+        );
         let parent = begin(&Span::none(), incoming.clone(), Relation::Parent);
         assert_eq!(parent.context.trace_id, incoming.as_ref().unwrap().trace_id);
         assert_ne!(parent.context.span_id, incoming.as_ref().unwrap().span_id);

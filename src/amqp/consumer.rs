@@ -830,7 +830,11 @@ async fn handle_delivery<H: Handler>(
     let message_id = incoming.message_id.clone().unwrap_or_default();
     let attempt = incoming.attempt;
     let span = process_span(&delivery, &ctx.spec.queue, &message_id);
-    let traced = crate::trace::begin(&span, incoming_trace(&incoming), ctx.handler.trace_relation());
+    let traced = crate::trace::begin(
+        &span,
+        incoming_trace(&incoming),
+        ctx.handler.trace_relation(),
+    );
     let handled = crate::trace::scope(traced, ctx.handler.handle(incoming)).instrument(span);
     let decision = match AssertUnwindSafe(handled).catch_unwind().await {
         Ok(decision) => decision,

@@ -181,7 +181,8 @@ impl Publisher {
         let mut msg = msg;
         for (name, value) in crate::trace::outgoing_headers(&span) {
             if !msg.headers.iter().any(|(k, _)| k == name) {
-                msg.headers.push((name.to_string(), HeaderValue::Str(value)));
+                msg.headers
+                    .push((name.to_string(), HeaderValue::Str(value)));
             }
         }
         self.publish_traced(msg).instrument(span).await

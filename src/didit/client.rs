@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::header::{ACCEPT, HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, Url};
-use tracing::Instrument;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use super::error::{Answer, Context, Verdict, classify, resolve_probe, retry_after, scrub};
 pub use super::error::{DiditError, Disposition, Operation};

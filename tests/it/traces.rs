@@ -74,20 +74,50 @@ async fn one_event(name: &str, headers: &[(&str, &str)]) -> (Got, Got) {
 async fn a_traceparent_sent_with_an_event_reaches_the_token_and_the_import_result() {
     let (token, result) = one_event(
         "trace-parent",
-        &[(HEADER_TRACEPARENT, TRACEPARENT), (HEADER_TRACESTATE, "vendor=abc")],
+        &[
+            (HEADER_TRACEPARENT, TRACEPARENT),
+            (HEADER_TRACESTATE, "vendor=abc"),
+        ],
     )
     .await;
     let on_token = context(&token, HEADER_TRACEPARENT);
-    assert_eq!(on_token.trace_id_hex(), TRACE_ID, "the token continues the event's trace");
-    assert_ne!(hex::encode(on_token.span_id), "00f067aa0ba902b7", "under a span of the issuer's");
-    assert_eq!(token.header(HEADER_TRACESTATE), Some("vendor=abc"), "tracestate is passed on");
-    assert_eq!(token.header(HEADER_LINKED), None, "the issuer parents its own organisation's trace");
+    assert_eq!(
+        on_token.trace_id_hex(),
+        TRACE_ID,
+        "the token continues the event's trace"
+    );
+    assert_ne!(
+        hex::encode(on_token.span_id),
+        "00f067aa0ba902b7",
+        "under a span of the issuer's"
+    );
+    assert_eq!(
+        token.header(HEADER_TRACESTATE),
+        Some("vendor=abc"),
+        "tracestate is passed on"
+    );
+    assert_eq!(
+        token.header(HEADER_LINKED),
+        None,
+        "the issuer parents its own organisation's trace"
+    );
 
     let own = context(&result, HEADER_TRACEPARENT);
-    assert_ne!(own.trace_id_hex(), TRACE_ID, "the receiver's trace is its own");
+    assert_ne!(
+        own.trace_id_hex(),
+        TRACE_ID,
+        "the receiver's trace is its own"
+    );
     let linked = context(&result, HEADER_LINKED);
     assert_eq!(linked.trace_id_hex(), TRACE_ID, "and links to the issuer's");
-    assert_eq!(linked, TraceContext { state: None, ..on_token }, "exactly the token's context");
+    assert_eq!(
+        linked,
+        TraceContext {
+            state: None,
+            ..on_token
+        },
+        "exactly the token's context"
+    );
 }
 
 /// An event without a `traceparent` is the start of a trace: the issuer makes one, and the receiver links to it.
@@ -97,7 +127,10 @@ async fn an_event_without_traceparent_gets_a_new_trace_from_the_issuer() {
     let on_token = context(&token, HEADER_TRACEPARENT);
     let linked = context(&result, HEADER_LINKED);
     assert_eq!(linked.trace_id, on_token.trace_id);
-    assert_ne!(context(&result, HEADER_TRACEPARENT).trace_id, on_token.trace_id);
+    assert_ne!(
+        context(&result, HEADER_TRACEPARENT).trace_id,
+        on_token.trace_id
+    );
 }
 
 /// A malformed `traceparent` is dropped: the event is still shared and imported (not dead-lettered), and the token
@@ -112,13 +145,20 @@ async fn a_malformed_traceparent_is_ignored() {
     .await;
     let on_token = context(&token, HEADER_TRACEPARENT);
     assert_ne!(on_token.trace_id_hex(), TRACE_ID, "not the malformed trace");
-    assert_eq!(token.header(HEADER_TRACESTATE), None, "no tracestate without its traceparent");
+    assert_eq!(
+        token.header(HEADER_TRACESTATE),
+        None,
+        "no tracestate without its traceparent"
+    );
     assert_eq!(context(&result, HEADER_LINKED).trace_id, on_token.trace_id);
 }
 
 /// Every OTLP request body an in-test collector received.
 #[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<(String, Vec<u8>)>>>);
+struct Received(Arc<Mutex<Vec<Request>>>);
+
+/// One request: its path and its body.
+type Request = (String, Vec<u8>);
 
 async fn collector(addr: &str) -> Option<(SocketAddr, Received)> {
     let listener = tokio::net::TcpListener::bind(addr).await.ok()?;
@@ -129,7 +169,9 @@ async fn collector(addr: &str) -> Option<(SocketAddr, Received)> {
             "/{*path}",
             post(
                 |State(r): State<Received>, uri: axum::http::Uri, body: Bytes| async move {
-                    r.0.lock().unwrap().push((uri.path().to_string(), body.to_vec()));
+                    r.0.lock()
+                        .unwrap()
+                        .push((uri.path().to_string(), body.to_vec()));
                     axum::http::StatusCode::OK
                 },
             ),
@@ -170,11 +212,15 @@ async fn run_binary(world: &World, name: &str, env: &[(&str, String)]) {
     };
     showing_log(&log, async {
         let http = &binary.http;
-        wait_for("the binary's /readyz", Duration::from_secs(20), || async move {
-            get(http, admin, "/readyz")
-                .await
-                .and_then(|(status, _)| (status == 200).then_some(()))
-        })
+        wait_for(
+            "the binary's /readyz",
+            Duration::from_secs(20),
+            || async move {
+                get(http, admin, "/readyz")
+                    .await
+                    .and_then(|(status, _)| (status == 200).then_some(()))
+            },
+        )
         .await;
         let results = Collector::start(&world.results_queue()).await;
         let amqp = Amqp::connect().await;
@@ -212,14 +258,23 @@ async fn spans_are_exported_over_otlp_only_when_an_endpoint_is_set() {
         &world,
         "without",
         &[
-            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", format!("http://{addr}")),
+            (
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                format!("http://{addr}"),
+            ),
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", String::new()),
         ],
     )
     .await;
-    assert!(received.0.lock().unwrap().is_empty(), "nothing exported without an endpoint");
+    assert!(
+        received.0.lock().unwrap().is_empty(),
+        "nothing exported without an endpoint"
+    );
     if let Some((_, default)) = &default_port {
-        assert!(default.0.lock().unwrap().is_empty(), "nothing sent to the default endpoint");
+        assert!(
+            default.0.lock().unwrap().is_empty(),
+            "nothing sent to the default endpoint"
+        );
     }
 
     run_binary(
@@ -241,13 +296,16 @@ async fn spans_are_exported_over_otlp_only_when_an_endpoint_is_set() {
         requests.iter().map(|(p, _)| p).collect::<Vec<_>>()
     );
     assert!(
-        requests
-            .iter()
-            .any(|(_, body)| body.windows(trace_id.len()).any(|w| w == trace_id.as_slice())),
+        requests.iter().any(|(_, body)| body
+            .windows(trace_id.len())
+            .any(|w| w == trace_id.as_slice())),
         "a span of the event's trace was exported"
     );
     if let Some((_, default)) = &default_port {
-        assert!(default.0.lock().unwrap().is_empty(), "the configured endpoint only");
+        assert!(
+            default.0.lock().unwrap().is_empty(),
+            "the configured endpoint only"
+        );
     }
     world.cleanup().await;
 }
