@@ -22,6 +22,7 @@ use crate::support::faults::{
 };
 use crate::support::t_receiver::Tap;
 use crate::support::wait_for;
+use crate::support::webhooks;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -307,5 +308,43 @@ async fn spans_are_exported_over_otlp_only_when_an_endpoint_is_set() {
             "the configured endpoint only"
         );
     }
+    world.cleanup().await;
+}
+
+/// A webhook's HTTP `traceparent` is the parent of the event the intake queues, so the issuer's trace goes on from
+/// Didit's call.
+///
+/// On the old code the queued event had no `traceparent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhooks_http_traceparent_goes_on_in_the_event_it_queues() {
+    let world = World::new("trace-hook").await;
+    let running = world
+        .start(world.config(&webhooks::both_with_intake(&world)))
+        .await;
+    let tap = Tap::start(&world.names.onboarding_exchange(), "onboarding.finished").await;
+    let session = world.session(SessionKind::User, "Approved", "hook").await;
+    let body = webhooks::body(&session, "Approved", chrono::Utc::now().timestamp());
+    let mut headers = webhooks::headers(&body, webhooks::Sig::V2, None);
+    headers.push((HEADER_TRACEPARENT, TRACEPARENT.to_string()));
+    let (status, _) = webhooks::post(
+        &webhooks::patient_http(),
+        running.webhook_addr().expect("the intake is configured"),
+        &webhooks::bytes_of(&body),
+        &headers,
+    )
+    .await
+    .expect("the intake answers");
+    assert_eq!(status, 200);
+    let event = tap.wait_count(1, Duration::from_secs(10)).await[0]
+        .got
+        .clone();
+    let on_event = context(&event, HEADER_TRACEPARENT);
+    assert_eq!(
+        on_event.trace_id_hex(),
+        TRACE_ID,
+        "the event continues the caller's trace"
+    );
+    assert_ne!(hex::encode(on_event.span_id), "00f067aa0ba902b7");
+    running.stop().await.unwrap();
     world.cleanup().await;
 }
