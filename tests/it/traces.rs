@@ -5,7 +5,6 @@
 //! not a reason to dead-letter. Spans go to an OTLP endpoint only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,11 +16,8 @@ use partner_bridge::envelope::ImportOutcome;
 use partner_bridge::trace::{HEADER_LINKED, HEADER_TRACEPARENT, HEADER_TRACESTATE, TraceContext};
 
 use crate::support::bridge::{Amqp, Collector, Got, World};
-use crate::support::faults::{
-    BIN, Binary, binary_config, dead_queues, get, http, non_empty, showing_log,
-};
+use crate::support::faults::{Binary, binary_config, dead_queues, non_empty, showing_log};
 use crate::support::t_receiver::Tap;
-use crate::support::wait_for;
 use crate::support::webhooks;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -184,45 +180,20 @@ async fn collector(addr: &str) -> Option<(SocketAddr, Received)> {
     Some((bound, received))
 }
 
-/// Runs the binary (both roles) with `env`, pushes one traced event through it, and stops it with SIGTERM.
+/// Runs the binary (both roles) with `env` (and no OTLP variables of the test's own environment), pushes one
+/// traced event through it, and stops it with SIGTERM.
 async fn run_binary(world: &World, name: &str, env: &[(&str, String)]) {
     let (config, admin) = binary_config(world, 4, 5);
     let log = world.dir.path().join(format!("{name}.log"));
-    let file = std::fs::File::create(&log).unwrap();
-    let mut command = tokio::process::Command::new(BIN);
-    command
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .kill_on_drop(true);
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let mut binary = Binary {
-        child: command.spawn().expect("start partner-bridge"),
-        admin,
-        log: log.clone(),
-        http: http(),
-    };
+    let mut vars: Vec<(&str, Option<String>)> = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", None),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None),
+        ("OTEL_BSP_SCHEDULE_DELAY", Some("100".into())),
+    ];
+    vars.retain(|(k, _)| !env.iter().any(|(name, _)| name == k));
+    vars.extend(env.iter().map(|(k, v)| (*k, Some(v.clone()))));
+    let mut binary = Binary::start_with(&config, admin, log.clone(), &vars).await;
     showing_log(&log, async {
-        let http = &binary.http;
-        wait_for(
-            "the binary's /readyz",
-            Duration::from_secs(20),
-            || async move {
-                get(http, admin, "/readyz")
-                    .await
-                    .and_then(|(status, _)| (status == 200).then_some(()))
-            },
-        )
-        .await;
         let results = Collector::start(&world.results_queue()).await;
         let amqp = Amqp::connect().await;
         let id = world.session(SessionKind::User, "Approved", name).await;
