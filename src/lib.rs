@@ -40,3 +40,4 @@ pub mod sandbox;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace;

@@ -45,6 +45,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(dispatch(cli.command));
     // Dropping a runtime waits for its blocking tasks without limit; the drain has had its deadline already.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // The last spans, when OTLP export is on (outside the runtime: the exporter's client blocks).
+    telemetry::shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(errors)) => {
@@ -70,7 +72,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Run { config } => {
             let config = load(&config)?;
-            telemetry::init(config.log.format, &config.log.level);
+            telemetry::init_run(config.log.format, &config.log.level);
             app::run(config).await?;
         }
         Command::CheckConfig { config } => {

@@ -63,7 +63,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use super::connection::Link;
 use super::publisher::{PublishError, Publisher};
@@ -189,6 +189,13 @@ pub enum Decision {
 pub trait Handler: Send + Sync + 'static {
     /// Handles one delivery.
     fn handle(&self, msg: Incoming) -> impl Future<Output = Decision> + Send;
+
+    /// How this handler's work relates to the `traceparent` its messages carry (docs/tracing.md): the same
+    /// organisation's trace is continued; a handler of another organisation's messages overrides this with
+    /// [`crate::trace::Relation::Link`].
+    fn trace_relation(&self) -> crate::trace::Relation {
+        crate::trace::Relation::Parent
+    }
 }
 
 /// Pauses and resumes one pipeline's consumers. Cheap to clone.
@@ -822,10 +829,14 @@ async fn handle_delivery<H: Handler>(
     let incoming = incoming(&delivery, &ctx.spec.queue);
     let message_id = incoming.message_id.clone().unwrap_or_default();
     let attempt = incoming.attempt;
-    let decision = match AssertUnwindSafe(ctx.handler.handle(incoming))
-        .catch_unwind()
-        .await
-    {
+    let span = process_span(&delivery, &ctx.spec.queue, &message_id);
+    let traced = crate::trace::begin(
+        &span,
+        incoming_trace(&incoming),
+        ctx.handler.trace_relation(),
+    );
+    let handled = crate::trace::scope(traced, ctx.handler.handle(incoming)).instrument(span);
+    let decision = match AssertUnwindSafe(handled).catch_unwind().await {
         Ok(decision) => decision,
         Err(_) => {
             error!(queue = %ctx.spec.queue, %message_id, "handler panicked; dead-lettering the message");
@@ -1122,6 +1133,29 @@ async fn settle<H: Handler>(
 }
 
 /// A delivery as a handler sees it.
+/// The span of one delivery handled, with the OpenTelemetry messaging attributes (docs/tracing.md).
+fn process_span(delivery: &Delivery, queue: &str, message_id: &str) -> tracing::Span {
+    tracing::info_span!(
+        "process",
+        otel.name = %format!("process {queue}"),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        "messaging.operation.type" = "process",
+        messaging.destination.name = %delivery.exchange.as_str(),
+        messaging.destination.subscription.name = %queue,
+        messaging.rabbitmq.destination.routing_key = %delivery.routing_key.as_str(),
+        messaging.message.id = %message_id,
+    )
+}
+
+/// The `traceparent` (and `tracestate`) a delivery came with; `None` when absent or malformed (ignored).
+fn incoming_trace(msg: &Incoming) -> Option<crate::trace::TraceContext> {
+    crate::trace::TraceContext::parse(
+        msg.header(crate::trace::HEADER_TRACEPARENT)?,
+        msg.header(crate::trace::HEADER_TRACESTATE),
+    )
+}
+
 fn incoming(delivery: &Delivery, queue: &str) -> Incoming {
     let properties = &delivery.properties;
     let headers: BTreeMap<String, HeaderValue> = properties

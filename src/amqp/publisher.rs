@@ -38,7 +38,7 @@ use futures_util::future::BoxFuture;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::{Mutex, mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::connection::Link;
 use super::{AmqpError, HeaderValue, field_table, short};
@@ -164,7 +164,31 @@ impl Publisher {
 
     /// Publishes `msg` persistent, as JSON, with `message_id`, `timestamp` (now), `type`, `app_id` and headers,
     /// `mandatory`, and waits for its confirm. `Ok` only on a plain broker ack.
+    ///
+    /// Inside traced work (a handled message, a webhook; see `trace`) the message also carries `traceparent`,
+    /// `tracestate` and `x-pb-linked-traceparent`, and the publish is a span with the messaging attributes.
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<(), PublishError> {
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = %format!("publish {}", msg.exchange),
+            otel.kind = "producer",
+            messaging.system = "rabbitmq",
+            "messaging.operation.type" = "publish",
+            messaging.destination.name = %msg.exchange,
+            messaging.rabbitmq.destination.routing_key = %msg.routing_key,
+            messaging.message.id = %msg.message_id,
+        );
+        let mut msg = msg;
+        for (name, value) in crate::trace::outgoing_headers(&span) {
+            if !msg.headers.iter().any(|(k, _)| k == name) {
+                msg.headers
+                    .push((name.to_string(), HeaderValue::Str(value)));
+            }
+        }
+        self.publish_traced(msg).instrument(span).await
+    }
+
+    async fn publish_traced(&self, msg: Outgoing<'_>) -> Result<(), PublishError> {
         let properties = match outgoing_properties(&msg) {
             Ok(properties) => properties,
             Err(error) => {

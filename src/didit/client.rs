@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use reqwest::header::{ACCEPT, HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, Url};
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use super::error::{Answer, Context, Verdict, classify, resolve_probe, retry_after, scrub};
 pub use super::error::{DiditError, Disposition, Operation};
@@ -618,14 +619,30 @@ impl DiditClient {
         };
         let (_, key) = self.current_key();
         let started = Instant::now();
+        // One span per call (docs/tracing.md): method, host and status only, never the key, a URL's query or a body.
+        let span = tracing::info_span!(
+            "didit",
+            otel.name = %format!("didit {}", op.as_str()),
+            otel.kind = "client",
+            didit.operation = op.as_str(),
+            http.request.method = tracing::field::Empty,
+            server.address = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+        );
         let result = async {
-            let mut response = request
+            let (client, built) = request
                 .header(API_KEY_HEADER, key)
                 .header(ACCEPT, "application/json")
-                .send()
-                .await
-                .map_err(transport_error)?;
+                .build_split();
+            let built = built.map_err(transport_error)?;
+            let current = tracing::Span::current();
+            current.record("http.request.method", built.method().as_str());
+            if let Some(host) = built.url().host_str() {
+                current.record("server.address", host);
+            }
+            let mut response = client.execute(built).await.map_err(transport_error)?;
             let status = response.status().as_u16();
+            current.record("http.response.status_code", status);
             let headers = response.headers().clone();
             let mut body = Vec::new();
             while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
@@ -646,6 +663,7 @@ impl DiditClient {
                 body,
             })
         }
+        .instrument(span)
         .await;
         let elapsed = started.elapsed();
         let label = match &result {

@@ -121,6 +121,11 @@ pub(crate) struct ReshareHandler {
 }
 
 impl Handler for ReshareHandler {
+    /// Another organisation's message: its trace is linked, not continued (docs/tracing.md).
+    fn trace_relation(&self) -> crate::trace::Relation {
+        crate::trace::Relation::Link
+    }
+
     async fn handle(&self, msg: Incoming) -> Decision {
         let m = &self.minter;
         let deadline = Instant::now() + m.retry.hold_max();

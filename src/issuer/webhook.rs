@@ -510,7 +510,24 @@ async fn receive(
     };
     // The publish and the key's bookkeeping run to the end even if Didit hangs up: a key must not stay pending only
     // because the caller went away.
-    let task = tokio::spawn(queue_event(state.clone(), event, key, holder, verified));
+    // The event carries the caller's `traceparent` (or a new trace) onward: the webhook is this organisation's
+    // entry point (docs/tracing.md).
+    let span = tracing::info_span!(
+        "webhook",
+        otel.name = "POST webhook",
+        otel.kind = "server",
+        http.request.method = "POST",
+        source_session_id = %session_id,
+    );
+    let incoming = header(&headers, crate::trace::HEADER_TRACEPARENT).and_then(|tp| {
+        crate::trace::TraceContext::parse(tp, header(&headers, crate::trace::HEADER_TRACESTATE))
+    });
+    let traced = crate::trace::begin(&span, incoming, crate::trace::Relation::Parent);
+    let queued = crate::trace::scope(
+        traced,
+        queue_event(state.clone(), event, key, holder, verified),
+    );
+    let task = tokio::spawn(tracing::Instrument::instrument(queued, span));
     match task.await {
         Ok(Ok(())) => answer(metrics, StatusCode::OK, "accepted", "event queued"),
         Ok(Err(())) | Err(_) => answer(

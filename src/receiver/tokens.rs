@@ -200,6 +200,11 @@ struct Job<'a> {
 }
 
 impl Handler for TokenHandler {
+    /// Another organisation's message: its trace is linked, not continued (docs/tracing.md).
+    fn trace_relation(&self) -> crate::trace::Relation {
+        crate::trace::Relation::Link
+    }
+
     async fn handle(&self, msg: Incoming) -> Decision {
         let deadline = Instant::now() + self.retry.hold_max();
         let envelope = match envelope::parse(&msg.body, self.max_message_bytes) {

@@ -33,5 +33,6 @@ mod rotation;
 mod sandbox;
 mod shovel;
 mod support;
+mod traces;
 mod trust_edges;
 mod webhook_edges;

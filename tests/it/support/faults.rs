@@ -360,7 +360,17 @@ pub struct Binary {
 impl Binary {
     /// Starts the binary and waits until its `/readyz` answers 200.
     pub async fn start(config: &Path, admin: SocketAddr, log: PathBuf) -> Binary {
-        let binary = Binary::spawn(config, admin, log);
+        Binary::start_with(config, admin, log, &[]).await
+    }
+
+    /// [`Binary::start`] with environment variables set (`Some`) or removed (`None`).
+    pub async fn start_with(
+        config: &Path,
+        admin: SocketAddr,
+        log: PathBuf,
+        env: &[(&str, Option<String>)],
+    ) -> Binary {
+        let binary = Binary::spawn_with(config, admin, log, env);
         let http = &binary.http;
         showing_log(
             &binary.log,
@@ -380,12 +390,23 @@ impl Binary {
 
     /// Starts the binary without waiting for it to be ready (for tests of what keeps it unready).
     pub fn spawn(config: &Path, admin: SocketAddr, log: PathBuf) -> Binary {
+        Binary::spawn_with(config, admin, log, &[])
+    }
+
+    /// [`Binary::spawn`] with environment variables set (`Some`) or removed (`None`).
+    pub fn spawn_with(
+        config: &Path,
+        admin: SocketAddr,
+        log: PathBuf,
+        env: &[(&str, Option<String>)],
+    ) -> Binary {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("open the log file");
-        let child = tokio::process::Command::new(BIN)
+        let mut command = tokio::process::Command::new(BIN);
+        command
             .arg("run")
             .arg("--config")
             .arg(config)
@@ -393,9 +414,14 @@ impl Binary {
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file handle"))
             .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start partner-bridge");
+            .kill_on_drop(true);
+        for (name, value) in env {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+        let child = command.spawn().expect("start partner-bridge");
         Binary {
             child,
             admin,
