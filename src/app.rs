@@ -659,8 +659,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             });
         }
         let tokens_queue = receiver_tokens_queue(&config, &names);
-        let mut plan =
-            topology::receiver_plan_on(&names, &settings, &access.application_id, &tokens_queue);
+        let mut plan = topology::receiver_plan_on(
+            &names,
+            &settings,
+            &access.application_id,
+            &tokens_queue,
+            &receiver_notices_queue(&config, &names),
+        );
         if config.receiver.results_queue {
             plan = topology::combine([plan, results_queue_plan(&names, &settings)]);
         }
@@ -691,7 +696,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             notices_link.clone(),
             notices_publisher.clone(),
             ConsumerSpec {
-                queue: names.receiver_notices_queue(),
+                queue: receiver_notices_queue(&config, &names),
                 pipeline: pipeline::RECEIVER_NOTICES,
                 prefetch: config.amqp.prefetch,
                 // One at a time: two copies of a notice are never acted on at once.
@@ -725,7 +730,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         ));
         links.push(notices_link);
         pipelines.push(pipeline::RECEIVER_NOTICES);
-        queues.push(names.receiver_notices_queue());
+        queues.push(receiver_notices_queue(&config, &names));
         let link = link_for(&amqp_url, pipeline::RECEIVER_TOKENS);
         let publisher = Publisher::new(link.clone(), confirm_timeout, metrics.clone());
         tasks.spawn(crate::probe::check_key_at_start(
@@ -896,6 +901,19 @@ pub fn receiver_tokens_queue(config: &Config, names: &Names) -> String {
         .unwrap_or_else(|| names.receiver_tokens_queue())
 }
 
+/// The receiver's notice queue: `<prefix>.receiver.notices`, or beside a configured `receiver.queue_name` (its name
+/// with `.tokens` replaced by `.notices`, else with `.notices` appended), so two receivers sharing a broker and
+/// prefix never take each other's notices.
+pub fn receiver_notices_queue(config: &Config, names: &Names) -> String {
+    match &config.receiver.queue_name {
+        None => names.receiver_notices_queue(),
+        Some(queue) => match queue.strip_suffix(".tokens") {
+            Some(stem) => format!("{stem}.notices"),
+            None => format!("{queue}.notices"),
+        },
+    }
+}
+
 /// Everything the configured roles declare, on every broker they use (for `topology show|declare` and cleanup).
 pub fn declared_topology(config: &Config) -> Vec<Entity> {
     let names = Names::new(&config.amqp.prefix);
@@ -918,6 +936,7 @@ pub fn declared_topology(config: &Config) -> Vec<Entity> {
                 &settings,
                 &access.application_id,
                 &receiver_tokens_queue(config, &names),
+                &receiver_notices_queue(config, &names),
             ));
         }
         if config.receiver.results_queue {

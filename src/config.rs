@@ -658,7 +658,8 @@ pub struct ReceiverConfig {
     #[serde(deserialize_with = "strict_bool")]
     pub results_queue: bool,
     /// The receiver's token queue instead of `<prefix>.receiver.tokens`: a second receiving application on the
-    /// same broker and prefix needs a queue of its own (e.g. `<prefix>.receiver.<application id>.tokens`).
+    /// same broker and prefix needs a queue of its own (e.g. `<prefix>.receiver.<application id>.tokens`). Its
+    /// notice queue follows the name (`app::receiver_notices_queue`).
     pub queue_name: Option<String>,
     /// What an erasure notice does here: `notify` (publish it to the backend only, the default) or `delete` (also
     /// delete the imported copy of the session in this Didit application).

@@ -265,16 +265,19 @@ pub fn receiver_plan(
         settings,
         own_application_id,
         &names.receiver_tokens_queue(),
+        &names.receiver_notices_queue(),
     )
 }
 
-/// [`receiver_plan`] with the token queue named `queue` (`receiver.queue_name`: several receiving applications on
-/// one broker and prefix, each with its own queue bound with its own `token.<application id>`).
+/// [`receiver_plan`] with the token queue named `queue` and the notice queue `notices_queue` (`receiver.queue_name`:
+/// several receiving applications on one broker and prefix, each with its own queues bound with its own
+/// `token.<application id>` and `notice.<application id>`).
 pub fn receiver_plan_on(
     names: &Names,
     settings: &QueueSettings,
     own_application_id: &str,
     queue: &str,
+    notices_queue: &str,
 ) -> Vec<Entity> {
     let mut plan = vec![
         exchange(names.tokens_exchange(), "topic"),
@@ -292,7 +295,7 @@ pub fn receiver_plan_on(
     plan.extend(work_queue(
         names,
         settings,
-        &names.receiver_notices_queue(),
+        notices_queue,
         &names.tokens_exchange(),
         &Names::notice_key(own_application_id),
     ));

@@ -29,6 +29,11 @@ async fn two_receivers_on_one_broker_each_import_only_their_own_tokens() {
         "{}.receiver.{}.tokens",
         world.prefix, brand_b.application_id
     );
+    // Its notice queue sits beside its token queue.
+    let notices_b = format!(
+        "{}.receiver.{}.notices",
+        world.prefix, brand_b.application_id
+    );
 
     // Receiver B: the partner's configuration with brand B's application, state and queue.
     let receiver_a_toml = world.receiver_toml(false);
@@ -77,6 +82,28 @@ async fn two_receivers_on_one_broker_each_import_only_their_own_tokens() {
         },
     )
     .await;
+
+    // A notice for brand B (unsigned, so refused) is handled by receiver B alone, from its own notice queue: with
+    // one shared queue either receiver could take it.
+    amqp.publish(
+        &world.names.tokens_exchange(),
+        &Names::notice_key(&brand_b.application_id),
+        br#"{"type":"subject.notice"}"#,
+        &[],
+    )
+    .await;
+    wait_for(
+        "the forged notice dead-lettered from brand B's notice queue",
+        Duration::from_secs(20),
+        || async { (amqp.depth(&Names::dead_queue(&notices_b)).await == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        amqp.depth(&Names::dead_queue(&world.names.receiver_notices_queue()))
+            .await,
+        0,
+        "brand A's notice queue got brand B's notice"
+    );
     issuer.stop().await.unwrap();
     receiver_a.stop().await.unwrap();
     receiver_b.stop().await.unwrap();
@@ -108,6 +135,7 @@ async fn two_receivers_on_one_broker_each_import_only_their_own_tokens() {
         },
         &brand_b.application_id,
         &queue_b,
+        &notices_b,
     );
     let _ = topology::delete(&amqp.channel, &plan_b).await;
     amqp.close().await;
