@@ -303,6 +303,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let token_brokers = config.token_brokers()?;
         let mut partner_tokens = std::collections::HashMap::new();
         let mut remote_reshare = Vec::new();
+        let mut remote_acks = Vec::new();
         let mut tokens_link = None;
         for (url, served) in &token_brokers {
             let served_names: Vec<&str> = served
@@ -328,6 +329,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 };
                 let reshare = link_for(url, leak(format!("{}:{label}", pipeline::ISSUER_RESHARE)));
                 remote_reshare.push(reshare);
+                let acks = link_for(
+                    url,
+                    leak(format!("{}:{label}", pipeline::ISSUER_NOTICE_ACKS)),
+                );
+                remote_acks.push(acks);
             }
             if tokens_link.is_none() {
                 tokens_link = Some(link);
@@ -356,6 +362,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             ledger: ledger.clone(),
             audit: audit.clone(),
             tokens: tokens_publisher.clone(),
+            partner_tokens: partner_tokens.clone(),
             names: names.clone(),
             signing_key: signing_key.clone(),
             application_id: access.application_id.clone(),
@@ -550,16 +557,36 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                     health.clone(),
                 ));
             } else {
+                let acks_handler = Arc::new(NoticeAckHandler {
+                    notifier: notifier.clone(),
+                    partners: reshare_partners.clone(),
+                    allow_unsigned: config.issuer.allow_unsigned_reshare,
+                    max_message_bytes: config.amqp.max_message_bytes,
+                });
+                // Acknowledgements from receivers on a partner's broker arrive there, like their reshare requests.
+                for remote in std::mem::take(&mut remote_acks) {
+                    tasks.spawn(run_consumer(
+                        remote.clone(),
+                        Publisher::new(remote.clone(), confirm_timeout, metrics.clone()),
+                        ConsumerSpec {
+                            queue: names.issuer_notice_acks_queue(),
+                            declare: remote_plan.clone(),
+                            ..spec.clone()
+                        },
+                        acks_handler.clone(),
+                        pause.clone(),
+                        shutdown.clone(),
+                        grace,
+                        metrics.clone(),
+                        health.clone(),
+                    ));
+                    links.push(remote);
+                }
                 tasks.spawn(run_consumer(
                     link.clone(),
                     publisher,
                     spec,
-                    Arc::new(NoticeAckHandler {
-                        notifier: notifier.clone(),
-                        partners: reshare_partners.clone(),
-                        allow_unsigned: config.issuer.allow_unsigned_reshare,
-                        max_message_bytes: config.amqp.max_message_bytes,
-                    }),
+                    acks_handler,
                     pause,
                     shutdown.clone(),
                     grace,

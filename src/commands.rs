@@ -571,17 +571,31 @@ pub async fn notify(
         None,
     )
     .map_err(|e| anyhow::anyhow!("invalid signing key: {e}"))?;
-    let link = one_shot_link(config, config.tokens_url()?);
-    // Connected first, so that the publish below does not fail on a link that never tried.
-    drop(one_shot_channel(&link).await?);
+    let confirm_timeout = std::time::Duration::from_millis(config.amqp.confirm_timeout_ms);
+    // One link per token broker (the first is `issuer.tokens_url`, else `amqp.url`): a partner with a broker of its
+    // own gets its notice there, beside its tokens. Connected first, so that a publish below does not fail on a link
+    // that never tried.
+    let mut links = Vec::new();
+    let mut partner_tokens = std::collections::HashMap::new();
+    for (i, (url, served)) in config.token_brokers()?.into_iter().enumerate() {
+        let link = one_shot_link(config, url);
+        drop(one_shot_channel(&link).await?);
+        if i > 0 {
+            let publisher = Publisher::new(link.clone(), confirm_timeout, metrics.clone());
+            for p in served {
+                partner_tokens.insert(
+                    config.issuer.partners[p].application_id.clone(),
+                    publisher.clone(),
+                );
+            }
+        }
+        links.push(link);
+    }
     let notifier = crate::issuer::notices::Notifier {
         ledger,
         audit,
-        tokens: Publisher::new(
-            link.clone(),
-            std::time::Duration::from_millis(config.amqp.confirm_timeout_ms),
-            metrics.clone(),
-        ),
+        tokens: Publisher::new(links[0].clone(), confirm_timeout, metrics.clone()),
+        partner_tokens,
         names: crate::amqp::Names::new(&config.amqp.prefix),
         signing_key,
         application_id: config.issuer_didit()?.application_id,
@@ -596,7 +610,9 @@ pub async fn notify(
         reason,
     };
     let issued = notifier.issue(&request, chrono::Utc::now()).await?;
-    link.close().await;
+    for link in links {
+        link.close().await;
+    }
     let mut out = String::new();
     if issued.notices.is_empty() {
         out.push_str(&format!(

@@ -208,20 +208,13 @@ pub fn issuer_intake_plan(
         settings,
         own_application_id,
     ));
-    // Notices are requested and acknowledged on `amqp.url` only (docs/topology.md).
+    // Notices are requested on `amqp.url` only; their acknowledgements come in with the reshare half.
     plan.extend(work_queue(
         names,
         settings,
         &names.issuer_notices_queue(),
         &names.onboarding_exchange(),
         crate::envelope::types::NOTICE_REQUESTED,
-    ));
-    plan.extend(work_queue(
-        names,
-        settings,
-        &names.issuer_notice_acks_queue(),
-        &names.reshare_exchange(),
-        &Names::notice_ack_key(own_application_id),
     ));
     ordered(plan)
 }
@@ -244,6 +237,14 @@ pub fn issuer_remote_reshare_plan(
         &names.issuer_reshare_queue(),
         &names.reshare_exchange(),
         &Names::reshare_key(own_application_id),
+    ));
+    // Receivers acknowledge notices on their own broker, like reshare requests.
+    plan.extend(work_queue(
+        names,
+        settings,
+        &names.issuer_notice_acks_queue(),
+        &names.reshare_exchange(),
+        &Names::notice_ack_key(own_application_id),
     ));
     ordered(plan)
 }

@@ -16,6 +16,7 @@
 //! open ones. The audit log gets `notice_sent` (first send), and `notice_acknowledged` (first ack).
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,8 +44,11 @@ pub struct Notifier {
     pub ledger: Ledger,
     /// The audit log (recipients, and the acts recorded).
     pub audit: AuditLog,
-    /// Publishes on the token broker.
+    /// Publishes on the token broker (`issuer.tokens_url`, else `amqp.url`).
     pub tokens: Publisher,
+    /// Partners whose tokens go to a broker of their own (`issuer.partners[].tokens_url`), by application id: their
+    /// notices go there too, beside their tokens.
+    pub partner_tokens: HashMap<String, Publisher>,
     /// Names under the prefix.
     pub names: Names,
     /// Signs every notice.
@@ -184,7 +188,9 @@ impl Notifier {
         let body = serde_json::to_vec(&notice).expect("notices serialise");
         let exchange = self.names.tokens_exchange();
         let routing_key = Names::notice_key(&row.partner_application_id);
-        self.tokens
+        self.partner_tokens
+            .get(&row.partner_application_id)
+            .unwrap_or(&self.tokens)
             .publish(Outgoing {
                 exchange: &exchange,
                 routing_key: &routing_key,

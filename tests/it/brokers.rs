@@ -300,6 +300,39 @@ async fn a_partner_whose_broker_stops_waits_alone_and_finishes_when_it_returns()
     c_node.start_app().await;
     drop(guard);
     wait_imported(&world, &apps[2], &all, Duration::from_secs(120)).await;
+
+    // An erasure notice for one session goes to each partner on its own broker, beside its tokens, and each
+    // acknowledgement comes back from there (the receivers publish it on their own broker).
+    let out = partner_bridge::commands::notify(
+        &world.config(&issuer_toml),
+        &all[0],
+        partner_bridge::envelope::NoticeKind::Erasure,
+        None,
+        None,
+    )
+    .await
+    .expect("notify");
+    assert!(out.contains("to 3 recipient(s)"), "{out}");
+    assert!(!out.contains("not confirmed"), "{out}");
+    wait_for(
+        "an acknowledgement from each partner's broker",
+        Duration::from_secs(60),
+        || async {
+            let text = issuer.metrics().encode();
+            ["sponsor-bank", "bank-b", "bank-c"]
+                .iter()
+                .all(|peer| {
+                    metric(
+                        &text,
+                        &format!(
+                            "partner_bridge_notices_total{{peer=\"{peer}\",event=\"acknowledged\"}}"
+                        ),
+                    ) == 1.0
+                })
+                .then_some(())
+        },
+    )
+    .await;
     for running in receivers {
         running.stop().await.unwrap();
     }
