@@ -50,6 +50,11 @@ async fn a_quorum_queue_on_the_cluster_has_a_member_on_every_node() {
     let cluster = tokio::task::spawn_blocking(rabbit_nodes::cluster)
         .await
         .unwrap();
+    // Every node up: not while another test has one of them stopped (cluster::the_node_the_bridge_is_on_stops_…).
+    let mut up = Vec::new();
+    for node in &cluster.nodes {
+        up.push(node.exclusive().await);
+    }
     let queue = unique_prefix("quorum");
     let ch = connect(&cluster.nodes[1].amqp_url())
         .await
