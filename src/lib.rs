@@ -7,9 +7,11 @@
 //! - [`envelope`]: our own messages and their Ed25519 signatures;
 //! - [`amqp`]: RabbitMQ: names and topology, the supervised connection, confirmed publishing, consumers;
 //! - [`ledger`]: what was already minted, imported or seen, so that duplicates have no second effect;
+//! - [`audit`]: the hash-chained, signed record of every act of sharing (docs/compliance.md), in the ledger's
+//!   database but kept apart from it;
 //! - [`issuer`] and [`receiver`]: the two sides of the bridge, which decide what each message leads to
 //!   ([`retry`] and [`probe`] are the in-process backoff and the way out of a pause they share);
-//! - [`app`]: wiring and lifecycle; [`shutdown`], [`telemetry`];
+//! - [`app`]: wiring and lifecycle; [`shutdown`], [`telemetry`], and [`trace`] (W3C trace context on messages);
 //! - [`metrics`], [`health`] and [`admin`]: what the process reports;
 //! - [`cli`], [`commands`], [`backfill`] and [`demo`]: the command line;
 //! - [`sandbox`]: a Didit emulator for tests, demos and the benchmark (no production path uses it).

@@ -487,12 +487,12 @@ mod tests {
                 "pb.issuer.reshare",
                 "pb.issuer.reshare.dead",
                 "pb.issuer.reshare.retry",
-                "pb.issuer.notices",
-                "pb.issuer.notices.dead",
-                "pb.issuer.notices.retry",
                 "pb.issuer.notice-acks",
                 "pb.issuer.notice-acks.dead",
-                "pb.issuer.notice-acks.retry"
+                "pb.issuer.notice-acks.retry",
+                "pb.issuer.notices",
+                "pb.issuer.notices.dead",
+                "pb.issuer.notices.retry"
             ]
         );
         assert!(plan.contains(&exchange("pb.onboarding".into(), "topic")));
