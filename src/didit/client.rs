@@ -23,7 +23,7 @@ use super::error::{Answer, Context, Verdict, classify, resolve_probe, retry_afte
 pub use super::error::{DiditError, Disposition, Operation};
 use super::pacing::{Budget, Pacing};
 use super::wire::{
-    ImportRequest, SessionDecision, SessionKind, SessionPage, SessionSummary, ShareRequest,
+    ImportRequest, ImportedSession, SessionDecision, SessionKind, SessionPage, SessionSummary, ShareRequest,
     ShareResponse, ShareTokenClaims,
 };
 use crate::config::DiditAccess;
@@ -341,7 +341,7 @@ impl DiditClient {
     /// Imports a shared session into this application (`POST /v3/session/import-shared/`). An ambiguous 401 (no
     /// code, no telling detail) costs one extra call, [`DiditClient::probe`], to learn whether the key or the token
     /// was refused.
-    pub async fn import(&self, req: &ImportRequest) -> Result<SessionDecision, DiditError> {
+    pub async fn import(&self, req: &ImportRequest) -> Result<ImportedSession, DiditError> {
         self.import_by(req, None).await
     }
 
@@ -351,7 +351,7 @@ impl DiditClient {
         &self,
         req: &ImportRequest,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<SessionDecision, DiditError> {
+    ) -> Result<ImportedSession, DiditError> {
         let url = self.url(&["v3", "session", "import-shared", ""]);
         let token = req.share_token.expose();
         let claims = ShareTokenClaims::peek(token);

@@ -981,7 +981,8 @@ fn open_connection(path: &Path) -> Result<Connection, LedgerError> {
     // Bounds the -wal file after a burst: it is truncated to this size at the next checkpoint.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
         .map_err(open_error)?;
-    conn.set_prepared_statement_cache_capacity(64);
+    // Every statement the ledger, the audit log and the transaction control use stays prepared (about 50).
+    conn.set_prepared_statement_cache_capacity(128);
     migrate(&mut conn).map_err(|e| LedgerError::Open(format!("{shown}: {e}")))?;
     if conn.is_readonly("main").unwrap_or(false) {
         // SQLite falls back to read-only when the file is write-protected. Reads still answer; every write and
@@ -1022,7 +1023,7 @@ fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
 }
 
 /// The writer thread: batches waiting jobs into one transaction each, until every sender is gone.
-fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn Job>>) {
+fn writer_loop(conn: Connection, mut queue: mpsc::Receiver<Box<dyn Job>>) {
     let mut synced = false;
     while let Some(first) = queue.blocking_recv() {
         let mut batch = vec![first];
@@ -1035,34 +1036,55 @@ fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn Job>>) {
         let durable = batch.iter().any(|job| job.durable());
         // `synchronous` can only change outside a transaction; switch only when needed.
         if durable != synced {
-            let level = if durable { "FULL" } else { "NORMAL" };
-            if let Err(e) = conn.pragma_update(None, "synchronous", level) {
-                let error = db_error(e);
+            let level = if durable {
+                "PRAGMA synchronous = FULL"
+            } else {
+                "PRAGMA synchronous = NORMAL"
+            };
+            if let Err(error) = exec_cached(&conn, level) {
                 batch.into_iter().for_each(|job| job.answer(Some(&error)));
                 continue;
             }
             synced = durable;
         }
-        let outcome = run_batch(&mut conn, &mut batch);
+        let outcome = run_batch(&conn, &mut batch);
         batch
             .into_iter()
             .for_each(|job| job.answer(outcome.as_ref().err()));
     }
 }
 
+/// Runs one statement without rows from the connection's statement cache. The transaction's own statements
+/// (`BEGIN`, `SAVEPOINT`, `RELEASE`, `COMMIT`) run several times per batch: rusqlite's `Transaction` and `Savepoint`
+/// parse them afresh each time, which cost the writer thread more than some of the jobs it wraps.
+fn exec_cached(conn: &Connection, sql: &str) -> Result<(), LedgerError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut statement| statement.raw_execute())
+        .map(|_| ())
+        .map_err(db_error)
+}
+
 /// Runs every job of a batch in one transaction, each in its own savepoint, and commits.
-fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Job>]) -> Result<(), LedgerError> {
-    let mut tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db_error)?;
-    for job in batch.iter_mut() {
-        let savepoint = tx.savepoint().map_err(db_error)?;
-        if job.run(&savepoint) {
-            savepoint.commit().map_err(db_error)?;
-        }
-        // A failed job's savepoint rolls back when dropped, leaving the others' work intact.
+fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), LedgerError> {
+    exec_cached(conn, "BEGIN IMMEDIATE")?;
+    let outcome = run_jobs(conn, batch).and_then(|()| exec_cached(conn, "COMMIT"));
+    if outcome.is_err() && !conn.is_autocommit() {
+        // Whatever failed, nothing of the batch stays half done (a failed COMMIT leaves the transaction open).
+        let _ = exec_cached(conn, "ROLLBACK");
     }
-    tx.commit().map_err(db_error)
+    outcome
+}
+
+fn run_jobs(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), LedgerError> {
+    for job in batch.iter_mut() {
+        exec_cached(conn, "SAVEPOINT pb_job")?;
+        if !job.run(conn) {
+            // A failed job's work rolls back alone, leaving the others' work intact.
+            exec_cached(conn, "ROLLBACK TO pb_job")?;
+        }
+        exec_cached(conn, "RELEASE pb_job")?;
+    }
+    Ok(())
 }
 
 /// The share row for a key: its completed record, if any, and its lease, if any.

@@ -77,7 +77,7 @@ use crate::audit::{self, Act, ActKind, AuditLog, Side};
 use crate::config::RetryConfig;
 use crate::didit::client::{DiditClient, SessionQuery};
 use crate::didit::error::Disposition;
-use crate::didit::wire::{ImportRequest, SessionDecision, SessionSummary, ShareTokenClaims};
+use crate::didit::wire::{ImportRequest, ImportedSession, SessionSummary, ShareTokenClaims};
 use crate::envelope::{
     self, ImportOutcome, ImportResult, Message, ReshareRequest, ShareTokenEnvelope,
 };
@@ -850,7 +850,7 @@ impl TokenHandler {
         job: &Job<'_>,
         holder: &str,
         request: &ImportRequest,
-        decision: SessionDecision,
+        decision: ImportedSession,
     ) -> Decision {
         let envelope = job.envelope;
         let now = Utc::now();
