@@ -5,7 +5,6 @@
 //!    the figure is the time from the kill to the last of them recorded as imported (`imported_at` in the ledger,
 //!    written by the survivor). Reported against the bar "≤ 10 s"; not a test.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -15,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::{
     BenchWorld, Child, Cleanup, Producer, Settings, env_or, free_port, round, start_in_process,
-    started, verdict,
+    started, tail_logs, verdict,
 };
 
 /// The bar: a dead replica's sessions are imported by the other within this long.
@@ -111,7 +110,7 @@ async fn run(
     }
     issuer.stop().await?;
     if measured.is_err() {
-        show_logs(
+        tail_logs(
             &replicas
                 .iter()
                 .map(|(_, log, _)| log.as_path())
@@ -255,16 +254,5 @@ async fn measure(
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn show_logs(logs: &[&Path]) {
-    for log in logs {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        progress!("last lines of {}:", log.display());
-        for line in &lines[lines.len().saturating_sub(20)..] {
-            eprintln!("    {line}");
-        }
     }
 }
