@@ -1815,9 +1815,10 @@ async fn didit_latency_runs(
             "pass": own_pass,
             "measured_from": "each open-loop event's end to end minus (Didit calls per event x the injected latency); \
                               the calls per event are the sandbox's Didit writes (/sandbox/stats) over the open loop \
-                              / its events, rounded down. The sandbox's own handling time and the rounding of its \
-                              timers to the next millisecond are counted against the bridge, so the figure errs \
-                              high; the bar is failed too when the calls per event are not (close to) whole",
+                              / its events, rounded down. The sandbox's own handling time, the rounding of its \
+                              timers to the next millisecond and any delay of the bench's publish after its \
+                              scheduled time are counted against the bridge, so the figure errs high; the bar is \
+                              failed too when the calls per event are not (close to) whole",
         },
     }))
 }

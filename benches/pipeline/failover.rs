@@ -167,13 +167,23 @@ async fn measure(
     producer.close().await;
     progress!("failover: {events} events published; waiting for a third to be imported");
 
+    // Only this scenario's sessions count: the sandbox also holds the imports of the scenarios before it.
+    let own: std::collections::HashSet<&str> = sessions.iter().map(|s| s.id.as_str()).collect();
+    let ours = |stats: &partner_bridge::sandbox::Stats| -> Vec<u64> {
+        stats
+            .imports
+            .iter()
+            .filter(|i| own.contains(i.source_session_id.as_str()))
+            .map(|i| i.count)
+            .collect()
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     let imported = || async {
         world
             .control
             .stats()
             .await
-            .map(|s| s.imports.len())
+            .map(|s| ours(&s).len())
             .unwrap_or(0)
     };
     while imported().await < events / 3 {
@@ -237,20 +247,15 @@ async fn measure(
     // Let the rest drain, then check the effect: one import per session.
     loop {
         let stats = world.control.stats().await?;
-        if stats.imports.len() >= events {
-            let twice = stats.imports.iter().filter(|i| i.count != 1).count();
-            return Ok((
-                killed_at_imports,
-                ids.len(),
-                seconds,
-                stats.imports.len(),
-                twice,
-            ));
+        let counts = ours(&stats);
+        if counts.len() >= events {
+            let twice = counts.iter().filter(|n| **n != 1).count();
+            return Ok((killed_at_imports, ids.len(), seconds, counts.len(), twice));
         }
         if killed_at.elapsed() > Duration::from_secs(180) {
             bail!(
                 "only {} of {events} sessions imported 180 s after the kill",
-                stats.imports.len()
+                counts.len()
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
