@@ -34,8 +34,8 @@ pub const BAR_BACKLOG_429_SHARE: f64 = 0.01;
 /// Paces a bridge's configuration to `limit` writes per `window_ms`.
 fn paced(toml: &str, limit: u32, window_ms: u64) -> String {
     toml.replacen(
-        "[didit]\n",
-        &format!("[didit]\nwrites_per_minute = {limit}\nrate_window_ms = {window_ms}\n"),
+        "writes_per_minute = 0\n",
+        &format!("writes_per_minute = {limit}\nrate_window_ms = {window_ms}\n"),
         1,
     )
 }
