@@ -61,8 +61,11 @@ use partner_bridge::app::{self, Running};
 use partner_bridge::config::Config;
 use partner_bridge::didit::signature;
 use partner_bridge::didit::wire::SessionKind;
-use partner_bridge::envelope::{OnboardingFinished, SigningKey};
+use partner_bridge::envelope::{
+    ImportOutcome, ImportResult, OnboardingFinished, ShareTokenEnvelope, SigningKey,
+};
 use partner_bridge::sandbox::{ApplicationInfo, Control, FaultEndpoint, FaultSettings};
+use partner_bridge::secret::ShareToken;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -71,8 +74,6 @@ use tokio_util::sync::CancellationToken;
 const PUBLISH_WINDOW: usize = 512;
 /// The ceiling's consumer prefetch (DESIGN.md §3).
 const CEILING_PREFETCH: u16 = 200;
-/// Size of the ceiling's messages.
-const CEILING_BODY_BYTES: usize = 600;
 
 const BAR_ZERO_LATENCY_RATIO: f64 = 0.50;
 /// Reported, not a bar: the zero-latency ratio the issue aims for.
@@ -309,16 +310,23 @@ async fn run(settings: &Settings, cleanup: &mut Cleanup) -> anyhow::Result<Value
         }),
     );
 
+    let mut world = BenchWorld::new(settings, &base).await?;
+
     // 1. The broker-only ceiling.
     let ceiling = if settings.runs("ceiling") || settings.runs("zero") {
         let names = format!("{base}-ceiling");
         let plan = ceiling_plan(&names);
         cleanup.plans.push(plan.clone());
+        let sizes = world
+            .message_sizes()
+            .await
+            .context("the bridge's message sizes")?;
         let ceiling = measure_ceiling(
             &settings.amqp_url,
             &plan,
             &names,
             settings.ceiling_messages,
+            sizes,
             broker,
         )
         .await
@@ -335,8 +343,6 @@ async fn run(settings: &Settings, cleanup: &mut Cleanup) -> anyhow::Result<Value
     } else {
         None
     };
-
-    let mut world = BenchWorld::new(settings, &base).await?;
 
     // 2–3. Zero latency and Didit at 200 ms, through one pair of `partner-bridge run` processes.
     if settings.runs("zero") || settings.runs("latency") {
@@ -649,6 +655,69 @@ trust_review = false
         let config = Config::from_toml(toml).context("bench configuration")?;
         config.validate().context("bench configuration")?;
         Ok(config)
+    }
+
+    /// The body sizes of the three messages an event becomes, so that the ceiling carries what the bridges carry:
+    /// an `onboarding.finished` event, a `share_token` envelope around a token the sandbox really mints (its size
+    /// depends on the sandbox's claims), and the `import.result`.
+    async fn message_sizes(&self) -> anyhow::Result<[usize; CEILING_HOPS]> {
+        let session = self.sessions(1).await?.remove(0);
+        let event = session.event();
+        let answer: Value = reqwest::Client::builder()
+            .no_proxy()
+            .build()?
+            .post(format!(
+                "{}/v3/session/{}/share/",
+                self.control.base_url(),
+                session.id
+            ))
+            .header("x-api-key", self.issuer_app.api_key.expose())
+            .json(&json!({"for_application_id": self.partner_app.application_id, "ttl_in_seconds": 3600}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let token = answer["share_token"]
+            .as_str()
+            .context("the sandbox's share answer has no share_token")?;
+        let now = Utc::now();
+        let envelope = ShareTokenEnvelope {
+            kind: "share_token".into(),
+            message_id: uuid::Uuid::new_v4().to_string(),
+            event_id: uuid::Uuid::new_v4().to_string(),
+            share_token: ShareToken::new(token.to_string()),
+            session_kind: session.kind,
+            source_session_id: session.id.clone(),
+            from_application_id: self.issuer_app.application_id.clone(),
+            for_application_id: self.partner_app.application_id.clone(),
+            source_status: session.status.to_string(),
+            source_vendor_data: Some(format!("vendor-{}", session.id)),
+            minted_at: now,
+            expires_at: now,
+            occurred_at: now,
+            agreement_id: None,
+        };
+        let result = ImportResult {
+            kind: "import.result".into(),
+            outcome: ImportOutcome::Imported,
+            source_session_id: session.id.clone(),
+            from_application_id: self.issuer_app.application_id.clone(),
+            imported_session_id: Some(uuid::Uuid::new_v4().to_string()),
+            session_number: Some(1000),
+            status: Some(session.status.to_string()),
+            session_kind: session.kind,
+            vendor_data: Some(format!("fintech-a:vendor-{}", session.id)),
+            trust_review: false,
+            imported_at: now,
+            reason: None,
+            agreement_id: None,
+        };
+        Ok([
+            event.len(),
+            serde_json::to_vec(&envelope)?.len(),
+            serde_json::to_vec(&result)?.len(),
+        ])
     }
 
     /// Creates `n` finished sessions at the issuer (half KYC, half KYB), returning `(id, kind, status)`.
@@ -1159,6 +1228,8 @@ struct Ceiling {
     broker_seconds: Option<f64>,
     /// The bench process's (producer, both relays, sink).
     bench_seconds: Option<f64>,
+    /// Body bytes on each hop: the bridge's event, share-token envelope and `import.result`.
+    sizes: [usize; CEILING_HOPS],
 }
 
 impl Ceiling {
@@ -1180,7 +1251,9 @@ impl Ceiling {
             "seconds": round(self.seconds, 3),
             "messages_per_second": round(self.per_second, 1),
             "prefetch": CEILING_PREFETCH,
-            "body_bytes": CEILING_BODY_BYTES,
+            "body_bytes": self.sizes,
+            "body_bytes_note": "per hop, the size of the bridge's own body there: an onboarding.finished event, a \
+                                share_token envelope around a token the sandbox minted, an import.result",
             "cpu": {
                 "broker_seconds": self.broker_seconds.map(|s| round(s, 2)),
                 "broker_us_per_message_hop": self.broker_us_per_hop().map(|v| round(v, 1)),
@@ -1202,6 +1275,7 @@ async fn spawn_relay(
     queue: String,
     exchange: String,
     routing_key: String,
+    body: Arc<Vec<u8>>,
 ) -> anyhow::Result<(Connection, tokio::task::JoinHandle<()>)> {
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let input = connection.create_channel().await?;
@@ -1222,8 +1296,12 @@ async fn spawn_relay(
         .await?;
     let task = tokio::spawn(async move {
         while let Some(Ok(delivery)) = deliveries.next().await {
-            let (channel, exchange, routing_key) =
-                (output.clone(), exchange.clone(), routing_key.clone());
+            let (channel, exchange, routing_key, body) = (
+                output.clone(),
+                exchange.clone(),
+                routing_key.clone(),
+                body.clone(),
+            );
             tokio::spawn(async move {
                 let confirm = channel
                     .basic_publish(
@@ -1233,7 +1311,7 @@ async fn spawn_relay(
                             mandatory: true,
                             ..Default::default()
                         },
-                        &delivery.data,
+                        &body,
                         delivery.properties.clone(),
                     )
                     .await;
@@ -1255,6 +1333,7 @@ async fn measure_ceiling(
     plan: &[Entity],
     prefix: &str,
     messages: usize,
+    sizes: [usize; CEILING_HOPS],
     broker: Option<u32>,
 ) -> anyhow::Result<Ceiling> {
     let setup = Producer::connect(url).await?;
@@ -1292,23 +1371,23 @@ async fn measure_ceiling(
 
     // One relay per inner hop, each on its own connection (as the issuer and the receiver are).
     let mut relays = Vec::new();
-    for hop in 1..CEILING_HOPS {
+    for (hop, &size) in sizes.iter().enumerate().skip(1) {
         relays.push(
             spawn_relay(
                 url,
                 format!("{prefix}.q{hop}"),
                 format!("{prefix}.hop{}", hop + 1),
                 format!("hop.{}", hop + 1),
+                Arc::new(ceiling_body(size)),
             )
             .await?,
         );
     }
 
     let producer = Producer::connect(url).await?;
-    let body = ceiling_body();
+    let body = ceiling_body(sizes[0]);
     progress!(
-        "ceiling: {messages} messages of {} bytes through {CEILING_HOPS} queues",
-        body.len()
+        "ceiling: {messages} messages through {CEILING_HOPS} queues, of {sizes:?} bytes (an event, a token, a result)"
     );
     let meter = procstat::CpuMeter::new([
         ("broker".to_string(), broker),
@@ -1343,11 +1422,12 @@ async fn measure_ceiling(
         per_second: messages as f64 / seconds,
         broker_seconds: spent.get("broker").copied().flatten(),
         bench_seconds: spent.get("bench").copied().flatten(),
+        sizes,
     })
 }
 
-/// A 600-byte JSON body shaped like a share-token envelope (the token padded to the size).
-fn ceiling_body() -> Vec<u8> {
+/// A JSON body of `size` bytes shaped like a share-token envelope (the token padded to the size).
+fn ceiling_body(size: usize) -> Vec<u8> {
     let body = |token: &str| {
         serde_json::to_vec(&json!({
             "type": "share_token",
@@ -1363,7 +1443,7 @@ fn ceiling_body() -> Vec<u8> {
         .expect("json")
     };
     let bare = body("").len();
-    body(&"x".repeat(CEILING_BODY_BYTES.saturating_sub(bare)))
+    body(&"x".repeat(size.saturating_sub(bare)))
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ use super::error::{Answer, Context, Verdict, classify, resolve_probe, retry_afte
 pub use super::error::{DiditError, Disposition, Operation};
 use super::pacing::{Budget, Pacing};
 use super::wire::{
-    ImportRequest, ImportedSession, SessionDecision, SessionKind, SessionPage, SessionSummary, ShareRequest,
-    ShareResponse, ShareTokenClaims,
+    ImportRequest, ImportedSession, SessionDecision, SessionKind, SessionPage, SessionSummary,
+    ShareRequest, ShareResponse, ShareTokenClaims,
 };
 use crate::config::DiditAccess;
 use crate::keys::Watched;
@@ -341,17 +341,27 @@ impl DiditClient {
     /// Imports a shared session into this application (`POST /v3/session/import-shared/`). An ambiguous 401 (no
     /// code, no telling detail) costs one extra call, [`DiditClient::probe`], to learn whether the key or the token
     /// was refused.
-    pub async fn import(&self, req: &ImportRequest) -> Result<ImportedSession, DiditError> {
-        self.import_by(req, None).await
+    pub async fn import(&self, req: &ImportRequest) -> Result<SessionDecision, DiditError> {
+        self.import_as(req, None).await
     }
 
     /// [`DiditClient::import`], refused with [`DiditError::Paced`] (without calling Didit) when the key's write
-    /// budget has no room before `deadline`.
+    /// budget has no room before `deadline`; the answer is read only as far as [`ImportedSession`] goes (the
+    /// receiver's path: the full decision's feature reports cost more to decode than the rest of the import).
     pub async fn import_by(
         &self,
         req: &ImportRequest,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<ImportedSession, DiditError> {
+        self.import_as(req, deadline).await
+    }
+
+    /// The import, its answer decoded as `T`: the whole decision, or only what the receiver reads of it.
+    async fn import_as<T: DeserializeOwned>(
+        &self,
+        req: &ImportRequest,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<T, DiditError> {
         let url = self.url(&["v3", "session", "import-shared", ""]);
         let token = req.share_token.expose();
         let claims = ShareTokenClaims::peek(token);

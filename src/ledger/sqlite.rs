@@ -1301,3 +1301,105 @@ pub(crate) fn lease_of(
 pub(crate) fn required<T>(value: Option<T>, column: &str) -> Result<T, LedgerError> {
     value.ok_or_else(|| LedgerError::Corrupt(format!("completed row without `{column}`")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job for [`run_batch`]: inserts `value` into `t`, then fails when `fail` is set.
+    fn insert(
+        value: i64,
+        fail: bool,
+    ) -> (Box<dyn Job>, oneshot::Receiver<Result<(), LedgerError>>) {
+        let (reply, answer) = oneshot::channel();
+        let work = move |conn: &Connection| {
+            conn.execute("INSERT INTO t (x) VALUES (?1)", params![value])
+                .map_err(db_error)?;
+            if fail {
+                return Err(LedgerError::Io(format!(
+                    "job {value} fails after its insert"
+                )));
+            }
+            Ok(())
+        };
+        let job = Pending {
+            work: Some(work),
+            result: None,
+            reply,
+            durable: false,
+        };
+        (Box::new(job), answer)
+    }
+
+    fn values(conn: &Connection) -> Vec<i64> {
+        let mut statement = conn.prepare("SELECT x FROM t ORDER BY x").unwrap();
+        statement
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    #[test]
+    fn a_failing_job_rolls_back_alone_and_the_batch_commits_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_connection(&dir.path().join("ledger.sqlite3")).unwrap();
+        conn.execute_batch("CREATE TABLE t (x INTEGER NOT NULL)")
+            .unwrap();
+        for round in 0..3 {
+            let (first, first_answer) = insert(round * 10 + 1, false);
+            let (second, mut second_answer) = insert(round * 10 + 2, true);
+            let (third, third_answer) = insert(round * 10 + 3, false);
+            let mut batch = vec![first, second, third];
+            run_batch(&conn, &mut batch).unwrap();
+            assert!(conn.is_autocommit(), "the batch's transaction is closed");
+            batch.into_iter().for_each(|job| job.answer(None));
+            first_answer.blocking_recv().unwrap().unwrap();
+            assert!(second_answer.try_recv().unwrap().is_err());
+            third_answer.blocking_recv().unwrap().unwrap();
+        }
+        // The same cached statements served every round, and only the failing jobs' rows are missing.
+        assert_eq!(values(&conn), vec![1, 3, 11, 13, 21, 23]);
+    }
+
+    #[test]
+    fn a_batch_that_cannot_commit_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_connection(&dir.path().join("ledger.sqlite3")).unwrap();
+        conn.execute_batch("CREATE TABLE t (x INTEGER NOT NULL)")
+            .unwrap();
+        // A job that leaves a deferred foreign-key violation: the COMMIT fails, and the batch is rolled back.
+        conn.execute_batch(
+            "PRAGMA foreign_keys = ON;
+             CREATE TABLE parent (id INTEGER PRIMARY KEY);
+             CREATE TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);",
+        )
+        .unwrap();
+        let (ok, _ok_answer) = insert(1, false);
+        let (reply, _answer) = oneshot::channel();
+        let orphan = Pending {
+            work: Some(|conn: &Connection| {
+                conn.execute("INSERT INTO child (p) VALUES (42)", [])
+                    .map(|_| ())
+                    .map_err(db_error)
+            }),
+            result: None,
+            reply,
+            durable: false,
+        };
+        let mut batch: Vec<Box<dyn Job>> = vec![ok, Box::new(orphan)];
+        assert!(run_batch(&conn, &mut batch).is_err());
+        assert!(
+            conn.is_autocommit(),
+            "the failed batch's transaction is rolled back"
+        );
+        assert_eq!(values(&conn), Vec::<i64>::new());
+        // The connection goes on working.
+        let (next, next_answer) = insert(7, false);
+        let mut batch = vec![next];
+        run_batch(&conn, &mut batch).unwrap();
+        batch.into_iter().for_each(|job| job.answer(None));
+        next_answer.blocking_recv().unwrap().unwrap();
+        assert_eq!(values(&conn), vec![7]);
+    }
+}
