@@ -479,6 +479,24 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 // The sandbox, applications and configurations
 // ---------------------------------------------------------------------------------------------------------------
 
+/// Spawns `partner-bridge <args>` with its output to `output`, killed when the handle is dropped.
+fn spawn_binary<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    output: std::fs::File,
+) -> anyhow::Result<tokio::process::Child> {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_partner-bridge"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(output.try_clone()?)
+        .stderr(output)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+            format!("spawning partner-bridge {}", shown.join(" "))
+        })
+}
+
 /// `partner-bridge sandbox` in a process of its own (killed with the bench, whatever happens).
 struct SandboxProcess {
     child: tokio::process::Child,
@@ -493,17 +511,8 @@ impl SandboxProcess {
         let port = free_port()?;
         let output =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_partner-bridge"))
-            .arg("sandbox")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--no-rate-limit")
-            .stdin(std::process::Stdio::null())
-            .stdout(output.try_clone()?)
-            .stderr(output)
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning partner-bridge sandbox")?;
+        let listen = format!("127.0.0.1:{port}");
+        let child = spawn_binary(&["sandbox", "--listen", &listen, "--no-rate-limit"], output)?;
         let pid = child.id().context("sandbox pid")?;
         let mut sandbox = SandboxProcess { child, pid, log };
         let control = Control::new(format!("http://127.0.0.1:{port}"));
@@ -1960,16 +1969,14 @@ impl Child {
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
         let started = Instant::now();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_partner-bridge"))
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .stdin(std::process::Stdio::null())
-            .stdout(output.try_clone()?)
-            .stderr(output)
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning partner-bridge run")?;
+        let child = spawn_binary(
+            &[
+                std::ffi::OsStr::new("run"),
+                "--config".as_ref(),
+                config.as_os_str(),
+            ],
+            output,
+        )?;
         let pid = child.id().context("child pid")?;
         let admin = format!("http://127.0.0.1:{admin_port}");
         let mut child = Child { child, admin, pid };

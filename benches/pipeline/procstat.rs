@@ -100,6 +100,8 @@ pub fn listener_pid(port: u16) -> Option<u32> {
 }
 
 /// Host and port of an `amqp://` or `amqps://` URL (default ports 5672 and 5671).
+/// Not lapin's `AMQPUri`: it keeps only a domain name as the host and puts `localhost` for an IP address, so a
+/// broker at 10.0.0.5 would look local.
 fn amqp_host_port(url: &str) -> Option<(String, u16)> {
     let (scheme, rest) = url.split_once("://")?;
     let default = match scheme {

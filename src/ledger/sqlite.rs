@@ -1322,13 +1322,20 @@ mod tests {
             }
             Ok(())
         };
-        let job = Pending {
+        (pending(work, reply), answer)
+    }
+
+    /// A non-durable job running `work`, answering on `reply`.
+    fn pending<F>(work: F, reply: oneshot::Sender<Result<(), LedgerError>>) -> Box<dyn Job>
+    where
+        F: FnOnce(&Connection) -> Result<(), LedgerError> + Send + 'static,
+    {
+        Box::new(Pending {
             work: Some(work),
             result: None,
             reply,
             durable: false,
-        };
-        (Box::new(job), answer)
+        })
     }
 
     fn values(conn: &Connection) -> Vec<i64> {
@@ -1377,17 +1384,15 @@ mod tests {
         .unwrap();
         let (ok, _ok_answer) = insert(1, false);
         let (reply, _answer) = oneshot::channel();
-        let orphan = Pending {
-            work: Some(|conn: &Connection| {
+        let orphan = pending(
+            |conn: &Connection| {
                 conn.execute("INSERT INTO child (p) VALUES (42)", [])
                     .map(|_| ())
                     .map_err(db_error)
-            }),
-            result: None,
+            },
             reply,
-            durable: false,
-        };
-        let mut batch: Vec<Box<dyn Job>> = vec![ok, Box::new(orphan)];
+        );
+        let mut batch = vec![ok, orphan];
         assert!(run_batch(&conn, &mut batch).is_err());
         assert!(
             conn.is_autocommit(),
