@@ -310,7 +310,7 @@ impl Statements {
                          session_kind = EXCLUDED.session_kind, vendor_data = EXCLUDED.vendor_data,
                          trust_review = EXCLUDED.trust_review, imported_at = EXCLUDED.imported_at,
                          result_published = (imports.result_published OR EXCLUDED.result_published),
-                         touched_at = EXCLUDED.touched_at,
+                         touched_at = EXCLUDED.touched_at, reshares = 0,
                          intent_digest = NULL, intent_message_id = NULL, intent_holder = NULL,
                          intent_vendor_data = NULL, intent_at = NULL,
                          lease_until = CASE WHEN imports.lease_holder = $12 THEN NULL ELSE imports.lease_until END,

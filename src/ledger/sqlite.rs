@@ -574,7 +574,7 @@ impl SqliteLedger {
                      session_kind = excluded.session_kind, vendor_data = excluded.vendor_data,
                      trust_review = excluded.trust_review, imported_at = excluded.imported_at,
                      result_published = (result_published OR excluded.result_published),
-                     touched_at = excluded.touched_at,
+                     touched_at = excluded.touched_at, reshares = 0,
                      intent_digest = NULL, intent_message_id = NULL, intent_holder = NULL,
                      intent_vendor_data = NULL, intent_at = NULL,
                      lease_until = CASE WHEN lease_holder = ?12 THEN NULL ELSE lease_until END,

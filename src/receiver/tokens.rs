@@ -876,14 +876,6 @@ impl TokenHandler {
             self.release(job, holder).await;
             return self.ledger_failed(job, &e);
         }
-        if let Err(e) = self
-            .ledger
-            .reset_reshares(&job.peer.application_id, &envelope.source_session_id)
-            .await
-        {
-            // Only a later expired token for an imported session would read it, and that one is a duplicate.
-            tracing::warn!(error = %e, "could not reset the reshare counter after the import");
-        }
         self.metrics
             .import(&job.peer.name, ImportOutcome::Imported.as_str());
         self.metrics

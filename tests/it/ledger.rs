@@ -609,7 +609,13 @@ async fn reshares_count_per_session(f: Fixture) {
     l.complete_import(&import("s1", "new-session", t), "a")
         .await
         .unwrap();
-    assert_eq!(l.bump_reshares("issuer-app", "s1").await.unwrap(), 4);
+    // Recording the import starts the session's count again (the receiver asks for no reset after it), and
+    // touches no other session.
+    assert_eq!(l.reshares("issuer-app", "s1").await.unwrap(), 0);
+    assert_eq!(l.reshares("other-issuer", "s1").await.unwrap(), 1);
+    for expected in 1..=4 {
+        assert_eq!(l.bump_reshares("issuer-app", "s1").await.unwrap(), expected);
+    }
     // Reading does not count; a reset starts the session's count again, and touches no other session.
     assert_eq!(l.reshares("issuer-app", "s1").await.unwrap(), 4);
     assert_eq!(l.reshares("issuer-app", "never").await.unwrap(), 0);
