@@ -313,6 +313,7 @@ async fn run(settings: &Settings, cleanup: &mut Cleanup) -> anyhow::Result<Value
     let mut world = BenchWorld::new(settings, &base).await?;
 
     // 1. The broker-only ceiling.
+    let mut ceiling_setup = None;
     let ceiling = if settings.runs("ceiling") || settings.runs("zero") {
         let names = format!("{base}-ceiling");
         let plan = ceiling_plan(&names);
@@ -328,6 +329,7 @@ async fn run(settings: &Settings, cleanup: &mut Cleanup) -> anyhow::Result<Value
             settings.ceiling_messages,
             sizes,
             broker,
+            None,
         )
         .await
         .context("broker-only ceiling")?;
@@ -339,6 +341,7 @@ async fn run(settings: &Settings, cleanup: &mut Cleanup) -> anyhow::Result<Value
             show(ceiling.bench_us_per_message())
         );
         report.insert("ceiling".into(), ceiling.to_json());
+        ceiling_setup = Some((plan, names, sizes));
         Some(ceiling)
     } else {
         None
@@ -358,6 +361,56 @@ async fn run(settings: &Settings, cleanup: &mut Cleanup) -> anyhow::Result<Value
         )
         .await?;
         report.extend(figures);
+    }
+
+    // 4. The same chain again, held to the rate the bridges reached at zero latency: what the broker spends per
+    // message-hop at that rate, where it cannot batch as it does flat out.
+    if let Some((plan, names, sizes)) = &ceiling_setup
+        && let Some(rate) = report
+            .get("zero_latency")
+            .and_then(|z| z["events_per_second"].as_f64())
+    {
+        let messages =
+            ((rate * PACED_CEILING_SECONDS) as usize).clamp(500, settings.ceiling_messages);
+        let paced = measure_ceiling(
+            &settings.amqp_url,
+            plan,
+            names,
+            messages,
+            *sizes,
+            broker,
+            Some(rate),
+        )
+        .await
+        .context("broker-only chain at the bridges' rate")?;
+        progress!(
+            "ceiling at the bridges' rate ({rate:.0}/s): {:.0} messages/s; broker {} µs per message-hop",
+            paced.per_second,
+            show(paced.broker_us_per_hop()),
+        );
+        if let Some(broker_json) = report
+            .get_mut("zero_latency")
+            .and_then(|z| z.pointer_mut("/cpu/broker"))
+            .and_then(Value::as_object_mut)
+        {
+            let bridge_hop = broker_json["us_per_event_hop"].as_f64();
+            let same_rate = paced.broker_us_per_hop();
+            broker_json.insert(
+                "same_rate_ceiling_us_per_message_hop".into(),
+                json!(same_rate.map(|v| round(v, 1))),
+            );
+            broker_json.insert(
+                "ratio_to_same_rate_ceiling".into(),
+                json!(bridge_hop.zip(same_rate).map(|(b, c)| round(b / c, 2))),
+            );
+            broker_json.insert(
+                "same_rate_note".into(),
+                json!("reported, no bar: the broker's cost per message-hop grows as the rate falls (fewer \
+                       messages share each socket read, quorum-log write and fsync), so this compares the \
+                       bridge with a broker-only client at the bridges' own rate"),
+            );
+        }
+        report.insert("ceiling_at_bridge_rate".into(), paced.to_json());
     }
 
     // 5. The real binary: readiness and memory of one bridge per process.
@@ -879,8 +932,33 @@ impl Producer {
         bodies: impl IntoIterator<Item = Vec<u8>>,
         kind: &str,
     ) -> anyhow::Result<()> {
+        self.publish_paced(exchange, routing_key, bodies, kind, None)
+            .await
+    }
+
+    /// [`Producer::publish_all`], starting message `i` no sooner than `i / rate` seconds after the first when a
+    /// rate is given.
+    async fn publish_paced(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        bodies: impl IntoIterator<Item = Vec<u8>>,
+        kind: &str,
+        rate: Option<f64>,
+    ) -> anyhow::Result<()> {
         let mut pending = FuturesUnordered::new();
-        for body in bodies {
+        let start = Instant::now();
+        for (i, body) in bodies.into_iter().enumerate() {
+            if let Some(rate) = rate {
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                while Instant::now() < due {
+                    // Keep collecting confirms while waiting for the next message's turn.
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due.into()) => {}
+                        Some(confirm) = pending.next(), if !pending.is_empty() => check_confirm(confirm)?,
+                    }
+                }
+            }
             if pending.len() >= PUBLISH_WINDOW {
                 check_confirm(pending.next().await.expect("not empty"))?;
             }
@@ -1228,6 +1306,10 @@ fn ceiling_plan(prefix: &str) -> Vec<Entity> {
     plan
 }
 
+/// How long the ceiling held to the bridges' rate runs (its messages: this × the rate, within 500 and the
+/// ceiling's own count).
+const PACED_CEILING_SECONDS: f64 = 10.0;
+
 /// The broker-only chain's figures.
 struct Ceiling {
     messages: usize,
@@ -1239,6 +1321,8 @@ struct Ceiling {
     bench_seconds: Option<f64>,
     /// Body bytes on each hop: the bridge's event, share-token envelope and `import.result`.
     sizes: [usize; CEILING_HOPS],
+    /// Messages per second the producer was held to (`None`: as fast as the window of confirms allows).
+    rate: Option<f64>,
 }
 
 impl Ceiling {
@@ -1260,6 +1344,7 @@ impl Ceiling {
             "seconds": round(self.seconds, 3),
             "messages_per_second": round(self.per_second, 1),
             "prefetch": CEILING_PREFETCH,
+            "paced_per_second": self.rate.map(|r| round(r, 1)),
             "body_bytes": self.sizes,
             "body_bytes_note": "per hop, the size of the bridge's own body there: an onboarding.finished event, a \
                                 share_token envelope around a token the sandbox minted, an import.result",
@@ -1344,6 +1429,7 @@ async fn measure_ceiling(
     messages: usize,
     sizes: [usize; CEILING_HOPS],
     broker: Option<u32>,
+    rate: Option<f64>,
 ) -> anyhow::Result<Ceiling> {
     let setup = Producer::connect(url).await?;
     topology::declare(&setup.channel, plan).await?;
@@ -1405,11 +1491,12 @@ async fn measure_ceiling(
     let before = meter.sample();
     let t0 = Instant::now();
     producer
-        .publish_all(
+        .publish_paced(
             &format!("{prefix}.hop1"),
             "hop.1",
             std::iter::repeat_n(body, messages),
             "bench.ceiling",
+            rate,
         )
         .await?;
     let done = tokio::time::timeout(Duration::from_secs(180), done_rx)
@@ -1432,6 +1519,7 @@ async fn measure_ceiling(
         broker_seconds: spent.get("broker").copied().flatten(),
         bench_seconds: spent.get("bench").copied().flatten(),
         sizes,
+        rate,
     })
 }
 
