@@ -15,6 +15,10 @@ use super::model::{
 use crate::didit::wire::{ErrorBody, SessionKind};
 use crate::secret::Secret;
 
+/// How long a pooled connection may stay idle before the client drops it: well under the servers' 5 s header read
+/// timeout.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A reqwest client for local HTTP (no proxies), with rustls' `ring` provider installed if none is.
 pub(crate) fn http_client(timeout: Duration) -> reqwest::Client {
     // reqwest is built without a default crypto provider; the crate's rustls uses ring. Installing fails only
@@ -23,6 +27,10 @@ pub(crate) fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(timeout)
         .no_proxy()
+        // Our HTTP servers close a keep-alive connection that sends no request within their header read timeout
+        // (5 s by default): a pooled connection idle that long may be closed just as a request goes out on it
+        // ("connection closed before message completed"). Dropping idle connections sooner avoids the race.
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .build()
         .expect("a plain HTTP client always builds once a crypto provider is installed")
 }
