@@ -1657,7 +1657,7 @@ async fn pair_runs(
         out.insert("zero_latency".into(), value);
     }
     if settings.runs("latency") {
-        let value = didit_latency(&load, passes).await?;
+        let value = didit_latency(&load, &meter, passes).await?;
         out.insert("didit_latency".into(), value);
     }
 
@@ -1706,6 +1706,19 @@ struct Load<'a> {
 }
 
 /// CPU seconds and microseconds per event of one process (`null`s when not measured).
+/// CPU per event of each bridge, of both and of the broker, from a meter's figures (reported, no bar).
+fn process_cpu_json(spent: &BTreeMap<String, Option<f64>>, events: usize) -> Value {
+    let of = |name: &str| spent.get(name).copied().flatten();
+    let bridges = of("issuer").zip(of("receiver")).map(|(i, r)| i + r);
+    json!({
+        "issuer": Value::Object(cpu_json(of("issuer"), events)),
+        "receiver": Value::Object(cpu_json(of("receiver"), events)),
+        "bridges": Value::Object(cpu_json(bridges, events)),
+        "broker": Value::Object(cpu_json(of("broker"), events)),
+        "note": "reported, no bar: utime + stime over the run / its events",
+    })
+}
+
 fn cpu_json(seconds: Option<f64>, events: usize) -> serde_json::Map<String, Value> {
     let mut map = serde_json::Map::new();
     map.insert("seconds".into(), json!(seconds.map(|s| round(s, 2))));
@@ -1844,7 +1857,11 @@ async fn zero_latency(
     }))
 }
 
-async fn didit_latency(load: &Load<'_>, passes: &mut Vec<(String, bool)>) -> anyhow::Result<Value> {
+async fn didit_latency(
+    load: &Load<'_>,
+    meter: &procstat::CpuMeter,
+    passes: &mut Vec<(String, bool)>,
+) -> anyhow::Result<Value> {
     let (settings, world) = (load.settings, load.world);
     let concurrency = f64::from(settings.prefetch);
     let call_s = settings.latency_ms as f64 / 1000.0;
@@ -1857,7 +1874,7 @@ async fn didit_latency(load: &Load<'_>, passes: &mut Vec<(String, bool)>) -> any
             ..FaultSettings::default()
         })
         .await?;
-    let outcome = didit_latency_runs(load, passes, concurrency, target).await;
+    let outcome = didit_latency_runs(load, meter, passes, concurrency, target).await;
     // Whatever happened, the scenarios after this one see Didit at zero latency.
     world.control.clear_faults().await?;
     outcome
@@ -1865,6 +1882,7 @@ async fn didit_latency(load: &Load<'_>, passes: &mut Vec<(String, bool)>) -> any
 
 async fn didit_latency_runs(
     load: &Load<'_>,
+    meter: &procstat::CpuMeter,
     passes: &mut Vec<(String, bool)>,
     concurrency: f64,
     target: f64,
@@ -1872,13 +1890,14 @@ async fn didit_latency_runs(
     let (settings, world) = (load.settings, load.world);
     let (producer, watcher, onboarding) = (load.producer, load.watcher, load.onboarding);
     let sessions = world.sessions(settings.latency_events).await?;
+    let closed_events = sessions.len();
     progress!(
         "Didit at {} ms: publishing {} events (target {target:.0}/s = concurrency {concurrency} / {:.1} s)",
         settings.latency_ms,
         sessions.len(),
         2.0 * settings.latency_ms as f64 / 1000.0
     );
-    let run = closed_loop(producer, watcher, onboarding, &sessions, None).await?;
+    let run = closed_loop(producer, watcher, onboarding, &sessions, Some(meter)).await?;
     let ratio = run.per_second / target;
     let pass = ratio >= BAR_LATENCY_THROUGHPUT_RATIO;
     progress!(
@@ -1899,7 +1918,9 @@ async fn didit_latency_runs(
         settings.open_loop_seconds
     );
     let stats_before = world.control.stats().await?;
+    let cpu_before = meter.sample();
     let latencies = open_loop(producer, watcher, onboarding, &sessions, rate).await?;
+    let open_cpu = meter.spent(&cpu_before, &meter.sample());
     let stats_after = world.control.stats().await?;
     let p99 = percentile(&latencies.millis, 0.99);
     let p99_pass = latencies.missing == 0 && p99 <= BAR_P99_MS;
@@ -1921,6 +1942,23 @@ async fn didit_latency_runs(
         percentile(&latencies.after_import, 0.99),
     );
     passes.push(("didit_latency_p99".into(), p99_pass));
+    let per_event = |spent: Option<&BTreeMap<String, Option<f64>>>, events: usize| {
+        let of = |name: &str| spent.and_then(|s| s.get(name).copied().flatten());
+        let us = |v: Option<f64>| show(v.map(|s| s * 1e6 / events as f64));
+        format!(
+            "bridges {} µs (issuer {}, receiver {}), broker {} µs",
+            us(of("issuer").zip(of("receiver")).map(|(i, r)| i + r)),
+            us(of("issuer")),
+            us(of("receiver")),
+            us(of("broker"))
+        )
+    };
+    progress!(
+        "Didit at {} ms: CPU per event flat out: {}; in the open loop: {}",
+        settings.latency_ms,
+        per_event(run.cpu.as_ref(), closed_events),
+        per_event(Some(&open_cpu), count),
+    );
 
     // The bridge's own latency: each event's end to end minus the Didit calls on its path × the injected latency.
     // The calls are the sandbox's Didit writes over the open loop ÷ its events (every call on the path — share,
@@ -1958,6 +1996,7 @@ async fn didit_latency_runs(
             "bar": format!(">= {BAR_LATENCY_THROUGHPUT_RATIO}"),
             "pass": pass,
             "not_imported": run.not_imported,
+            "cpu": run.cpu.as_ref().map(|cpu| process_cpu_json(cpu, closed_events)),
         },
         "open_loop": {
             "rate_per_second": round(rate, 2),
@@ -1978,6 +2017,7 @@ async fn didit_latency_runs(
             },
             "bar_p99_ms": BAR_P99_MS,
             "pass": p99_pass,
+            "cpu": process_cpu_json(&open_cpu, count),
         },
         "bridge_latency": {
             "didit_calls_per_event": round(calls_per_event, 3),
