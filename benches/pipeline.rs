@@ -1705,20 +1705,53 @@ struct Load<'a> {
     onboarding: &'a str,
 }
 
-/// CPU seconds and microseconds per event of one process (`null`s when not measured).
-/// CPU per event of each bridge, of both and of the broker, from a meter's figures (reported, no bar).
-fn process_cpu_json(spent: &BTreeMap<String, Option<f64>>, events: usize) -> Value {
-    let of = |name: &str| spent.get(name).copied().flatten();
-    let bridges = of("issuer").zip(of("receiver")).map(|(i, r)| i + r);
-    json!({
-        "issuer": Value::Object(cpu_json(of("issuer"), events)),
-        "receiver": Value::Object(cpu_json(of("receiver"), events)),
-        "bridges": Value::Object(cpu_json(bridges, events)),
-        "broker": Value::Object(cpu_json(of("broker"), events)),
-        "note": "reported, no bar: utime + stime over the run / its events",
-    })
+/// CPU seconds of each bridge, of both and of the broker over a run of `events` (reported, no bar).
+struct RunCpu {
+    issuer: Option<f64>,
+    receiver: Option<f64>,
+    broker: Option<f64>,
+    events: usize,
 }
 
+impl RunCpu {
+    fn new(spent: &BTreeMap<String, Option<f64>>, events: usize) -> RunCpu {
+        let of = |name: &str| spent.get(name).copied().flatten();
+        RunCpu {
+            issuer: of("issuer"),
+            receiver: of("receiver"),
+            broker: of("broker"),
+            events,
+        }
+    }
+
+    fn bridges(&self) -> Option<f64> {
+        self.issuer.zip(self.receiver).map(|(i, r)| i + r)
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "issuer": Value::Object(cpu_json(self.issuer, self.events)),
+            "receiver": Value::Object(cpu_json(self.receiver, self.events)),
+            "bridges": Value::Object(cpu_json(self.bridges(), self.events)),
+            "broker": Value::Object(cpu_json(self.broker, self.events)),
+            "note": "reported, no bar: utime + stime over the run / its events",
+        })
+    }
+
+    /// `bridges … µs (issuer …, receiver …), broker … µs`, per event.
+    fn summary(&self) -> String {
+        let us = |seconds: Option<f64>| show(seconds.map(|s| s * 1e6 / self.events as f64));
+        format!(
+            "bridges {} µs (issuer {}, receiver {}), broker {} µs",
+            us(self.bridges()),
+            us(self.issuer),
+            us(self.receiver),
+            us(self.broker)
+        )
+    }
+}
+
+/// CPU seconds and microseconds per event of one process (`null`s when not measured).
 fn cpu_json(seconds: Option<f64>, events: usize) -> serde_json::Map<String, Value> {
     let mut map = serde_json::Map::new();
     map.insert("seconds".into(), json!(seconds.map(|s| round(s, 2))));
@@ -1898,6 +1931,10 @@ async fn didit_latency_runs(
         2.0 * settings.latency_ms as f64 / 1000.0
     );
     let run = closed_loop(producer, watcher, onboarding, &sessions, Some(meter)).await?;
+    let closed_cpu = RunCpu::new(
+        run.cpu.as_ref().context("the 200 ms run was metered")?,
+        closed_events,
+    );
     let ratio = run.per_second / target;
     let pass = ratio >= BAR_LATENCY_THROUGHPUT_RATIO;
     progress!(
@@ -1920,7 +1957,7 @@ async fn didit_latency_runs(
     let stats_before = world.control.stats().await?;
     let cpu_before = meter.sample();
     let latencies = open_loop(producer, watcher, onboarding, &sessions, rate).await?;
-    let open_cpu = meter.spent(&cpu_before, &meter.sample());
+    let open_cpu = RunCpu::new(&meter.spent(&cpu_before, &meter.sample()), count);
     let stats_after = world.control.stats().await?;
     let p99 = percentile(&latencies.millis, 0.99);
     let p99_pass = latencies.missing == 0 && p99 <= BAR_P99_MS;
@@ -1942,22 +1979,11 @@ async fn didit_latency_runs(
         percentile(&latencies.after_import, 0.99),
     );
     passes.push(("didit_latency_p99".into(), p99_pass));
-    let per_event = |spent: Option<&BTreeMap<String, Option<f64>>>, events: usize| {
-        let of = |name: &str| spent.and_then(|s| s.get(name).copied().flatten());
-        let us = |v: Option<f64>| show(v.map(|s| s * 1e6 / events as f64));
-        format!(
-            "bridges {} µs (issuer {}, receiver {}), broker {} µs",
-            us(of("issuer").zip(of("receiver")).map(|(i, r)| i + r)),
-            us(of("issuer")),
-            us(of("receiver")),
-            us(of("broker"))
-        )
-    };
     progress!(
         "Didit at {} ms: CPU per event flat out: {}; in the open loop: {}",
         settings.latency_ms,
-        per_event(run.cpu.as_ref(), closed_events),
-        per_event(Some(&open_cpu), count),
+        closed_cpu.summary(),
+        open_cpu.summary(),
     );
 
     // The bridge's own latency: each event's end to end minus the Didit calls on its path × the injected latency.
@@ -1996,7 +2022,7 @@ async fn didit_latency_runs(
             "bar": format!(">= {BAR_LATENCY_THROUGHPUT_RATIO}"),
             "pass": pass,
             "not_imported": run.not_imported,
-            "cpu": run.cpu.as_ref().map(|cpu| process_cpu_json(cpu, closed_events)),
+            "cpu": closed_cpu.to_json(),
         },
         "open_loop": {
             "rate_per_second": round(rate, 2),
@@ -2017,7 +2043,7 @@ async fn didit_latency_runs(
             },
             "bar_p99_ms": BAR_P99_MS,
             "pass": p99_pass,
-            "cpu": process_cpu_json(&open_cpu, count),
+            "cpu": open_cpu.to_json(),
         },
         "bridge_latency": {
             "didit_calls_per_event": round(calls_per_event, 3),

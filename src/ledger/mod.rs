@@ -618,8 +618,8 @@ impl Ledger {
 
     /// Records the import (which resolves any intent: it is cleared), resets the reshare counter (an imported
     /// session asks for no more tokens; one write instead of a [`Ledger::reset_reshares`] after it) and clears the
-    /// lease if `holder` still holds it (same rule as [`Ledger::complete_share`]). `result_published` only ever goes from false to true. On SQLite this commit
-    /// is synced to disk before it returns (see [`sqlite`]).
+    /// lease if `holder` still holds it (same rule as [`Ledger::complete_share`]). `result_published` only ever goes
+    /// from false to true. On SQLite this commit is synced to disk before it returns (see [`sqlite`]).
     pub async fn complete_import(
         &self,
         record: &ImportRecord,
